@@ -1,0 +1,23 @@
+"""linattn: linear-attention recurrences described as specs, compiled to chunkwise kernels.
+
+A :class:`Spec` describes a recurrence by its terms (decay, correction, gating); the
+:mod:`linattn.specs` module holds the built-in ones (Mamba-2, GDN, KDA, GLA, DeltaNet,
+plain linear attention) and the fused forms the hybrid models call.
+"""
+from . import gates, specs
+from .spec import Correction, Decay, Operand, OutputGate, Role, Skip, Spec, Term, term
+
+__all__ = [
+    "Spec",
+    "Term",
+    "Operand",
+    "Decay",
+    "Correction",
+    "Skip",
+    "OutputGate",
+    "Role",
+    "term",
+    "specs",
+    "gates",
+]
+__version__ = "0.1.0"

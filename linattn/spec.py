@@ -1,0 +1,333 @@
+"""The recurrence DSL: a frozen, hashable description of one linear-attention recurrence.
+
+Per head, with state ``S`` (K x V, fp32)::
+
+    S_t = C_t · D_t · S_{t-1} + β_t k_t v_tᵀ        o_t = scale · S_tᵀ q_t
+
+where the decay ``D_t`` is none, ``exp(g_t)·I`` (scalar) or ``Diag(exp(g_t))`` (channel),
+and the correction ``C_t`` is ``I`` or the delta rule's ``I - β_t k_t k_tᵀ``. ``g`` and
+``β`` are :class:`Term` s: sympy expressions over named runtime operands (raw per-token
+inputs and per-head parameters), so a kernel can fuse a gate parameterization and still
+differentiate it. Layer-side terms (L2-normalised q/k, the ``D`` skip, the ``silu(z)``
+output gate) are flags a kernel may fuse.
+
+A :class:`Spec` holds structure only; sizes (B, T, heads, K, V) and values (scale,
+parameters) are given at call time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+import sympy as sp
+
+from . import expr as _expr
+
+__all__ = [
+    "Decay",
+    "Correction",
+    "Skip",
+    "OutputGate",
+    "Role",
+    "Operand",
+    "Term",
+    "Spec",
+    "term",
+    "RESERVED_NAMES",
+]
+
+
+class _Choice(str, Enum):
+    """A string-valued enum whose constructor error lists the valid values."""
+
+    @classmethod
+    def coerce(cls, value: object, what: str):
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"{what} must be one of {valid}; got {value!r}") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Decay(_Choice):
+    """How the state forgets: not at all, by one factor per head and token, or per key channel."""
+
+    NONE = "none"
+    SCALAR = "scalar"
+    CHANNEL = "channel"
+
+
+class Correction(_Choice):
+    """Whether the write first removes what the state already associates with ``k_t``."""
+
+    NONE = "none"
+    DELTA = "delta"
+
+
+class Skip(_Choice):
+    """``o_t += D ⊙ v_t`` with ``D`` per value head, or per value head and value channel."""
+
+    NONE = "none"
+    HEAD = "head"
+    CHANNEL = "channel"
+
+
+class OutputGate(_Choice):
+    """``o_t *= silu(z_t)`` with ``z`` shaped like ``v`` (Mamba-2's gate)."""
+
+    NONE = "none"
+    SILU = "silu"
+
+
+class Role(_Choice):
+    """What one operand of a term is, and so its shape at call time.
+
+    ``token``: ``[B, T, HV]``; ``token_channel``: ``[B, T, HV, K]``; ``head``: ``[HV]``;
+    ``head_channel``: ``[HV, K]``; ``scalar``: one Python number per call.
+    """
+
+    TOKEN = "token"
+    TOKEN_CHANNEL = "token_channel"
+    HEAD = "head"
+    HEAD_CHANNEL = "head_channel"
+    SCALAR = "scalar"
+
+    @property
+    def per_channel(self) -> bool:
+        return self in (Role.TOKEN_CHANNEL, Role.HEAD_CHANNEL)
+
+    @property
+    def per_token(self) -> bool:
+        return self in (Role.TOKEN, Role.TOKEN_CHANNEL)
+
+
+#: Argument names of a call; operands of terms may not take them.
+RESERVED_NAMES = frozenset(
+    {"q", "k", "v", "z", "D", "scale", "initial_state", "output_final_state", "cu_seqlens", "chunk_size"}
+)
+
+
+@dataclass(frozen=True)
+class Operand:
+    """A named runtime value a term reads: a per-token input or a parameter."""
+
+    name: str
+    role: Role
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"operand name must be a Python identifier; got {self.name!r}")
+        if self.name in RESERVED_NAMES:
+            raise ValueError(f"operand name {self.name!r} is reserved for a call argument")
+        object.__setattr__(self, "role", Role.coerce(self.role, f"role of operand {self.name!r}"))
+
+    @property
+    def symbol(self) -> sp.Symbol:
+        return sp.Symbol(self.name, real=True)
+
+
+@dataclass(frozen=True)
+class Term:
+    """A scalar expression over operands, evaluated elementwise per (token, head[, channel])."""
+
+    expr: sp.Expr
+    operands: tuple[Operand, ...]
+
+    def __post_init__(self) -> None:
+        operands = tuple(sorted(self.operands, key=lambda o: o.name))
+        names = [o.name for o in operands]
+        if len(set(names)) != len(names):
+            raise ValueError(f"term operands repeat a name: {names}")
+        expr = sp.sympify(self.expr)
+        # Normalise every symbol to a real one so equal expressions compare (and hash) equal.
+        expr = expr.xreplace({s: sp.Symbol(s.name, real=True) for s in expr.free_symbols})
+        _expr.check_supported(expr)
+        free = {s.name for s in expr.free_symbols}
+        if free - set(names):
+            raise ValueError(f"expression {expr} uses undeclared operand(s) {sorted(free - set(names))}")
+        if set(names) - free:
+            raise ValueError(f"operand(s) {sorted(set(names) - free)} do not appear in expression {expr}")
+        if not any(o.role is not Role.SCALAR for o in operands):
+            raise ValueError(f"expression {expr} reads no per-token or per-head operand")
+        object.__setattr__(self, "operands", operands)
+        object.__setattr__(self, "expr", expr)
+
+    @classmethod
+    def identity(cls, name: str, role: Role | str) -> Term:
+        """The term that is just one input, given as is."""
+        return cls(sp.Symbol(name, real=True), (Operand(name, Role.coerce(role, "role")),))
+
+    @property
+    def per_channel(self) -> bool:
+        return any(o.role.per_channel for o in self.operands)
+
+    @property
+    def is_identity(self) -> bool:
+        return isinstance(self.expr, sp.Symbol)
+
+    def diff(self, name: str) -> sp.Expr:
+        """Derivative of the term with respect to operand ``name``."""
+        return sp.diff(self.expr, sp.Symbol(name, real=True))
+
+    def __str__(self) -> str:
+        return sp.sstr(self.expr)
+
+    def __repr__(self) -> str:
+        ops = ", ".join(f"{o.name}={o.role.value}" for o in self.operands)
+        return f"term({str(self)!r}, {ops})"
+
+
+def term(text: str, **roles: Role | str) -> Term:
+    """Parse a term from text, declaring each operand's role by keyword.
+
+    >>> term("-exp(A_log) * softplus(a + dt_bias)", a="token", A_log="head", dt_bias="head")
+    term('-exp(A_log)*softplus(a + dt_bias)', A_log=head, a=token, dt_bias=head)
+    """
+    local = dict(_expr.FUNCTIONS)
+    local.update({name: sp.Symbol(name, real=True) for name in roles})
+    try:
+        parsed = sp.sympify(text, locals=local)
+    except (sp.SympifyError, SyntaxError, TypeError) as err:
+        raise ValueError(f"cannot parse term {text!r}: {err}") from None
+    return Term(parsed, tuple(Operand(n, r) for n, r in roles.items()))
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One recurrence, by its terms. Frozen and hashable: the compile cache keys on it.
+
+    Arguments:
+        decay: ``"none" | "scalar" | "channel"``.
+        correction: ``"none" | "delta"``.
+        gate: the log-decay ``g <= 0``; default (for a decaying spec) the input ``g`` itself.
+        beta: ``False`` (no write strength), ``True`` (the input ``beta``) or a term.
+        qk_l2norm: L2-normalise q and k per head before the recurrence.
+        skip: ``o += D ⊙ v`` with ``D`` per head (``"head"``) or per head and channel.
+        output_gate: ``"silu"`` multiplies the output by ``silu(z)``.
+        default_scale: the scale used when a call gives none; ``None`` means ``K ** -0.5``.
+        name: a label for display; not part of the spec's identity.
+    """
+
+    decay: Decay = Decay.NONE
+    correction: Correction = Correction.NONE
+    gate: Term | None = None
+    beta: Term | bool | None = None
+    qk_l2norm: bool = False
+    skip: Skip = Skip.NONE
+    output_gate: OutputGate = OutputGate.NONE
+    default_scale: float | None = None
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        setf = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        setf("decay", Decay.coerce(self.decay, "decay"))
+        setf("correction", Correction.coerce(self.correction, "correction"))
+        setf("skip", Skip.coerce(self.skip, "skip"))
+        setf("output_gate", OutputGate.coerce(self.output_gate, "output_gate"))
+        if not isinstance(self.qk_l2norm, bool):
+            raise ValueError(f"qk_l2norm must be a bool; got {self.qk_l2norm!r}")
+        if not isinstance(self.name, str):
+            raise ValueError(f"name must be a str; got {self.name!r}")
+
+        # gate
+        if self.decay is Decay.NONE:
+            if self.gate is not None:
+                raise ValueError(f"gate {self.gate} given but decay is 'none'; use decay='scalar' or 'channel'")
+        else:
+            if self.gate is None:
+                role = Role.TOKEN_CHANNEL if self.decay is Decay.CHANNEL else Role.TOKEN
+                setf("gate", Term.identity("g", role))
+            elif not isinstance(self.gate, Term):
+                raise ValueError(f"gate must be a Term (see linattn.term); got {self.gate!r}")
+            if self.decay is Decay.SCALAR and self.gate.per_channel:
+                chan = [o.name for o in self.gate.operands if o.role.per_channel]
+                raise ValueError(
+                    f"scalar decay cannot read per-channel operand(s) {chan} in gate {self.gate}; "
+                    "use decay='channel'"
+                )
+
+        # beta
+        if self.beta is None or self.beta is False:
+            setf("beta", None)
+        elif self.beta is True:
+            setf("beta", Term.identity("beta", Role.TOKEN))
+        elif not isinstance(self.beta, Term):
+            raise ValueError(f"beta must be a bool or a Term (see linattn.term); got {self.beta!r}")
+        if self.beta is not None and self.beta.per_channel:
+            chan = [o.name for o in self.beta.operands if o.role.per_channel]
+            raise ValueError(f"beta is one number per head and token; it cannot read per-channel operand(s) {chan}")
+
+        # operands shared by gate and beta must agree on their role
+        seen: dict[str, Role] = {}
+        for t in (self.gate, self.beta):
+            for o in t.operands if t is not None else ():
+                if seen.setdefault(o.name, o.role) is not o.role:
+                    raise ValueError(
+                        f"operand {o.name!r} is declared both as {seen[o.name].value!r} and {o.role.value!r}"
+                    )
+
+        if self.default_scale is not None:
+            s = self.default_scale
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+                raise ValueError(f"default_scale must be a positive finite number or None; got {s!r}")
+            setf("default_scale", float(s))
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def has_decay(self) -> bool:
+        return self.decay is not Decay.NONE
+
+    @property
+    def has_delta(self) -> bool:
+        return self.correction is Correction.DELTA
+
+    @property
+    def operands(self) -> tuple[Operand, ...]:
+        """Every runtime operand the terms read, each once, sorted by name."""
+        out: dict[str, Operand] = {}
+        for t in (self.gate, self.beta):
+            for o in t.operands if t is not None else ():
+                out[o.name] = o
+        return tuple(out[n] for n in sorted(out))
+
+    def replace(self, **changes) -> Spec:
+        """A copy with some fields changed (validated like a new spec)."""
+        return dataclasses.replace(self, **changes)
+
+    def scale_for(self, head_dim: int) -> float:
+        return self.default_scale if self.default_scale is not None else head_dim**-0.5
+
+    # ------------------------------------------------------------------ display
+    def recurrence(self) -> str:
+        """The recurrence as one line of mathematics."""
+        b = "β_t " if self.beta is not None else ""
+        decay = {Decay.NONE: "", Decay.SCALAR: "exp(g_t)·", Decay.CHANNEL: "Diag(exp(g_t))·"}[self.decay]
+        corr = f"(I - {b}k_t k_tᵀ)·" if self.has_delta else ""
+        scale = "scale·" if self.default_scale != 1.0 else ""
+        out = f"S_t = {corr}{decay}S_(t-1) + {b}k_t v_tᵀ; o_t = {scale}S_tᵀ q_t"
+        if self.skip is not Skip.NONE:
+            out += " + D ⊙ v_t"
+        if self.output_gate is OutputGate.SILU:
+            out = out.replace("o_t = ", "o_t = silu(z_t) ⊙ (") + ")"
+        where = []
+        if self.gate is not None and str(self.gate) != "g":
+            where.append(f"g = {self.gate}")
+        if self.beta is not None and str(self.beta) != "beta":
+            where.append(f"β = {self.beta}")
+        if self.qk_l2norm:
+            where.append("q, k L2-normalised")
+        if self.skip is Skip.CHANNEL:
+            where.append("D per channel")
+        if where:
+            out += " where " + ", ".join(where)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Spec({self.name + ': ' if self.name else ''}{self.recurrence()})"

@@ -1,0 +1,100 @@
+"""The token-by-token recurrence: the oracle every kernel is checked against.
+
+It is the mathematics of ALGORITHMS.md read literally, one token at a time, in whatever
+dtype it is given (float64 for the oracle). Slow and obviously right is the point.
+"""
+from __future__ import annotations
+
+import torch
+
+from linattn.inputs import check_call
+from linattn.spec import Decay, Spec
+from linattn.torch_terms import finish, prepare
+
+__all__ = ["recurrent", "recurrent_scan"]
+
+
+def recurrent_scan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    state: torch.Tensor,
+    *,
+    decay: Decay,
+    delta: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the recurrence over ``[N, L, HV, *]`` inputs from ``state`` ``[N, HV, K, V]``.
+
+    Returns the outputs ``[N, L, HV, V]`` (before layer-side terms) and the final state.
+    """
+    outs = []
+    for t in range(q.shape[1]):
+        if decay is Decay.SCALAR:
+            state = state * torch.exp(g[:, t])[..., None, None]
+        elif decay is Decay.CHANNEL:
+            state = state * torch.exp(g[:, t])[..., :, None]
+        k_t, v_t = k[:, t], v[:, t]
+        if delta:  # S - β k kᵀ S + β k vᵀ = S + k (β (v - Sᵀ k))ᵀ
+            v_t = v_t - torch.einsum("nhkv,nhk->nhv", state, k_t)
+        if beta is not None:
+            v_t = beta[:, t, :, None] * v_t
+        state = state + k_t[..., :, None] * v_t[..., None, :]
+        outs.append(scale * torch.einsum("nhkv,nhk->nhv", state, q[:, t]))
+    if not outs:
+        return v.new_zeros(v.shape), state
+    return torch.stack(outs, dim=1), state
+
+
+def recurrent(
+    spec: Spec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
+    **operands: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The recurrence of ``spec``, token by token, computed in the inputs' dtype (at least fp32).
+
+    ``q, k``: ``[B, T, H, K]``; ``v``: ``[B, T, HV, V]`` with ``HV`` a multiple of ``H``;
+    the spec's operands by name (``g``, ``beta``, ``A_log``, ...). With ``cu_seqlens``
+    (int32 ``[N + 1]``, B = 1) the sequences are independent, each with its own state.
+    Returns ``(o, final_state)``: ``o`` in q's dtype, ``final_state`` ``[N, HV, K, V]``
+    (or None unless ``output_final_state``).
+    """
+    call = check_call(
+        spec, q, k, v, operands, z=z, D=D, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens
+    )
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q, k, v, g, beta = prepare(call, dtype)
+    outs, finals = [], []
+    for n, (b, start, end) in enumerate(call.segments()):
+        sl = (slice(b, b + 1), slice(start, end))
+        if call.initial_state is not None:
+            s0 = call.initial_state[n : n + 1].to(dtype)
+        else:
+            s0 = q.new_zeros(1, call.HV, call.K, call.V)
+        o, s = recurrent_scan(
+            q[sl],
+            k[sl],
+            v[sl],
+            None if g is None else g[sl],
+            None if beta is None else beta[sl],
+            s0,
+            decay=spec.decay,
+            delta=spec.has_delta,
+            scale=call.scale,
+        )
+        outs.append(o)
+        finals.append(s)
+    o = torch.cat(outs, dim=0 if call.cu_seqlens is None else 1)
+    o = finish(call, o).to(call.q.dtype)
+    return o, (torch.cat(finals, dim=0) if output_final_state else None)

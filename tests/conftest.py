@@ -1,0 +1,5 @@
+import os
+import sys
+
+# The tests import their helpers as a module next to them.
+sys.path.insert(0, os.path.dirname(__file__))
