@@ -1,0 +1,181 @@
+"""The plan: which stages a spec needs, with which terms, at which tile sizes.
+
+It is the single source of truth for the emitters, the launcher, the AOT inspection
+and (later) the cost model. Everything in it is compile-time: the spec, the input
+dtype, the head sizes K and V, the chunk and tile sizes. Batch, length, head counts,
+scale and parameter values are runtime arguments of the kernels.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, fields
+
+from linattn.spec import Decay, Role, Spec
+
+__all__ = ["Options", "Plan", "make_plan", "DTYPES", "CODEGEN_VERSION"]
+
+#: Bump when the emitted source changes for the same plan (invalidates the disk cache).
+CODEGEN_VERSION = 1
+
+#: Input dtypes the kernels take, by short name.
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    p = floor
+    while p < n:
+        p *= 2
+    return p
+
+
+@dataclass(frozen=True)
+class Options:
+    """Tunable, compile-time choices of a compiled op.
+
+    ``chunk_size``: tokens per chunk (C). ``subchunk_size``: the block of the intra-chunk
+    matrices and of channel decay's reference points (BC). ``block_v``: the V tile of the
+    state and output kernels (default: V rounded up to a power of two, at most 64).
+    ``precision``: how fp32 matrix products run on tensor cores ("ieee" exact, "tf32").
+    ``num_warps``: per kernel family; default chosen from the tile sizes.
+    """
+
+    chunk_size: int = 64
+    subchunk_size: int = 16
+    block_v: int | None = None
+    precision: str = "ieee"
+    num_warps: int | None = None
+
+    def __post_init__(self) -> None:
+        C, BC = self.chunk_size, self.subchunk_size
+        if not isinstance(C, int) or C < 16 or C & (C - 1):
+            raise ValueError(f"chunk_size: expected a power of two >= 16, got {C!r}")
+        if not isinstance(BC, int) or BC < 16 or BC & (BC - 1) or BC > C:
+            raise ValueError(f"subchunk_size: expected a power of two in [16, chunk_size], got {BC!r}")
+        bv = self.block_v
+        if bv is not None and (not isinstance(bv, int) or bv < 16 or bv & (bv - 1)):
+            raise ValueError(f"block_v: expected a power of two >= 16, got {bv!r}")
+        if self.precision not in ("ieee", "tf32"):
+            raise ValueError(f"precision: expected 'ieee' or 'tf32', got {self.precision!r}")
+        nw = self.num_warps
+        if nw is not None and nw not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {nw!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A spec lowered to stages and tiles for one dtype and head sizes."""
+
+    spec: Spec
+    dtype: str  # input dtype: "bf16" | "fp16" | "fp32"
+    K: int
+    V: int
+    C: int  # chunk
+    BC: int  # sub-chunk
+    BK: int  # K padded to a power of two (the whole key dimension is one tile)
+    BV: int  # V tile
+    precision: str
+    num_warps: int
+
+    # ---- what the spec needs
+    @property
+    def decay(self) -> Decay:
+        return self.spec.decay
+
+    @property
+    def channel(self) -> bool:
+        return self.spec.decay is Decay.CHANNEL
+
+    @property
+    def scalar(self) -> bool:
+        return self.spec.decay is Decay.SCALAR
+
+    @property
+    def delta(self) -> bool:
+        return self.spec.has_delta
+
+    @property
+    def beta(self) -> bool:
+        return self.spec.beta is not None
+
+    @property
+    def beta_computed(self) -> bool:
+        """β is a parameterization evaluated (once) by the gates stage, not an input."""
+        return self.beta and not (self.spec.beta.is_identity and self.spec.beta.operands[0].role is Role.TOKEN)
+
+    @property
+    def NS(self) -> int:
+        return self.C // self.BC
+
+    @property
+    def NV(self) -> int:
+        return -(-self.V // self.BV)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The forward stages, in launch order (ALGORITHMS.md's work split)."""
+        out = []
+        if self.spec.has_decay or self.beta_computed:
+            out.append("gates")  # G = chunk-local cumsum of g (and β) in fp32
+        if self.delta or self.channel:
+            out.append("intra")  # Akk → T → W, U (delta); Aqk with reference points (channel)
+        out += ["state", "output"]
+        return tuple(out)
+
+    @property
+    def aqk_stored(self) -> bool:
+        """Channel decay's Aqk needs the sub-chunk factorization: computed once in `intra`."""
+        return self.channel
+
+    def key(self) -> str:
+        """A stable digest of everything that shapes the generated source."""
+        parts = [f"v{CODEGEN_VERSION}", spec_key(self.spec)]
+        parts += [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "spec"]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def spec_key(spec: Spec) -> str:
+    """The spec's structure as text (sympy's srepr for terms): equal specs, equal keys."""
+    import sympy as sp
+
+    def term(t):
+        if t is None:
+            return "None"
+        return f"{sp.srepr(t.expr)}:" + ",".join(f"{o.name}/{o.role.value}" for o in t.operands)
+
+    return "/".join(
+        [
+            spec.decay.value,
+            spec.correction.value,
+            term(spec.gate),
+            term(spec.beta),
+            str(spec.qk_l2norm),
+            spec.skip.value,
+            spec.output_gate.value,
+            repr(spec.default_scale),
+        ]
+    )
+
+
+def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
+    """Lower ``spec`` for inputs of ``dtype`` and head sizes ``K``, ``V``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
+    if not (1 <= K <= 256):
+        raise ValueError(f"K: head size must be in [1, 256], got {K}")
+    if not (1 <= V <= 256):
+        raise ValueError(f"V: head size must be in [1, 256], got {V}")
+    BK = _pow2_at_least(K)
+    BV = options.block_v or min(_pow2_at_least(V), 64)
+    num_warps = options.num_warps or (4 if BK <= 64 else 8)
+    return Plan(
+        spec=spec,
+        dtype=dtype,
+        K=K,
+        V=V,
+        C=options.chunk_size,
+        BC=options.subchunk_size,
+        BK=BK,
+        BV=BV,
+        precision=options.precision,
+        num_warps=num_warps,
+    )
