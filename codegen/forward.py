@@ -34,6 +34,7 @@ class Kernel:
     params: tuple[tuple[str, str], ...]
     grid: str
     source: str
+    num_warps: int
 
 
 L2NORM = "1e-6"
@@ -48,8 +49,13 @@ class _Emitter:
         self.prec = f', input_precision="{plan.precision}"' if plan.dtype == "fp32" else ""
 
     def dot(self, a: str, b: str) -> str:
-        """A tensor-core product with operands in the input dtype and fp32 accumulation."""
-        return f"tl.dot(({a}).to({self.dt}), ({b}).to({self.dt}){self.prec})"
+        """A tensor-core product with operands rounded to the input dtype, fp32 accumulation.
+
+        ``MMA`` is the operand type the product runs in: the input dtype when compiled;
+        fp32 in Triton's interpreter, whose bf16 products are wrong (the rounding to the
+        input dtype is kept, so the numerics are the same).
+        """
+        return f"tl.dot(({a}).to({self.dt}).to(MMA), ({b}).to({self.dt}).to(MMA){self.prec})"
 
     @staticmethod
     def dot32(a: str, b: str) -> str:
@@ -202,7 +208,7 @@ def _emit_gates(plan: Plan) -> Kernel:
         if plan.beta_computed:
             s(f"b_beta = {to_triton(spec.beta.expr, name(False))} + tl.zeros([C], dtype=tl.float32)")
             s("tl.store(beta + tok * HV + i_h, b_beta, mask=row_ok)")
-    return Kernel("gates_fwd", tuple(params), "chunks", s.text())
+    return Kernel("gates_fwd", tuple(params), "chunks", s.text(), plan.warps_chunk)
 
 
 # ============================================================================ intra
@@ -221,6 +227,7 @@ def _emit_intra(plan: Plan) -> Kernel:
     if plan.aqk_stored:
         params += [("Aqk", "io"), ("scale", "float")]
     params += [("chunk_t0", "i64"), ("chunk_len", "i32"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
+    params.append(("MMA", "constexpr"))
 
     s = Source()
     with s.block(_signature("intra_fwd", params)):
@@ -285,7 +292,7 @@ def _emit_intra(plan: Plan) -> Kernel:
                     s(f"b_A{i}{i} = tl.zeros([BC, BC], dtype=tl.float32)")
                 if plan.aqk_stored:
                     s("b_Aqk = tl.zeros([BC, BC], dtype=tl.float32)")
-                with s.block("for c in tl.static_range(BC):"):
+                with s.block("for c in range(BC):"):
                     s(f"ok_c = {i * BC} + c < L", f"tok_c = t0 + {i * BC} + c")
                     e.load_qk_row(s, "b_kc", "k", "tok_c", "ok_c")
                     e.load_G_row(s, "b_Gc", "tok_c", "ok_c")
@@ -310,13 +317,13 @@ def _emit_intra(plan: Plan) -> Kernel:
                 )
 
         if not plan.delta:
-            return Kernel("intra_fwd", tuple(params), "chunks", s.text())
+            return Kernel("intra_fwd", tuple(params), "chunks", s.text(), plan.warps_chunk)
 
         s("", "# ---- T = (I + Akk)^-1: diagonal blocks by forward substitution")
         s("eye = tl.where(ri[:, None] == ri[None, :], 1.0, 0.0)")
         for i in range(NS):
             s(f"b_T{i}{i} = eye")
-            with s.block("for rr in tl.static_range(1, BC):"):
+            with s.block("for rr in range(1, BC):"):
                 s(f"a_row = tl.sum(tl.where(ri[:, None] == rr, b_A{i}{i}, 0.0), 0)")
                 s(f"new = tl.where(ri == rr, 1.0, 0.0) - tl.sum(a_row[:, None] * b_T{i}{i}, 0)")
                 s(f"b_T{i}{i} = tl.where(ri[:, None] == rr, new[None, :], b_T{i}{i})")
@@ -355,7 +362,7 @@ def _emit_intra(plan: Plan) -> Kernel:
                         vb += " * b_bj[:, None]"
                     s(f"b_u += {e.dot(f'b_T{i}{j}', vb)}")
                 e.store_v(s, "U", "b_u", f"tok{i}", f"ok{i}")
-    return Kernel("intra_fwd", tuple(params), "chunks", s.text())
+    return Kernel("intra_fwd", tuple(params), "chunks", s.text(), plan.warps_chunk)
 
 
 # ============================================================================ state
@@ -372,6 +379,7 @@ def _emit_state(plan: Plan) -> Kernel:
             params.append(("beta", "io" if not plan.beta_computed else "f32"))
     params += [("hs", "io"), ("h0", "f32"), ("ht", "f32"), ("cu_seqlens", "i32"), ("chunk_off", "i32")]
     params += [("H", "int"), ("HV", "int"), ("GROUP", "int"), ("HAS_H0", "constexpr"), ("STORE_HT", "constexpr")]
+    params.append(("MMA", "constexpr"))
     s = Source()
     with s.block(_signature("state_fwd", params)):
         s('"""Sequential over one sequence\'s chunks: store each start state S, then')
@@ -415,7 +423,7 @@ def _emit_state(plan: Plan) -> Kernel:
             s(f"b_S += {e.dot('tl.trans(b_k)', 'b_d')}")
         s("if STORE_HT:")
         s("    tl.store(ht + (i_n * HV + i_h) * K * V + s_off, b_S, mask=s_mask)")
-    return Kernel("state_fwd", tuple(params), "seqs_v", s.text())
+    return Kernel("state_fwd", tuple(params), "seqs_v", s.text(), plan.warps_state)
 
 
 # ============================================================================ output
@@ -441,6 +449,7 @@ def _emit_output(plan: Plan) -> Kernel:
         params.append(("z", "io"))
     params += [("hs", "io"), ("o", "io"), ("scale", "float")]
     params += [("chunk_t0", "i64"), ("chunk_len", "i32"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
+    params.append(("MMA", "constexpr"))
     s = Source()
     with s.block(_signature("output_fwd", params)):
         s('"""Per chunk and V tile: O = Qg S + Aqk Δ, then the layer-side output terms."""')
@@ -482,7 +491,7 @@ def _emit_output(plan: Plan) -> Kernel:
             e.load_v(s, "b_z", "z", "tok", "row_ok")
             s("b_o = b_o * b_z / (1.0 + tl.exp(-b_z))")
         e.store_v(s, "o", "b_o", "tok", "row_ok")
-    return Kernel("output_fwd", tuple(params), "chunks_v", s.text())
+    return Kernel("output_fwd", tuple(params), "chunks_v", s.text(), plan.warps_output)
 
 
 _EMITTERS = {"gates": _emit_gates, "intra": _emit_intra, "state": _emit_state, "output": _emit_output}

@@ -26,6 +26,7 @@ def generate(plan: Plan) -> Module:
         f"spec:   {spec!r}",
         f"plan:   dtype={plan.dtype} K={plan.K} V={plan.V} chunk={plan.C} subchunk={plan.BC} "
         f"BK={plan.BK} BV={plan.BV} precision={plan.precision}",
+        "warps:  " + ", ".join(f"{k.name}={k.num_warps}" for k in kernels),
         f"stages: {' -> '.join(plan.stages)}",
         '"""',
         "import triton.language as tl",

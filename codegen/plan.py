@@ -74,7 +74,9 @@ class Plan:
     BK: int  # K padded to a power of two (the whole key dimension is one tile)
     BV: int  # V tile
     precision: str
-    num_warps: int
+    warps_chunk: int  # gates and intra kernels
+    warps_state: int
+    warps_output: int
 
     # ---- what the spec needs
     @property
@@ -165,8 +167,10 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
     if not (1 <= V <= 256):
         raise ValueError(f"V: head size must be in [1, 256], got {V}")
     BK = _pow2_at_least(K)
-    BV = options.block_v or min(_pow2_at_least(V), 64)
-    num_warps = options.num_warps or (4 if BK <= 64 else 8)
+    # The state tile [BK, BV] lives in registers through the whole sequence: keep it at
+    # <= 4096 fp32 (16 registers a thread at 8 warps) so the chunk's k, G, W tiles fit beside it.
+    BV = options.block_v or min(_pow2_at_least(V), 64 if BK <= 64 else 32)
+    nw = options.num_warps
     return Plan(
         spec=spec,
         dtype=dtype,
@@ -177,5 +181,7 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         BK=BK,
         BV=BV,
         precision=options.precision,
-        num_warps=num_warps,
+        warps_chunk=nw or 4,
+        warps_state=nw or (4 if BK <= 64 else 8),
+        warps_output=nw or (4 if BK <= 64 else 8),
     )

@@ -3,9 +3,11 @@
 A :class:`Spec` describes a recurrence by its terms (decay, correction, gating); the
 :mod:`linattn.specs` module holds the built-in ones (Mamba-2, GDN, KDA, GLA, DeltaNet,
 plain linear attention) and the fused forms the hybrid models call.
+:func:`compile` lowers a spec to specialised chunkwise Triton kernels.
 """
 from . import gates, specs
 from .spec import Correction, Decay, Operand, OutputGate, Role, Skip, Spec, Term, term
+from .op import CompiledOp, compile  # noqa: A004 (linattn.compile is the public name)
 
 __all__ = [
     "Spec",
@@ -17,6 +19,8 @@ __all__ = [
     "OutputGate",
     "Role",
     "term",
+    "compile",
+    "CompiledOp",
     "specs",
     "gates",
 ]

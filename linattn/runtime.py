@@ -35,25 +35,49 @@ def _interpreted_fn(fn: Callable):
     return f
 
 
+def _round_to_bf16(builder_cls):
+    """The interpreter's fp32 -> bf16 cast truncates; GPUs round to nearest even.
+
+    Numerics on CPU must be those of the GPU (a biased rounding triples the error of a
+    bf16 pipeline), so the cast is replaced by torch's, which rounds to nearest even.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    original = builder_cls.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return original(self, src, dst_type)
+
+    return original, cast_impl
+
+
 @contextlib.contextmanager
 def _interpreting():
-    """Let triton's ``@jit`` library functions run as interpreted device functions."""
+    """Let triton's ``@jit`` library functions run as interpreted device functions,
+    with the GPU's rounding of fp32 to bf16."""
+    from triton.runtime.interpreter import InterpreterBuilder
     from triton.runtime.jit import JITFunction
 
-    if _GLOBAL_INTERPRET:  # triton already built its library for the interpreter
-        yield
-        return
     with _lock:
-        original = JITFunction.__call__
+        original_call = JITFunction.__call__
+        original_cast, cast = _round_to_bf16(InterpreterBuilder)
 
         def call(self, *args, **kwargs):
             return _interpreted_fn(self.fn)(*args, **kwargs)
 
-        JITFunction.__call__ = call
+        if not _GLOBAL_INTERPRET:  # else triton already built its library for the interpreter
+            JITFunction.__call__ = call
+        InterpreterBuilder.cast_impl = cast
         try:
             yield
         finally:
-            JITFunction.__call__ = original
+            JITFunction.__call__ = original_call
+            InterpreterBuilder.cast_impl = original_cast
 
 
 def launch(fn: Callable, device: torch.device, grid: tuple[int, ...], args: dict, num_warps: int) -> None:
@@ -72,6 +96,15 @@ def launch(fn: Callable, device: torch.device, grid: tuple[int, ...], args: dict
             _interpreted_fn(fn)[grid](**args)
     else:
         raise ValueError(f"q: tensors on {device} are not supported; use CUDA tensors, or CPU tensors (interpreter)")
+
+
+def mma_dtype(dtype: torch.dtype, device: torch.device):
+    """The operand type of tensor-core products: the input dtype, fp32 in the interpreter."""
+    import triton.language as tl
+
+    if device.type != "cuda" or _GLOBAL_INTERPRET:
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
 def jit(fn: Callable):

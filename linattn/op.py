@@ -155,6 +155,7 @@ class CompiledOp:
             "HAS_H0": call.initial_state is not None,
             "STORE_HT": output_final_state,
             "h0": None if call.initial_state is None else call.initial_state.float().contiguous(),
+            "MMA": runtime.mma_dtype(io, device),
         }
         for op in self.spec.operands:
             x = call.operands[op.name]
@@ -189,7 +190,7 @@ class CompiledOp:
         grids = {"chunks": (n_chunks, HV), "chunks_v": (n_chunks, HV, plan.NV), "seqs_v": (N, HV, plan.NV)}
         for kern in gen.kernels:
             args = {name: env[name] for name, _ in kern.params}
-            runtime.launch(getattr(mod, kern.name), device, grids[kern.grid], args, plan.num_warps)
+            runtime.launch(getattr(mod, kern.name), device, grids[kern.grid], args, kern.num_warps)
         o = env["o"].reshape(B, T, HV, V)
         return o, env["ht"]
 

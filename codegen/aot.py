@@ -1,0 +1,127 @@
+"""Ahead-of-time compilation of generated kernels for an NVIDIA target, without a GPU.
+
+Each kernel of a plan goes through Triton's full pipeline to PTX for the target
+(``sm_90`` by default), then ``ptxas -v`` reports registers, spills and static shared
+memory; Triton's own (dynamic) shared memory comes from the compile metadata. This is
+how "every generated kernel compiles and does not spill" is checked on a machine
+without a GPU.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .module import Module
+
+__all__ = ["KernelReport", "compile_module"]
+
+_PTR = {"f32": "*fp32", "i32": "*i32", "i64": "*i64"}
+_IO = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+_SCALAR = {"int": "i32", "float": "fp32"}
+
+
+def _tl(name: str):
+    import triton.language as tl
+
+    return lambda: getattr(tl, name)
+
+
+_MMA = {"bf16": _tl("bfloat16"), "fp16": _tl("float16"), "fp32": _tl("float32")}
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    """What the compiler says about one kernel."""
+
+    name: str
+    registers: int
+    spill_stores: int  # bytes
+    spill_loads: int  # bytes
+    shared: int  # bytes of shared memory (Triton's dynamic allocation + static)
+    num_warps: int
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_stores > 0 or self.spill_loads > 0
+
+
+def _ptxas(arch: int) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(arch) if _takes_arch() else get_ptxas()
+    return tool.path if hasattr(tool, "path") else tool[0]
+
+
+def _takes_arch() -> bool:
+    import inspect
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return len(inspect.signature(get_ptxas).parameters) > 0
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run(
+            [_ptxas(arch), "-v", f"--gpu-name=sm_{arch}{suffix}", str(src), "-o", str(Path(tmp) / "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed:\n{out.stderr}")
+    text = out.stderr + out.stdout
+
+    def grab(pattern: str) -> int:
+        m = re.search(pattern, text)
+        return int(m.group(1)) if m else 0
+
+    return {
+        "registers": grab(r"Used (\d+) registers"),
+        "spill_stores": grab(r"(\d+) bytes spill stores"),
+        "spill_loads": grab(r"(\d+) bytes spill loads"),
+        "smem": grab(r"(\d+) bytes smem"),
+    }
+
+
+def compile_module(module: Module, py_module, arch: int = 90) -> list[KernelReport]:
+    """Compile every kernel of a generated module for ``sm_<arch>``; report its resources."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    plan = module.plan
+    reports = []
+    for kern in module.kernels:
+        fn = triton.jit(getattr(py_module, kern.name))
+        signature, constexprs = {}, {}
+        for name, kind in kern.params:
+            if kind == "constexpr":
+                signature[name] = "constexpr"
+                # flags: the most demanding variant (initial and final state); MMA: the input dtype
+                constexprs[name] = _MMA[plan.dtype]() if name == "MMA" else True
+            elif kind == "io":
+                signature[name] = _IO[plan.dtype]
+            elif kind in _PTR:
+                signature[name] = _PTR[kind]
+            else:
+                signature[name] = _SCALAR[kind]
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": kern.num_warps})
+        info = _ptxas_report(compiled.asm["ptx"], arch)
+        reports.append(
+            KernelReport(
+                name=kern.name,
+                registers=info["registers"],
+                spill_stores=info["spill_stores"],
+                spill_loads=info["spill_loads"],
+                shared=int(getattr(compiled.metadata, "shared", 0)) + info["smem"],
+                num_warps=kern.num_warps,
+            )
+        )
+    return reports
