@@ -69,7 +69,7 @@ def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
         out = subprocess.run(
-            [_ptxas(arch), "-v", f"--gpu-name=sm_{arch}{suffix}", str(src), "-o", str(Path(tmp) / "k.cubin")],
+            [_ptxas(arch), "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}", str(src), "-o", str(Path(tmp) / "k.cubin")],
             capture_output=True,
             text=True,
         )

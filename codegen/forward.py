@@ -223,7 +223,7 @@ def _emit_intra(plan: Plan) -> Kernel:
     if plan.beta:
         params.append(("beta", "io" if not plan.beta_computed else "f32"))
     if plan.delta:
-        params += [("v", "io"), ("W", "io"), ("U", "io")]
+        params.append(("Tm", "io"))
     if plan.aqk_stored:
         params += [("Aqk", "io"), ("scale", "float")]
     params += [("chunk_t0", "i64"), ("chunk_len", "i32"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
@@ -233,7 +233,7 @@ def _emit_intra(plan: Plan) -> Kernel:
     with s.block(_signature("intra_fwd", params)):
         what = []
         if plan.delta:
-            what.append("Akk -> T = (I + Akk)^-1 -> W = T(β Kg), U = T(β V)")
+            what.append("Akk -> T = (I + Akk)^-1 (the state pass applies it: Δ = T β(V - Kg S))")
         if plan.aqk_stored:
             what.append("Aqk")
         s(f'"""Per chunk: {"; ".join(what)}."""')
@@ -278,13 +278,13 @@ def _emit_intra(plan: Plan) -> Kernel:
                 if plan.channel:
                     s("b_kb = b_kj * tl.exp(b_Gref[None, :] - b_Gj)")
                     if plan.delta:
-                        s(f"b_A{i}{j} = {e.dot32('b_ka', 'tl.trans(b_kb)')}{beta_rows(i)}")
+                        s(f"b_A{i}{j} = {e.dot('b_ka', 'tl.trans(b_kb)')}{beta_rows(i)}")
                     if plan.aqk_stored:
-                        store_aqk(i, j, f"{e.dot32('b_qa', 'tl.trans(b_kb)')} * scale")
+                        store_aqk(i, j, f"{e.dot('b_qa', 'tl.trans(b_kb)')} * scale")
                 elif plan.scalar:
-                    s(f"b_A{i}{j} = {e.dot32(f'b_k{i}', 'tl.trans(b_kj)')} * tl.exp(b_G{i}[:, None] - b_Gj[None, :]){beta_rows(i)}")
+                    s(f"b_A{i}{j} = {e.dot(f'b_k{i}', 'tl.trans(b_kj)')} * tl.exp(b_G{i}[:, None] - b_Gj[None, :]){beta_rows(i)}")
                 else:
-                    s(f"b_A{i}{j} = {e.dot32(f'b_k{i}', 'tl.trans(b_kj)')}{beta_rows(i)}")
+                    s(f"b_A{i}{j} = {e.dot(f'b_k{i}', 'tl.trans(b_kj)')}{beta_rows(i)}")
             # diagonal block
             if plan.channel:
                 # pairwise: one column at a time, exp(G_r - G_s) with s <= r only
@@ -313,7 +313,7 @@ def _emit_intra(plan: Plan) -> Kernel:
                     decay = f" * tl.exp(tl.where(ri[:, None] > ri[None, :], b_G{i}[:, None] - b_G{i}[None, :], 0.0))"
                 s(
                     f"b_A{i}{i} = tl.where(ri[:, None] > ri[None, :], "
-                    f"{e.dot32(f'b_k{i}', f'tl.trans(b_k{i})')}{decay}, 0.0){beta_rows(i)}"
+                    f"{e.dot(f'b_k{i}', f'tl.trans(b_k{i})')}{decay}, 0.0){beta_rows(i)}"
                 )
 
         if not plan.delta:
@@ -333,35 +333,14 @@ def _emit_intra(plan: Plan) -> Kernel:
                 terms = " + ".join(e.dot32(f"b_A{i}{m}", f"b_T{m}{j}") for m in range(j, i))
                 s(f"b_T{i}{j} = -{e.dot32(f'b_T{i}{i}', f'({terms})')}")
 
-        s("", "# ---- W = T (β ⊙ Kg), U = T (β ⊙ V)")
-        s("cv_base = tl.arange(0, BV)")
+        s("", "# ---- store T (lower triangular; the blocks above the diagonal are never read)")
         for i in range(NS):
             s(f"r{i} = {i * BC} + ri", f"ok{i} = r{i} < L", f"tok{i} = t0 + r{i}")
-            s("b_w = tl.zeros([BC, BK], dtype=tl.float32)")
             for j in range(i + 1):
-                rows(j, k=True, b=True, tag="j")
-                kg = "b_kj"
-                if plan.spec.has_decay:
-                    kg += " * " + ("tl.exp(b_Gj)" if plan.channel else "tl.exp(b_Gj)[:, None]")
-                if plan.beta:
-                    kg += " * b_bj[:, None]"
-                s(f"b_w += {e.dot(f'b_T{i}{j}', kg)}")
-            s(
-                f"tl.store(W + (tok{i}[:, None] * HV + i_h) * K + ck[None, :], b_w.to(W.dtype.element_ty), "
-                f"mask=ok{i}[:, None] & ck_ok[None, :])"
-            )
-            with s.block("for i_v in tl.static_range(NV):"):
-                s("cv = i_v * BV + cv_base", "cv_ok = cv < V")
-                s("b_u = tl.zeros([BC, BV], dtype=tl.float32)")
-                for j in range(i + 1):
-                    s(f"okj = {j * BC} + ri < L", f"tokj = t0 + {j * BC} + ri")
-                    e.load_v(s, "b_vj", "v", "tokj", "okj")
-                    vb = "b_vj"
-                    if plan.beta:
-                        e.load_beta(s, "b_bj", "tokj", "okj")
-                        vb += " * b_bj[:, None]"
-                    s(f"b_u += {e.dot(f'b_T{i}{j}', vb)}")
-                e.store_v(s, "U", "b_u", f"tok{i}", f"ok{i}")
+                s(
+                    f"tl.store(Tm + (tok{i}[:, None] * HV + i_h) * C + ({j * BC} + ri)[None, :], "
+                    f"b_T{i}{j}.to(Tm.dtype.element_ty), mask=ok{i}[:, None])"
+                )
     return Kernel("intra_fwd", tuple(params), "chunks", s.text(), plan.warps_chunk)
 
 
@@ -371,12 +350,11 @@ def _emit_state(plan: Plan) -> Kernel:
     params = [("k", "io")]
     if plan.spec.has_decay:
         params.append(("G", "f32"))
+    params.append(("v", "io"))
+    if plan.beta:
+        params.append(("beta", "io" if not plan.beta_computed else "f32"))
     if plan.delta:
-        params += [("W", "io"), ("U", "io"), ("vnew", "io")]
-    else:
-        params.append(("v", "io"))
-        if plan.beta:
-            params.append(("beta", "io" if not plan.beta_computed else "f32"))
+        params += [("Tm", "io"), ("vnew", "io")]
     params += [("hs", "io"), ("h0", "f32"), ("ht", "f32"), ("cu_seqlens", "i32"), ("chunk_off", "i32")]
     params += [("H", "int"), ("HV", "int"), ("GROUP", "int"), ("HAS_H0", "constexpr"), ("STORE_HT", "constexpr")]
     params.append(("MMA", "constexpr"))
@@ -384,7 +362,7 @@ def _emit_state(plan: Plan) -> Kernel:
     with s.block(_signature("state_fwd", params)):
         s('"""Sequential over one sequence\'s chunks: store each start state S, then')
         if plan.delta:
-            s("Δ = U - W S (stored: the output and the backward read it), and")
+            s("Δ = T β(V - Kg S) (stored: the output and the backward read it), and")
         s('S <- exp(G_C) S + Kbᵀ Δ."""')
         s("i_n = tl.program_id(0)", "i_h = tl.program_id(1)", "i_v = tl.program_id(2)")
         s("i_hk = i_h // GROUP")
@@ -401,23 +379,28 @@ def _emit_state(plan: Plan) -> Kernel:
         with s.block("for ic in range(0, tl.cdiv(eos - bos, C)):"):
             s("t0 = bos + ic * C", "L = tl.minimum(eos - t0, C)", "row_ok = r < L", "tok = t0 + r")
             s("tl.store(hs + ((first + ic) * HV + i_h) * K * V + s_off, b_S.to(hs.dtype.element_ty), mask=s_mask)")
-            if plan.delta:
-                s(
-                    "b_w = tl.load(W + (tok[:, None] * HV + i_h) * K + ck[None, :], "
-                    "mask=row_ok[:, None] & ck_ok[None, :], other=0.0)"
-                )
-                e.load_v(s, "b_u", "U", "tok", "row_ok")
-                s(f"b_d = b_u - {e.dot('b_w', 'b_S')}")
-                e.store_v(s, "vnew", "b_d", "tok", "row_ok")
-            else:
-                e.load_v(s, "b_d", "v", "tok", "row_ok")
-                if plan.beta:
-                    e.load_beta(s, "b_b", "tok", "row_ok")
-                    s("b_d = b_d * b_b[:, None]")
             e.load_qk(s, "b_k", "k", "tok", "row_ok")
             if plan.spec.has_decay:
                 e.load_glast(s)
                 e.load_G(s, "b_G", "tok", "row_ok")
+            e.load_v(s, "b_d", "v", "tok", "row_ok")
+            if plan.delta:
+                # Δ = T β(V - Kg S): the WY form applied on the fly (W, U are never stored)
+                kg = "b_k"
+                if plan.spec.has_decay:
+                    kg += " * " + ("tl.exp(b_G)" if plan.channel else "tl.exp(b_G)[:, None]")
+                s(f"b_d = b_d - {e.dot(kg, 'b_S')}")
+            if plan.beta:
+                e.load_beta(s, "b_b", "tok", "row_ok")
+                s("b_d = b_d * b_b[:, None]")
+            if plan.delta:
+                s(
+                    "b_T = tl.load(Tm + (tok[:, None] * HV + i_h) * C + r[None, :], "
+                    "mask=row_ok[:, None] & (r[:, None] >= r[None, :]), other=0.0)"
+                )
+                s(f"b_d = {e.dot('b_T', 'b_d')}")
+                e.store_v(s, "vnew", "b_d", "tok", "row_ok")
+            if plan.spec.has_decay:
                 s(f"b_k = b_k * {e.decay_factor('b_G', 'b_Glast')}")
                 s("b_S = b_S * " + ("tl.exp(b_Glast)[:, None]" if plan.channel else "tl.exp(b_Glast)"))
             s(f"b_S += {e.dot('tl.trans(b_k)', 'b_d')}")

@@ -177,8 +177,7 @@ class CompiledOp:
                 env["beta"] = env[f"x_{self.spec.beta.operands[0].name}"]
         if "intra" in plan.stages:
             if plan.delta:
-                env["W"] = _alloc((TT, HV, K), io, device)
-                env["U"] = _alloc((TT, HV, V), io, device)
+                env["Tm"] = _alloc((TT, HV, C), io, device)
             if plan.aqk_stored:
                 env["Aqk"] = _alloc((TT, HV, C), io, device)
         if plan.delta:
