@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .module import Module
 
-__all__ = ["KernelReport", "compile_module"]
+__all__ = ["KernelReport", "compile_module", "inspect_spec", "format_reports"]
 
 _PTR = {"f32": "*fp32", "i32": "*i32", "i64": "*i64"}
 _IO = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -125,3 +125,24 @@ def compile_module(module: Module, py_module, arch: int = 90) -> list[KernelRepo
             )
         )
     return reports
+
+
+def inspect_spec(spec, dtype: str = "bf16", K: int = 128, V: int = 128, arch: int = 90, **options) -> list[KernelReport]:
+    """Generate the kernels of ``spec`` for ``dtype``, ``K``, ``V`` and compile them for ``sm_<arch>``."""
+    from .cache import load
+    from .module import generate
+    from .plan import Options, make_plan
+
+    module = generate(make_plan(spec, dtype, K, V, Options(**options)))
+    py_module, _ = load(module)
+    return compile_module(module, py_module, arch)
+
+
+def format_reports(reports: list[KernelReport]) -> list[str]:
+    """A plain-text table of kernel resources."""
+    lines = [f"{'kernel':<12} {'warps':>5} {'registers':>9} {'spill st':>9} {'spill ld':>9} {'shared':>8}"]
+    for r in reports:
+        lines.append(
+            f"{r.name:<12} {r.num_warps:>5} {r.registers:>9} {r.spill_stores:>9} {r.spill_loads:>9} {r.shared:>8}"
+        )
+    return lines

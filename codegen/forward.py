@@ -6,6 +6,12 @@ scalar decay, plain matrix products with a ``[C, C]`` decay mask; channel decay,
 sub-chunk reference-point factorization. Layout everywhere: tokens flattened over the
 batch (``[B*T, heads, dim]``), chunks found through a device-built chunk table, so
 fixed-length and packed batches run the same code.
+
+Register budget: every kernel walks the key dimension in blocks of ``KB`` channels
+(unrolled in the text), so no tile wider than ``[C, KB]`` is live (the state pass also
+walks the chunk in row blocks of ``RB``); the L2 normalisation
+of q/k is applied as row scales of the products (``diag(1/|q|) q kᵀ diag(1/|k|)``), so
+it never needs a whole row in registers.
 """
 from __future__ import annotations
 
@@ -25,9 +31,9 @@ class Kernel:
     """One emitted kernel: its name, parameters (name, kind), launch grid and source.
 
     Parameter kinds: ``io`` (a tensor in the input dtype), ``f32``/``i32``/``i64``
-    (tensors of that dtype), ``int`` and ``float`` (scalars).
-    ``grid``: ``chunks`` (chunk, value head), ``chunks_v`` (chunk, value head, V tile),
-    ``seqs_v`` (sequence, value head, V tile).
+    (tensors of that dtype), ``int`` and ``float`` (scalars), ``constexpr``.
+    ``grid``: ``chunks`` (chunk, value head), ``chunks_k`` (chunk, value head, key block),
+    ``chunks_v`` (chunk, value head, V tile), ``seqs_v`` (sequence, value head, V tile).
     """
 
     name: str
@@ -37,17 +43,20 @@ class Kernel:
     num_warps: int
 
 
-L2NORM = "1e-6"
+L2NORM_EPS = "1e-6"
 
 
 class _Emitter:
     """Shared pieces of the forward kernels for one plan."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, kb: int | None = None) -> None:
         self.p = plan
         self.dt = {"bf16": "tl.bfloat16", "fp16": "tl.float16", "fp32": "tl.float32"}[plan.dtype]
         self.prec = f', input_precision="{plan.precision}"' if plan.dtype == "fp32" else ""
+        self.kb = kb or plan.KB  # this kernel's key block
+        self.blocks = range(plan.BK // self.kb)
 
+    # ------------------------------------------------------------------ products
     def dot(self, a: str, b: str) -> str:
         """A tensor-core product with operands rounded to the input dtype, fp32 accumulation.
 
@@ -64,79 +73,109 @@ class _Emitter:
 
     # ------------------------------------------------------------------ prologues
     def chunk_prologue(self, s: Source, v_tile: bool = False) -> None:
-        s("i_c = tl.program_id(0)")
-        s("i_h = tl.program_id(1)")
+        s("i_c = tl.program_id(0)", "i_h = tl.program_id(1)")
         if v_tile:
             s("i_v = tl.program_id(2)")
         s("i_hk = i_h // GROUP  # the q/k head serving this value head")
         s("t0 = tl.load(chunk_t0 + i_c)  # first token of the chunk (int64)")
         s("L = tl.load(chunk_len + i_c)  # tokens in the chunk; 0 for spare programs")
-        s("r = tl.arange(0, C)")
-        s("row_ok = r < L")
-        s("tok = t0 + r")
-        s("ck = tl.arange(0, BK)")
-        s("ck_ok = ck < K")
+        s("r = tl.arange(0, C)", "row_ok = r < L")
+        self.key_blocks(s)
         if v_tile:
-            s("cv = i_v * BV + tl.arange(0, BV)")
-            s("cv_ok = cv < V")
+            s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
+
+    def bases(self, s: Source, names: list[str]) -> None:
+        """64-bit base pointers of the chunk's first token; offsets inside a chunk stay 32-bit
+        (per-element 64-bit index tiles would double the registers of every load)."""
+        for n in names:
+            if n in ("q", "k"):
+                s(f"p_{n} = {n} + (t0 * H + i_hk) * K")
+            elif n in ("v", "vnew", "o", "z"):
+                s(f"p_{n} = {n} + (t0 * HV + i_h) * V")
+            elif n == "G":
+                s("p_G = G + (t0 * HV + i_h) * K" if self.p.channel else "p_G = G + t0 * HV + i_h")
+            elif n == "beta":
+                s("p_beta = beta + t0 * HV + i_h")
+            elif n in ("W",):
+                s("p_W = W + (t0 * HV + i_h) * K")
+            elif n in ("U",):
+                s("p_U = U + (t0 * HV + i_h) * V")
+            elif n in ("Aqk", "Tm"):
+                s(f"p_{n} = {n} + (t0 * HV + i_h) * C")
+            else:
+                raise ValueError(n)
+
+    def key_blocks(self, s: Source) -> None:
+        for b in self.blocks:
+            s(f"ck{b} = {b * self.kb} + tl.arange(0, {self.kb})", f"ck_ok{b} = ck{b} < K")
 
     # ------------------------------------------------------------------ loads
-    def load_qk(self, s: Source, var: str, ptr: str, tok: str, ok: str) -> None:
+    def load_qk(self, s: Source, var: str, ptr: str, rows: str, ok: str, b: int) -> None:
+        """Rows ``rows`` of the chunk of q or k, key block ``b``, in fp32 (raw: normalisation is a row scale)."""
         s(
-            f"{var} = tl.load({ptr} + ({tok}[:, None] * H + i_hk) * K + ck[None, :], "
-            f"mask={ok}[:, None] & ck_ok[None, :], other=0.0).to(tl.float32)"
+            f"{var} = tl.load(p_{ptr} + {rows}[:, None] * (H * K) + ck{b}[None, :], "
+            f"mask={ok}[:, None] & ck_ok{b}[None, :], other=0.0).to(tl.float32)"
         )
-        if self.p.spec.qk_l2norm:
-            s(f"{var} = {var} * tl.rsqrt(tl.sum({var} * {var}, 1) + {L2NORM})[:, None]")
 
-    def load_qk_row(self, s: Source, var: str, ptr: str, tok: str, ok: str) -> None:
-        s(f"{var} = tl.load({ptr} + ({tok} * H + i_hk) * K + ck, mask=ck < tl.where({ok}, K, 0), other=0.0).to(tl.float32)")
-        if self.p.spec.qk_l2norm:
-            s(f"{var} = {var} * tl.rsqrt(tl.sum({var} * {var}, 0) + {L2NORM})")
+    def load_qk_row(self, s: Source, var: str, ptr: str, row: str, ok: str, b: int) -> None:
+        s(
+            f"{var} = tl.load(p_{ptr} + {row} * (H * K) + ck{b}, "
+            f"mask=ck{b} < tl.where({ok}, K, 0), other=0.0).to(tl.float32)"
+        )
+
+    def rnorm(self, s: Source, var: str, ptr: str, rows: str, ok: str) -> None:
+        """``1 / |row|`` of q or k (the in-kernel L2 normalisation), over all key blocks."""
+        s(f"{var} = tl.zeros_like({rows}).to(tl.float32)")
+        for b in self.blocks:
+            self.load_qk(s, "b_x", ptr, rows, ok, b)
+            s(f"{var} += tl.sum(b_x * b_x, 1)")
+        s(f"{var} = tl.rsqrt({var} + {L2NORM_EPS})")
 
     def load_glast(self, s: Source) -> None:
         """``G`` at the chunk's last token: the decay of the whole chunk, and the fill of padding rows."""
         if self.p.channel:
-            s("b_Glast = tl.load(G + ((t0 + L - 1) * HV + i_h) * K + ck, mask=ck < tl.where(L > 0, K, 0), other=0.0)")
+            for b in self.blocks:
+                s(
+                    f"b_Glast{b} = tl.load(p_G + (L - 1) * (HV * K) + ck{b}, "
+                    f"mask=ck{b} < tl.where(L > 0, K, 0), other=0.0)"
+                )
         else:
-            s("b_Glast = tl.load(G + (t0 + L - 1) * HV + i_h, mask=L > 0, other=0.0)")
+            s("b_Glast = tl.load(p_G + (L - 1) * HV, mask=L > 0, other=0.0)")
 
-    def load_G(self, s: Source, var: str, tok: str, ok: str) -> None:
-        """Rows of ``G``; padding rows repeat the last valid row, so every exp factor stays <= 1."""
+    def glast(self, b: int) -> str:
+        return f"b_Glast{b}" if self.p.channel else "b_Glast"
+
+    def load_G(self, s: Source, var: str, rows: str, ok: str, b: int = 0) -> None:
+        """Rows of ``G`` (key block ``b`` if channel); padding rows repeat the last valid row,
+        so every exp factor stays <= 1."""
         if self.p.channel:
             s(
-                f"{var} = tl.load(G + ({tok}[:, None] * HV + i_h) * K + ck[None, :], "
-                f"mask={ok}[:, None] & ck_ok[None, :], other=0.0)"
+                f"{var} = tl.load(p_G + {rows}[:, None] * (HV * K) + ck{b}[None, :], "
+                f"mask={ok}[:, None] & ck_ok{b}[None, :], other=0.0)"
             )
-            s(f"{var} = tl.where({ok}[:, None], {var}, b_Glast[None, :])")
+            s(f"{var} = tl.where({ok}[:, None], {var}, b_Glast{b}[None, :])")
         else:
-            s(f"{var} = tl.load(G + {tok} * HV + i_h, mask={ok}, other=0.0)")
+            s(f"{var} = tl.load(p_G + {rows} * HV, mask={ok}, other=0.0)")
             s(f"{var} = tl.where({ok}, {var}, b_Glast)")
 
-    def load_G_row(self, s: Source, var: str, tok: str, ok: str) -> None:
-        s(f"{var} = tl.load(G + ({tok} * HV + i_h) * K + ck, mask=ck < tl.where({ok}, K, 0), other=0.0)")
-        s(f"{var} = tl.where({ok}, {var}, b_Glast)")
+    def load_G_row(self, s: Source, var: str, row: str, ok: str, b: int) -> None:
+        s(f"{var} = tl.load(p_G + {row} * (HV * K) + ck{b}, mask=ck{b} < tl.where({ok}, K, 0), other=0.0)")
+        s(f"{var} = tl.where({ok}, {var}, b_Glast{b})")
 
-    def load_beta(self, s: Source, var: str, tok: str, ok: str) -> None:
-        s(f"{var} = tl.load(beta + {tok} * HV + i_h, mask={ok}, other=0.0).to(tl.float32)")
+    def load_beta(self, s: Source, var: str, rows: str, ok: str) -> None:
+        s(f"{var} = tl.load(p_beta + {rows} * HV, mask={ok}, other=0.0).to(tl.float32)")
 
-    def load_v(self, s: Source, var: str, ptr: str, tok: str, ok: str) -> None:
+    def load_v(self, s: Source, var: str, ptr: str, rows: str, ok: str) -> None:
         s(
-            f"{var} = tl.load({ptr} + ({tok}[:, None] * HV + i_h) * V + cv[None, :], "
+            f"{var} = tl.load(p_{ptr} + {rows}[:, None] * (HV * V) + cv[None, :], "
             f"mask={ok}[:, None] & cv_ok[None, :], other=0.0).to(tl.float32)"
         )
 
-    def store_v(self, s: Source, ptr: str, value: str, tok: str, ok: str) -> None:
+    def store_v(self, s: Source, ptr: str, value: str, rows: str, ok: str) -> None:
         s(
-            f"tl.store({ptr} + ({tok}[:, None] * HV + i_h) * V + cv[None, :], "
+            f"tl.store(p_{ptr} + {rows}[:, None] * (HV * V) + cv[None, :], "
             f"({value}).to({ptr}.dtype.element_ty), mask={ok}[:, None] & cv_ok[None, :])"
         )
-
-    def decay_factor(self, G: str, other: str, sign: str = "") -> str:
-        """``exp(other - G)`` broadcast to ``[rows, BK]`` (``other`` a row or a reference)."""
-        if self.p.channel:
-            return f"tl.exp({other}[None, :] - {G})"
-        return f"tl.exp({other} - {G})[:, None]"
 
 
 def _signature(name: str, params: list[tuple[str, str]]) -> str:
@@ -151,9 +190,13 @@ def _operand_params(plan: Plan) -> list[tuple[str, str]]:
     return out
 
 
+def _beta_kind(plan: Plan) -> str:
+    return "f32" if plan.beta_computed else "io"
+
+
 # ============================================================================ gates
 def _emit_gates(plan: Plan) -> Kernel:
-    e, spec = _Emitter(plan), plan.spec
+    spec = plan.spec
     used = {o.name: o for t in (spec.gate, spec.beta if plan.beta_computed else None) if t for o in t.operands}
     params = [(n, k) for n, k in _operand_params(plan) if n[2:] in used]
     if spec.has_decay:
@@ -164,18 +207,19 @@ def _emit_gates(plan: Plan) -> Kernel:
     s = Source()
     with s.block(_signature("gates_fwd", params)):
         s('"""Evaluate the gate (and β) terms per token; G = their cumsum inside each chunk, in fp32."""')
-        s("i_c = tl.program_id(0)", "i_h = tl.program_id(1)")
+        s("i_c = tl.program_id(0)", "i_h = tl.program_id(1)", "i_k = tl.program_id(2)")
         s("t0 = tl.load(chunk_t0 + i_c)", "L = tl.load(chunk_len + i_c)")
-        s("r = tl.arange(0, C)", "row_ok = r < L", "tok = t0 + r")
+        s("r = tl.arange(0, C)", "row_ok = r < L")
+        s("base = t0 * HV + i_h  # (token, head) index of the chunk's first row")
         if plan.channel:
-            s("ck = tl.arange(0, BK)", "ck_ok = ck < K")
+            s("ck = i_k * KB + tl.arange(0, KB)", "ck_ok = ck < K")
         for o in used.values():
             n = o.name
             if o.role is Role.TOKEN:
-                s(f"o_{n} = tl.load(x_{n} + tok * HV + i_h, mask=row_ok, other=0.0).to(tl.float32)")
+                s(f"o_{n} = tl.load(x_{n} + base + r * HV, mask=row_ok, other=0.0).to(tl.float32)")
             elif o.role is Role.TOKEN_CHANNEL:
                 s(
-                    f"o_{n} = tl.load(x_{n} + (tok[:, None] * HV + i_h) * K + ck[None, :], "
+                    f"o_{n} = tl.load(x_{n} + base * K + r[:, None] * (HV * K) + ck[None, :], "
                     "mask=row_ok[:, None] & ck_ok[None, :], other=0.0).to(tl.float32)"
                 )
             elif o.role is Role.HEAD:
@@ -197,31 +241,32 @@ def _emit_gates(plan: Plan) -> Kernel:
             return f
 
         if spec.has_decay:
-            shape, mask = ("[C, BK]", "row_ok[:, None] & ck_ok[None, :]") if plan.channel else ("[C]", "row_ok")
+            shape, mask = ("[C, KB]", "row_ok[:, None] & ck_ok[None, :]") if plan.channel else ("[C]", "row_ok")
             s(f"b_g = {to_triton(spec.gate.expr, name(plan.channel))} + tl.zeros({shape}, dtype=tl.float32)")
             s(f"b_g = tl.where({mask}, b_g, 0.0)")
             s("b_G = tl.cumsum(b_g, 0)")
             if plan.channel:
-                s("tl.store(G + (tok[:, None] * HV + i_h) * K + ck[None, :], b_G, mask=row_ok[:, None] & ck_ok[None, :])")
+                s("tl.store(G + base * K + r[:, None] * (HV * K) + ck[None, :], b_G, mask=row_ok[:, None] & ck_ok[None, :])")
             else:
-                s("tl.store(G + tok * HV + i_h, b_G, mask=row_ok)")
+                s("tl.store(G + base + r * HV, b_G, mask=row_ok)")
         if plan.beta_computed:
             s(f"b_beta = {to_triton(spec.beta.expr, name(False))} + tl.zeros([C], dtype=tl.float32)")
-            s("tl.store(beta + tok * HV + i_h, b_beta, mask=row_ok)")
-    return Kernel("gates_fwd", tuple(params), "chunks", s.text(), plan.warps_chunk)
+            s("tl.store(beta + base + r * HV, b_beta, mask=r < tl.where(i_k == 0, L, 0))  # once per chunk")
+    grid = "chunks_k" if plan.channel else "chunks"
+    return Kernel("gates_fwd", tuple(params), grid, s.text(), plan.warps_gates)
 
 
 # ============================================================================ intra
 def _emit_intra(plan: Plan) -> Kernel:
-    e = _Emitter(plan)
-    NS, BC = plan.NS, plan.BC
+    e = _Emitter(plan, plan.KBI)
+    NS, BC, l2 = plan.NS, plan.BC, plan.spec.qk_l2norm
     params = [("k", "io")]
     if plan.aqk_stored:
         params.append(("q", "io"))
     if plan.spec.has_decay:
         params.append(("G", "f32"))
-    if plan.beta:
-        params.append(("beta", "io" if not plan.beta_computed else "f32"))
+    if plan.delta and plan.beta:
+        params.append(("beta", _beta_kind(plan)))
     if plan.delta:
         params.append(("Tm", "io"))
     if plan.aqk_stored:
@@ -233,185 +278,277 @@ def _emit_intra(plan: Plan) -> Kernel:
     with s.block(_signature("intra_fwd", params)):
         what = []
         if plan.delta:
-            what.append("Akk -> T = (I + Akk)^-1 (the state pass applies it: Δ = T β(V - Kg S))")
+            what.append("Akk -> T = (I + Akk)^-1")
         if plan.aqk_stored:
             what.append("Aqk")
         s(f'"""Per chunk: {"; ".join(what)}."""')
         e.chunk_prologue(s)
+        e.bases(s, [n for n, kind in params if n in ("q", "k", "G", "beta", "Tm", "Aqk")])
         if plan.spec.has_decay:
             e.load_glast(s)
         s("ri = tl.arange(0, BC)")
+        strict, causal = "ri[:, None] > ri[None, :]", "ri[:, None] >= ri[None, :]"
+        zero = "tl.zeros([BC, BC], dtype=tl.float32)"
 
-        def rows(i: int, k: bool = True, q: bool = False, G: bool = True, b: bool = False, tag: str = "") -> None:
-            t = tag or str(i)
-            s(f"r{t} = {i * BC} + ri", f"ok{t} = r{t} < L", f"tok{t} = t0 + r{t}")
-            if k:
-                e.load_qk(s, f"b_k{t}", "k", f"tok{t}", f"ok{t}")
-            if q:
-                e.load_qk(s, f"b_q{t}", "q", f"tok{t}", f"ok{t}")
-            if G and plan.spec.has_decay:
-                e.load_G(s, f"b_G{t}", f"tok{t}", f"ok{t}")
-            if b and plan.beta:
-                e.load_beta(s, f"b_b{t}", f"tok{t}", f"ok{t}")
-
-        def store_aqk(i: int, j: int, value: str) -> None:
-            s(
-                f"tl.store(Aqk + (tok{i}[:, None] * HV + i_h) * C + ({j * BC} + ri)[None, :], "
-                f"({value}).to(Aqk.dtype.element_ty), mask=ok{i}[:, None])"
-            )
-
-        beta_rows = lambda i: f" * b_b{i}[:, None]" if plan.beta else ""  # noqa: E731
         for i in range(NS):
             s("", f"# ---- rows of sub-chunk {i}")
-            rows(i, k=True, q=plan.aqk_stored, b=True)
-            if plan.channel and i > 0:
-                # reference point: G at the last token before sub-chunk i (>= G of every later row)
-                ref = i * BC - 1
-                s(f"ref_ok = {ref} < L")
-                e.load_G_row(s, "b_Gref", f"(t0 + {ref})", "ref_ok")
-                if plan.delta:
-                    s(f"b_ka = b_k{i} * tl.exp(b_G{i} - b_Gref[None, :])")
+            s(f"r{i} = {i * BC} + ri", f"ok{i} = r{i} < L")
+            if l2:
+                e.rnorm(s, f"rk{i}", "k", f"r{i}", f"ok{i}")
                 if plan.aqk_stored:
-                    s(f"b_qa = b_q{i} * tl.exp(b_G{i} - b_Gref[None, :])")
-            for j in range(i):
-                rows(j, k=True, tag="j")
-                if plan.channel:
-                    s("b_kb = b_kj * tl.exp(b_Gref[None, :] - b_Gj)")
-                    if plan.delta:
-                        s(f"b_A{i}{j} = {e.dot('b_ka', 'tl.trans(b_kb)')}{beta_rows(i)}")
-                    if plan.aqk_stored:
-                        store_aqk(i, j, f"{e.dot('b_qa', 'tl.trans(b_kb)')} * scale")
-                elif plan.scalar:
-                    s(f"b_A{i}{j} = {e.dot(f'b_k{i}', 'tl.trans(b_kj)')} * tl.exp(b_G{i}[:, None] - b_Gj[None, :]){beta_rows(i)}")
-                else:
-                    s(f"b_A{i}{j} = {e.dot(f'b_k{i}', 'tl.trans(b_kj)')}{beta_rows(i)}")
-            # diagonal block
-            if plan.channel:
-                # pairwise: one column at a time, exp(G_r - G_s) with s <= r only
-                if plan.delta:
-                    s(f"b_A{i}{i} = tl.zeros([BC, BC], dtype=tl.float32)")
-                if plan.aqk_stored:
-                    s("b_Aqk = tl.zeros([BC, BC], dtype=tl.float32)")
-                with s.block("for c in range(BC):"):
-                    s(f"ok_c = {i * BC} + c < L", f"tok_c = t0 + {i * BC} + c")
-                    e.load_qk_row(s, "b_kc", "k", "tok_c", "ok_c")
-                    e.load_G_row(s, "b_Gc", "tok_c", "ok_c")
-                    s(f"b_e = tl.exp(tl.where(ri[:, None] >= c, b_G{i} - b_Gc[None, :], 0.0))")
-                    if plan.delta:
-                        s(f"col = tl.sum(tl.where(ri[:, None] > c, b_k{i} * b_kc[None, :] * b_e, 0.0), 1)")
-                        s(f"b_A{i}{i} += tl.where(ri[None, :] == c, col[:, None], 0.0)")
-                    if plan.aqk_stored:
-                        s(f"col = tl.sum(tl.where(ri[:, None] >= c, b_q{i} * b_kc[None, :] * b_e, 0.0), 1)")
-                        s("b_Aqk += tl.where(ri[None, :] == c, col[:, None], 0.0)")
-                if plan.delta and plan.beta:
-                    s(f"b_A{i}{i} = b_A{i}{i} * b_b{i}[:, None]")
-                if plan.aqk_stored:
-                    store_aqk(i, i, "b_Aqk * scale")
-            else:
-                decay = ""
-                if plan.scalar:
-                    decay = f" * tl.exp(tl.where(ri[:, None] > ri[None, :], b_G{i}[:, None] - b_G{i}[None, :], 0.0))"
-                s(
-                    f"b_A{i}{i} = tl.where(ri[:, None] > ri[None, :], "
-                    f"{e.dot(f'b_k{i}', f'tl.trans(b_k{i})')}{decay}, 0.0){beta_rows(i)}"
-                )
-
-        if not plan.delta:
-            return Kernel("intra_fwd", tuple(params), "chunks", s.text(), plan.warps_chunk)
-
-        s("", "# ---- T = (I + Akk)^-1: diagonal blocks by forward substitution")
-        s("eye = tl.where(ri[:, None] == ri[None, :], 1.0, 0.0)")
-        for i in range(NS):
-            s(f"b_T{i}{i} = eye")
-            with s.block("for rr in range(1, BC):"):
-                s(f"a_row = tl.sum(tl.where(ri[:, None] == rr, b_A{i}{i}, 0.0), 0)")
-                s(f"new = tl.where(ri == rr, 1.0, 0.0) - tl.sum(a_row[:, None] * b_T{i}{i}, 0)")
-                s(f"b_T{i}{i} = tl.where(ri[:, None] == rr, new[None, :], b_T{i}{i})")
-        s("# off-diagonal blocks: T_ij = -T_ii · sum_{j <= m < i} A_im T_mj")
-        for i in range(1, NS):
-            for j in range(i):
-                terms = " + ".join(e.dot32(f"b_A{i}{m}", f"b_T{m}{j}") for m in range(j, i))
-                s(f"b_T{i}{j} = -{e.dot32(f'b_T{i}{i}', f'({terms})')}")
-
-        s("", "# ---- store T (lower triangular; the blocks above the diagonal are never read)")
-        for i in range(NS):
-            s(f"r{i} = {i * BC} + ri", f"ok{i} = r{i} < L", f"tok{i} = t0 + r{i}")
+                    e.rnorm(s, f"rq{i}", "q", f"r{i}", f"ok{i}")
+            if plan.scalar:
+                e.load_G(s, f"b_G{i}", f"r{i}", f"ok{i}")
             for j in range(i + 1):
-                s(
-                    f"tl.store(Tm + (tok{i}[:, None] * HV + i_h) * C + ({j * BC} + ri)[None, :], "
-                    f"b_T{i}{j}.to(Tm.dtype.element_ty), mask=ok{i}[:, None])"
-                )
-    return Kernel("intra_fwd", tuple(params), "chunks", s.text(), plan.warps_chunk)
+                if plan.delta:
+                    s(f"b_A{i}{j} = {zero}")
+                if plan.aqk_stored:
+                    s(f"b_Q{i}{j} = {zero}")
+            if plan.channel and i > 0:
+                s(f"ref_ok = {i * BC - 1} < L  # reference point: the last token before sub-chunk {i}")
+            for b in e.blocks:
+                s(f"# key block {b}")
+                e.load_qk(s, "b_ki", "k", f"r{i}", f"ok{i}", b)
+                if plan.aqk_stored:
+                    e.load_qk(s, "b_qi", "q", f"r{i}", f"ok{i}", b)
+                if plan.channel:
+                    e.load_G(s, "b_Gi", f"r{i}", f"ok{i}", b)
+                    if i > 0:
+                        # G_ref >= G of this sub-chunk's rows, <= G of every earlier row: factors <= 1
+                        e.load_G_row(s, "b_Gref", f"{i * BC - 1}", "ref_ok", b)
+                        if plan.delta:
+                            s("b_ka = b_ki * tl.exp(b_Gi - b_Gref[None, :])")
+                        if plan.aqk_stored:
+                            s("b_qa = b_qi * tl.exp(b_Gi - b_Gref[None, :])")
+                for j in range(i):
+                    s(f"okj = {j * BC} + ri < L", f"rj = {j * BC} + ri")
+                    e.load_qk(s, "b_kj", "k", "rj", "okj", b)
+                    if plan.channel:
+                        e.load_G(s, "b_Gj", "rj", "okj", b)
+                        s("b_kb = b_kj * tl.exp(b_Gref[None, :] - b_Gj)")
+                        if plan.delta:
+                            s(f"b_A{i}{j} += {e.dot('b_ka', 'tl.trans(b_kb)')}")
+                        if plan.aqk_stored:
+                            s(f"b_Q{i}{j} += {e.dot('b_qa', 'tl.trans(b_kb)')}")
+                    else:
+                        s(f"b_A{i}{j} += {e.dot('b_ki', 'tl.trans(b_kj)')}")
+                # diagonal block
+                if plan.channel:
+                    # pairwise, one column at a time: exp(G_r - G_c) only where c <= r
+                    with s.block("for c in range(BC):"):
+                        s(f"ok_c = {i * BC} + c < L", f"rc = {i * BC} + c")
+                        e.load_qk_row(s, "b_kc", "k", "rc", "ok_c", b)
+                        e.load_G_row(s, "b_Gc", "rc", "ok_c", b)
+                        s("b_e = tl.exp(tl.where(ri[:, None] >= c, b_Gi - b_Gc[None, :], 0.0))")
+                        if plan.delta:
+                            s("col = tl.sum(tl.where(ri[:, None] > c, b_ki * b_kc[None, :] * b_e, 0.0), 1)")
+                            s(f"b_A{i}{i} += tl.where(ri[None, :] == c, col[:, None], 0.0)")
+                        if plan.aqk_stored:
+                            s("col = tl.sum(tl.where(ri[:, None] >= c, b_qi * b_kc[None, :] * b_e, 0.0), 1)")
+                            s(f"b_Q{i}{i} += tl.where(ri[None, :] == c, col[:, None], 0.0)")
+                elif plan.delta:
+                    s(f"b_A{i}{i} += {e.dot('b_ki', 'tl.trans(b_ki)')}")
+
+            # row/column scales: decay (scalar), L2 norms, β, scale
+            for j in range(i + 1):
+                if plan.delta:
+                    f = f"b_A{i}{j}"
+                    if plan.scalar:
+                        if j < i:
+                            s(f"okj = {j * BC} + ri < L", f"rj = {j * BC} + ri")
+                            e.load_G(s, "b_Gj", "rj", "okj")
+                            s(f"{f} = {f} * tl.exp(b_G{i}[:, None] - b_Gj[None, :])")
+                        else:
+                            s(f"{f} = {f} * tl.exp(tl.where({strict}, b_G{i}[:, None] - b_G{i}[None, :], 0.0))")
+                    if j == i:
+                        s(f"{f} = tl.where({strict}, {f}, 0.0)")
+                    if l2:
+                        s(f"{f} = {f} * rk{i}[:, None] * rk{j}[None, :]")
+                    if plan.beta:
+                        if j == 0:
+                            e.load_beta(s, f"b_b{i}", f"r{i}", f"ok{i}")
+                        s(f"{f} = {f} * b_b{i}[:, None]")
+                if plan.aqk_stored:
+                    f = f"b_Q{i}{j}"
+                    if j == i:
+                        s(f"{f} = tl.where({causal}, {f}, 0.0)")
+                    scale = f" * rq{i}[:, None] * rk{j}[None, :]" if l2 else ""
+                    s(
+                        f"tl.store(p_Aqk + r{i}[:, None] * (HV * C) + ({j * BC} + ri)[None, :], "
+                        f"({f} * scale{scale}).to(Aqk.dtype.element_ty), mask=ok{i}[:, None])"
+                    )
+
+            if plan.delta:
+                # ---- block row i of T = (I + Akk)^-1, as soon as row i of Akk is known
+                s(f"# T_{i}{i} = (I + A_{i}{i})^-1 by forward substitution")
+                s(f"b_T{i}{i} = tl.where(ri[:, None] == ri[None, :], 1.0, 0.0)")
+                with s.block("for rr in range(1, BC):"):
+                    s(f"a_row = tl.sum(tl.where(ri[:, None] == rr, b_A{i}{i}, 0.0), 0)")
+                    s(f"new = tl.where(ri == rr, 1.0, 0.0) - tl.sum(a_row[:, None] * b_T{i}{i}, 0)")
+                    s(f"b_T{i}{i} = tl.where(ri[:, None] == rr, new[None, :], b_T{i}{i})")
+                for j in range(i - 1, -1, -1):
+                    # T_ij = -T_ii · sum_{j <= m < i} A_im T_mj
+                    terms = " + ".join(e.dot32(f"b_A{i}{m}", f"b_T{m}{j}") for m in range(j, i))
+                    s(f"b_T{i}{j} = -{e.dot32(f'b_T{i}{i}', f'({terms})')}")
+                for j in range(i + 1):
+                    s(
+                        f"tl.store(p_Tm + r{i}[:, None] * (HV * C) + ({j * BC} + ri)[None, :], "
+                        f"b_T{i}{j}.to(Tm.dtype.element_ty), mask=ok{i}[:, None])"
+                    )
+
+    return Kernel("intra_fwd", tuple(params), "chunks", s.text(), plan.warps_intra)
+
+
+# ============================================================================ wu
+def _emit_wu(plan: Plan) -> Kernel:
+    e, l2 = _Emitter(plan), plan.spec.qk_l2norm
+    params = [("k", "io"), ("v", "io")]
+    if plan.spec.has_decay:
+        params.append(("G", "f32"))
+    if plan.beta:
+        params.append(("beta", _beta_kind(plan)))
+    params += [("Tm", "io"), ("W", "io"), ("U", "io")]
+    params += [("chunk_t0", "i64"), ("chunk_len", "i32"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
+    params.append(("MMA", "constexpr"))
+    s = Source()
+    with s.block(_signature("wu_fwd", params)):
+        s('"""Per chunk: W = T (β ⊙ Kg), U = T (β ⊙ V), so that the state pass needs Δ = U - W S only."""')
+        e.chunk_prologue(s)
+        e.bases(s, [n for n, _ in params if n in ("k", "v", "G", "beta", "Tm", "W", "U")])
+        if plan.spec.has_decay:
+            e.load_glast(s)
+            if plan.scalar:
+                e.load_G(s, "b_G", "r", "row_ok")
+        s(
+            "b_T = tl.load(p_Tm + r[:, None] * (HV * C) + r[None, :], "
+            "mask=row_ok[:, None] & (r[:, None] >= r[None, :]), other=0.0)"
+        )
+        rows = []
+        if plan.beta:
+            e.load_beta(s, "b_b", "r", "row_ok")
+            rows.append("b_b")
+        if plan.scalar:
+            rows.append("tl.exp(b_G)")
+        if l2:
+            e.rnorm(s, "b_rk", "k", "r", "row_ok")
+            rows.append("b_rk")
+        scale = f" * ({' * '.join(rows)})[:, None]" if rows else ""
+        for b in e.blocks:
+            e.load_qk(s, "b_k", "k", "r", "row_ok", b)
+            kg = "b_k"
+            if plan.channel:
+                e.load_G(s, "b_Gb", "r", "row_ok", b)
+                kg = "b_k * tl.exp(b_Gb)"
+            s(f"b_w = {e.dot('b_T', kg + scale)}")
+            s(
+                f"tl.store(p_W + r[:, None] * (HV * K) + ck{b}[None, :], b_w.to(W.dtype.element_ty), "
+                f"mask=row_ok[:, None] & ck_ok{b}[None, :])"
+            )
+        vb = " * b_b[:, None]" if plan.beta else ""
+        with s.block("for i_v in tl.static_range(NV):"):
+            s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
+            e.load_v(s, "b_v", "v", "r", "row_ok")
+            e.store_v(s, "U", e.dot("b_T", "b_v" + vb), "r", "row_ok")
+    return Kernel("wu_fwd", tuple(params), "chunks", s.text(), plan.warps_wu)
 
 
 # ============================================================================ state
 def _emit_state(plan: Plan) -> Kernel:
-    e = _Emitter(plan)
+    e, l2 = _Emitter(plan), plan.spec.qk_l2norm
+    RB, NRB = plan.RB, plan.NRB
     params = [("k", "io")]
     if plan.spec.has_decay:
         params.append(("G", "f32"))
-    params.append(("v", "io"))
-    if plan.beta:
-        params.append(("beta", "io" if not plan.beta_computed else "f32"))
     if plan.delta:
-        params += [("Tm", "io"), ("vnew", "io")]
+        params += [("W", "io"), ("U", "io"), ("vnew", "io")]
+    else:
+        params.append(("v", "io"))
+        if plan.beta:
+            params.append(("beta", _beta_kind(plan)))
     params += [("hs", "io"), ("h0", "f32"), ("ht", "f32"), ("cu_seqlens", "i32"), ("chunk_off", "i32")]
     params += [("H", "int"), ("HV", "int"), ("GROUP", "int"), ("HAS_H0", "constexpr"), ("STORE_HT", "constexpr")]
     params.append(("MMA", "constexpr"))
+    state_bases = [n for n, _ in params if n in ("k", "G", "v", "beta", "W", "U", "vnew")]
     s = Source()
     with s.block(_signature("state_fwd", params)):
         s('"""Sequential over one sequence\'s chunks: store each start state S, then')
         if plan.delta:
-            s("Δ = T β(V - Kg S) (stored: the output and the backward read it), and")
-        s('S <- exp(G_C) S + Kbᵀ Δ."""')
+            s("Δ = U - W S (stored: the output and the backward read it), and")
+        s("S <- exp(G_C) S + Kbᵀ Δ. The state is held as key blocks S_b [KB, BV]; a chunk is")
+        s('applied RB rows at a time, every Δ from the old S before S changes."""')
         s("i_n = tl.program_id(0)", "i_h = tl.program_id(1)", "i_v = tl.program_id(2)")
         s("i_hk = i_h // GROUP")
         s("bos = tl.load(cu_seqlens + i_n).to(tl.int64)", "eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)")
         s("first = tl.load(chunk_off + i_n)  # global index of the sequence's first chunk")
-        s("r = tl.arange(0, C)", "ck = tl.arange(0, BK)", "ck_ok = ck < K")
+        s(f"rb = tl.arange(0, {RB})")
+        e.key_blocks(s)
         s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
-        s("s_mask = ck_ok[:, None] & cv_ok[None, :]")
-        s("s_off = ck[:, None] * V + cv[None, :]")
+        for b in e.blocks:
+            s(f"s_mask{b} = ck_ok{b}[:, None] & cv_ok[None, :]", f"s_off{b} = ck{b}[:, None] * V + cv[None, :]")
         s("if HAS_H0:")
-        s("    b_S = tl.load(h0 + (i_n * HV + i_h) * K * V + s_off, mask=s_mask, other=0.0).to(tl.float32)")
+        for b in e.blocks:
+            s(f"    b_S{b} = tl.load(h0 + (i_n * HV + i_h) * K * V + s_off{b}, mask=s_mask{b}, other=0.0).to(tl.float32)")
         s("else:")
-        s("    b_S = tl.zeros([BK, BV], dtype=tl.float32)")
+        for b in e.blocks:
+            s(f"    b_S{b} = tl.zeros([{e.kb}, BV], dtype=tl.float32)")
         with s.block("for ic in range(0, tl.cdiv(eos - bos, C)):"):
-            s("t0 = bos + ic * C", "L = tl.minimum(eos - t0, C)", "row_ok = r < L", "tok = t0 + r")
-            s("tl.store(hs + ((first + ic) * HV + i_h) * K * V + s_off, b_S.to(hs.dtype.element_ty), mask=s_mask)")
-            e.load_qk(s, "b_k", "k", "tok", "row_ok")
+            s("t0 = bos + ic * C", "L = tl.minimum(eos - t0, C)")
+            e.bases(s, state_bases)
+            for b in e.blocks:
+                s(
+                    f"tl.store(hs + ((first + ic) * HV + i_h) * K * V + s_off{b}, "
+                    f"b_S{b}.to(hs.dtype.element_ty), mask=s_mask{b})"
+                )
             if plan.spec.has_decay:
                 e.load_glast(s)
-                e.load_G(s, "b_G", "tok", "row_ok")
-            e.load_v(s, "b_d", "v", "tok", "row_ok")
-            if plan.delta:
-                # Δ = T β(V - Kg S): the WY form applied on the fly (W, U are never stored)
-                kg = "b_k"
-                if plan.spec.has_decay:
-                    kg += " * " + ("tl.exp(b_G)" if plan.channel else "tl.exp(b_G)[:, None]")
-                s(f"b_d = b_d - {e.dot(kg, 'b_S')}")
-            if plan.beta:
-                e.load_beta(s, "b_b", "tok", "row_ok")
-                s("b_d = b_d * b_b[:, None]")
-            if plan.delta:
-                s(
-                    "b_T = tl.load(Tm + (tok[:, None] * HV + i_h) * C + r[None, :], "
-                    "mask=row_ok[:, None] & (r[:, None] >= r[None, :]), other=0.0)"
-                )
-                s(f"b_d = {e.dot('b_T', 'b_d')}")
-                e.store_v(s, "vnew", "b_d", "tok", "row_ok")
-            if plan.spec.has_decay:
-                s(f"b_k = b_k * {e.decay_factor('b_G', 'b_Glast')}")
-                s("b_S = b_S * " + ("tl.exp(b_Glast)[:, None]" if plan.channel else "tl.exp(b_Glast)"))
-            s(f"b_S += {e.dot('tl.trans(b_k)', 'b_d')}")
+            # Δ of every row block, from the chunk's start state
+            for j in range(NRB):
+                s(f"r{j} = {j * RB} + rb", f"ok{j} = r{j} < L")
+                if plan.delta:
+                    e.load_v(s, f"b_d{j}", "U", f"r{j}", f"ok{j}")
+                    for b in e.blocks:
+                        s(
+                            f"b_w = tl.load(p_W + r{j}[:, None] * (HV * K) + ck{b}[None, :], "
+                            f"mask=ok{j}[:, None] & ck_ok{b}[None, :], other=0.0)"
+                        )
+                        s(f"b_d{j} -= {e.dot('b_w', f'b_S{b}')}")
+                    e.store_v(s, "vnew", f"b_d{j}", f"r{j}", f"ok{j}")
+                else:
+                    e.load_v(s, f"b_d{j}", "v", f"r{j}", f"ok{j}")
+                    if plan.beta:
+                        e.load_beta(s, "b_b", f"r{j}", f"ok{j}")
+                        s(f"b_d{j} = b_d{j} * b_b[:, None]")
+                # row scales of Kb = k ⊙ exp(G_C - G) / |k| go on Δ (scalar decay, L2 norm)
+                factors = []
+                if plan.scalar:
+                    e.load_G(s, "b_G", f"r{j}", f"ok{j}")
+                    factors.append("tl.exp(b_Glast - b_G)[:, None]")
+                if l2:
+                    e.rnorm(s, "b_rk", "k", f"r{j}", f"ok{j}")
+                    factors.append("b_rk[:, None]")
+                if factors:
+                    s(f"b_d{j} = b_d{j} * {' * '.join(factors)}")
+            # S_b <- exp(G_C) S_b + Σ_rows (k ⊙ exp(G_C - G))ᵀ Δ
+            for b in e.blocks:
+                if plan.channel:
+                    s(f"b_S{b} = b_S{b} * tl.exp(b_Glast{b})[:, None]")
+                elif plan.scalar:
+                    s(f"b_S{b} = b_S{b} * tl.exp(b_Glast)")
+                for j in range(NRB):
+                    e.load_qk(s, "b_k", "k", f"r{j}", f"ok{j}", b)
+                    if plan.channel:
+                        e.load_G(s, "b_Gb", f"r{j}", f"ok{j}", b)
+                        s(f"b_k = b_k * tl.exp(b_Glast{b}[None, :] - b_Gb)")
+                    s(f"b_S{b} += {e.dot('tl.trans(b_k)', f'b_d{j}')}")
         s("if STORE_HT:")
-        s("    tl.store(ht + (i_n * HV + i_h) * K * V + s_off, b_S, mask=s_mask)")
+        for b in e.blocks:
+            s(f"    tl.store(ht + (i_n * HV + i_h) * K * V + s_off{b}, b_S{b}, mask=s_mask{b})")
     return Kernel("state_fwd", tuple(params), "seqs_v", s.text(), plan.warps_state)
 
 
 # ============================================================================ output
 def _emit_output(plan: Plan) -> Kernel:
-    e, spec = _Emitter(plan), plan.spec
+    e, spec, l2 = _Emitter(plan), plan.spec, plan.spec.qk_l2norm
     params = [("q", "io")]
     if not plan.aqk_stored:
         params.append(("k", "io"))
@@ -425,7 +562,7 @@ def _emit_output(plan: Plan) -> Kernel:
     if need_v:
         params.append(("v", "io"))
     if not plan.delta and plan.beta:
-        params.append(("beta", "io" if not plan.beta_computed else "f32"))
+        params.append(("beta", _beta_kind(plan)))
     if spec.skip is not Skip.NONE:
         params.append(("D", "io"))
     if spec.output_gate is OutputGate.SILU:
@@ -437,31 +574,61 @@ def _emit_output(plan: Plan) -> Kernel:
     with s.block(_signature("output_fwd", params)):
         s('"""Per chunk and V tile: O = Qg S + Aqk Δ, then the layer-side output terms."""')
         e.chunk_prologue(s, v_tile=True)
-        e.load_qk(s, "b_q", "q", "tok", "row_ok")
-        s("b_S = tl.load(hs + (i_c * HV + i_h) * K * V + ck[:, None] * V + cv[None, :], "
-          "mask=ck_ok[:, None] & cv_ok[None, :], other=0.0)")
+        e.bases(s, [n for n, _ in params if n in ("q", "k", "G", "Aqk", "vnew", "v", "beta", "z", "o")])
         causal = "r[:, None] >= r[None, :]"
         if spec.has_decay:
             e.load_glast(s)
-            e.load_G(s, "b_G", "tok", "row_ok")
-            qg = "b_q * " + ("tl.exp(b_G)" if plan.channel else "tl.exp(b_G)[:, None]") + " * scale"
-        else:
-            qg = "b_q * scale"
-        s(f"b_o = {e.dot(qg, 'b_S')}")
-        if plan.aqk_stored:
-            s(f"b_A = tl.load(Aqk + (tok[:, None] * HV + i_h) * C + r[None, :], mask=row_ok[:, None] & ({causal}), other=0.0)")
-        else:
-            e.load_qk(s, "b_k", "k", "tok", "row_ok")
-            s(f"b_A = {e.dot('b_q', 'tl.trans(b_k)')} * scale")
             if plan.scalar:
-                s(f"b_A = b_A * tl.exp(tl.where({causal}, b_G[:, None] - b_G[None, :], 0.0))")
-            s(f"b_A = tl.where({causal}, b_A, 0.0)")
+                e.load_G(s, "b_G", "r", "row_ok")
+        s("b_o = tl.zeros([C, BV], dtype=tl.float32)")
+        if not plan.aqk_stored:
+            s("b_A = tl.zeros([C, C], dtype=tl.float32)")
+        if l2:
+            s("b_nq = tl.zeros([C], dtype=tl.float32)")
+            if not plan.aqk_stored:
+                s("b_nk = tl.zeros([C], dtype=tl.float32)")
+        for b in e.blocks:
+            e.load_qk(s, "b_q", "q", "r", "row_ok", b)
+            if l2:
+                s("b_nq += tl.sum(b_q * b_q, 1)")
+            # spare programs (L = 0) must not read the never-written state of a chunk that does not exist
+            s(
+                f"b_S = tl.load(hs + (i_c * HV + i_h) * K * V + ck{b}[:, None] * V + cv[None, :], "
+                f"mask=(ck{b} < tl.where(L > 0, K, 0))[:, None] & cv_ok[None, :], other=0.0)"
+            )
+            qg = "b_q"
+            if plan.channel:
+                e.load_G(s, "b_Gb", "r", "row_ok", b)
+                qg = "b_q * tl.exp(b_Gb)"
+            s(f"b_o += {e.dot(qg, 'b_S')}")
+            if not plan.aqk_stored:
+                e.load_qk(s, "b_k", "k", "r", "row_ok", b)
+                if l2:
+                    s("b_nk += tl.sum(b_k * b_k, 1)")
+                s(f"b_A += {e.dot('b_q', 'tl.trans(b_k)')}")
+        row_scale = ["scale"]
+        if plan.scalar:
+            row_scale.append("tl.exp(b_G)[:, None]")
+        if l2:
+            s(f"b_rq = tl.rsqrt(b_nq + {L2NORM_EPS})")
+            row_scale.append("b_rq[:, None]")
+        s(f"b_o = b_o * {' * '.join(row_scale)}")
+        if plan.aqk_stored:
+            s(f"b_A = tl.load(p_Aqk + r[:, None] * (HV * C) + r[None, :], mask=row_ok[:, None] & ({causal}), other=0.0)")
+        else:
+            scales = ["scale"]
+            if l2:
+                s(f"b_rk = tl.rsqrt(b_nk + {L2NORM_EPS})")
+                scales.append("b_rq[:, None] * b_rk[None, :]")
+            if plan.scalar:
+                scales.append(f"tl.exp(tl.where({causal}, b_G[:, None] - b_G[None, :], 0.0))")
+            s(f"b_A = tl.where({causal}, b_A * {' * '.join(scales)}, 0.0)")
         if need_v:
-            e.load_v(s, "b_v", "v", "tok", "row_ok")
+            e.load_v(s, "b_v", "v", "r", "row_ok")
         if plan.delta:
-            e.load_v(s, "b_d", "vnew", "tok", "row_ok")
+            e.load_v(s, "b_d", "vnew", "r", "row_ok")
         elif plan.beta:
-            e.load_beta(s, "b_b", "tok", "row_ok")
+            e.load_beta(s, "b_b", "r", "row_ok")
             s("b_d = b_v * b_b[:, None]")
         else:
             s("b_d = b_v")
@@ -471,13 +638,19 @@ def _emit_output(plan: Plan) -> Kernel:
         elif spec.skip is Skip.CHANNEL:
             s("b_o += tl.load(D + i_h * V + cv, mask=cv_ok, other=0.0).to(tl.float32)[None, :] * b_v")
         if spec.output_gate is OutputGate.SILU:
-            e.load_v(s, "b_z", "z", "tok", "row_ok")
+            e.load_v(s, "b_z", "z", "r", "row_ok")
             s("b_o = b_o * b_z / (1.0 + tl.exp(-b_z))")
-        e.store_v(s, "o", "b_o", "tok", "row_ok")
+        e.store_v(s, "o", "b_o", "r", "row_ok")
     return Kernel("output_fwd", tuple(params), "chunks_v", s.text(), plan.warps_output)
 
 
-_EMITTERS = {"gates": _emit_gates, "intra": _emit_intra, "state": _emit_state, "output": _emit_output}
+_EMITTERS = {
+    "gates": _emit_gates,
+    "intra": _emit_intra,
+    "wu": _emit_wu,
+    "state": _emit_state,
+    "output": _emit_output,
+}
 
 
 def forward_kernels(plan: Plan) -> list[Kernel]:

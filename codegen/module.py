@@ -25,7 +25,7 @@ def generate(plan: Plan) -> Module:
         "",
         f"spec:   {spec!r}",
         f"plan:   dtype={plan.dtype} K={plan.K} V={plan.V} chunk={plan.C} subchunk={plan.BC} "
-        f"BK={plan.BK} BV={plan.BV} precision={plan.precision}",
+        f"BK={plan.BK} KB={plan.KB} BV={plan.BV} precision={plan.precision}",
         "warps:  " + ", ".join(f"{k.name}={k.num_warps}" for k in kernels),
         f"stages: {' -> '.join(plan.stages)}",
         '"""',
@@ -35,6 +35,7 @@ def generate(plan: Plan) -> Module:
         f"BC = tl.constexpr({plan.BC})  # sub-chunk",
         f"K = tl.constexpr({plan.K})",
         f"BK = tl.constexpr({plan.BK})",
+        f"KB = tl.constexpr({plan.KB})  # key-channel block",
         f"V = tl.constexpr({plan.V})",
         f"BV = tl.constexpr({plan.BV})",
         f"NV = tl.constexpr({plan.NV})  # V tiles",

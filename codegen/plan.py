@@ -15,7 +15,7 @@ from linattn.spec import Decay, Role, Spec
 __all__ = ["Options", "Plan", "make_plan", "DTYPES", "CODEGEN_VERSION"]
 
 #: Bump when the emitted source changes for the same plan (invalidates the disk cache).
-CODEGEN_VERSION = 1
+CODEGEN_VERSION = 2
 
 #: Input dtypes the kernels take, by short name.
 DTYPES = ("bf16", "fp16", "fp32")
@@ -35,6 +35,7 @@ class Options:
     ``chunk_size``: tokens per chunk (C). ``subchunk_size``: the block of the intra-chunk
     matrices and of channel decay's reference points (BC). ``block_v``: the V tile of the
     state and output kernels (default: V rounded up to a power of two, at most 64).
+    ``key_block``: the key-channel block every kernel walks K in (default 64).
     ``precision``: how fp32 matrix products run on tensor cores ("ieee" exact, "tf32").
     ``num_warps``: per kernel family; default chosen from the tile sizes.
     """
@@ -42,6 +43,7 @@ class Options:
     chunk_size: int = 64
     subchunk_size: int = 16
     block_v: int | None = None
+    key_block: int | None = None
     precision: str = "ieee"
     num_warps: int | None = None
 
@@ -54,6 +56,9 @@ class Options:
         bv = self.block_v
         if bv is not None and (not isinstance(bv, int) or bv < 16 or bv & (bv - 1)):
             raise ValueError(f"block_v: expected a power of two >= 16, got {bv!r}")
+        kb = self.key_block
+        if kb is not None and (not isinstance(kb, int) or kb < 16 or kb & (kb - 1)):
+            raise ValueError(f"key_block: expected a power of two >= 16, got {kb!r}")
         if self.precision not in ("ieee", "tf32"):
             raise ValueError(f"precision: expected 'ieee' or 'tf32', got {self.precision!r}")
         nw = self.num_warps
@@ -71,10 +76,15 @@ class Plan:
     V: int
     C: int  # chunk
     BC: int  # sub-chunk
-    BK: int  # K padded to a power of two (the whole key dimension is one tile)
+    BK: int  # K padded to a power of two
+    KB: int  # key-channel block: kernels walk K in blocks of KB to bound their registers
+    KBI: int  # the key block of the intra-chunk kernel (its tiles are [BC, KBI])
+    RB: int  # row block of the state pass: a chunk is applied RB rows at a time
     BV: int  # V tile
     precision: str
-    warps_chunk: int  # gates and intra kernels
+    warps_gates: int
+    warps_intra: int
+    warps_wu: int
     warps_state: int
     warps_output: int
 
@@ -109,6 +119,14 @@ class Plan:
         return self.C // self.BC
 
     @property
+    def NKB(self) -> int:
+        return self.BK // self.KB
+
+    @property
+    def NRB(self) -> int:
+        return self.C // self.RB
+
+    @property
     def NV(self) -> int:
         return -(-self.V // self.BV)
 
@@ -119,7 +137,9 @@ class Plan:
         if self.spec.has_decay or self.beta_computed:
             out.append("gates")  # G = chunk-local cumsum of g (and β) in fp32
         if self.delta or self.channel:
-            out.append("intra")  # Akk → T → W, U (delta); Aqk with reference points (channel)
+            out.append("intra")  # Akk → T = (I + Akk)^-1 (delta); Aqk with reference points (channel)
+        if self.delta:
+            out.append("wu")  # W = T (β Kg), U = T (β V): the chunk in WY form
         out += ["state", "output"]
         return tuple(out)
 
@@ -179,9 +199,15 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         C=options.chunk_size,
         BC=options.subchunk_size,
         BK=BK,
+        KB=min(BK, options.key_block or 64),
+        # the intra kernel holds ~(NS + 2) [BC, KBI] fp32 tiles and up to 2·NS² [BC, BC] ones
+        KBI=min(BK, 32),
+        RB=min(options.chunk_size, 32),
         BV=BV,
         precision=options.precision,
-        warps_chunk=nw or 4,
+        warps_gates=nw or 4,
+        warps_intra=nw or (4 if BK <= 64 else 8),
+        warps_wu=nw or 4,
         warps_state=nw or (4 if BK <= 64 else 8),
         warps_output=nw or (4 if BK <= 64 else 8),
     )

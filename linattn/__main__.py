@@ -1,30 +1,62 @@
-"""Command line: ``python -m linattn demo`` | ``python -m linattn show [SPEC ...]``."""
+"""Command line.
+
+    python -m linattn demo                      the built-in specs, the oracles, a compiled KDA
+    python -m linattn show [SPEC ...]           built-in specs as recurrences
+    python -m linattn source SPEC [--dtype ...] the generated Triton source
+    python -m linattn inspect SPEC [--arch 90]  registers, spills, shared memory per kernel (no GPU needed)
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
 
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="a built-in spec name (see `show`)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--K", type=int, default=128, help="key head size")
+    p.add_argument("--V", type=int, default=128, help="value head size")
+    p.add_argument("--chunk-size", type=int, default=64)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="linattn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="linattn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="show the built-in specs and check the reference forms against each other")
+    sub.add_parser("demo", help="show the built-in specs, check the references and a compiled KDA against the oracle")
     show = sub.add_parser("show", help="print built-in specs as recurrences")
     show.add_argument("names", nargs="*", help="spec names (default: all)")
+    source = sub.add_parser("source", help="print the generated Triton source of a spec")
+    _spec_args(source)
+    insp = sub.add_parser("inspect", help="compile a spec's kernels ahead of time; print their resources")
+    _spec_args(insp)
+    insp.add_argument("--arch", type=int, default=90, help="target compute capability (90: H100/H200)")
     args = parser.parse_args(argv)
 
-    if args.command == "demo":
-        from . import demo
+    from . import specs
 
-        lines = demo.run()
-    else:
-        from . import specs
+    try:
+        if args.command == "demo":
+            from . import demo
 
-        try:
+            lines = demo.run()
+        elif args.command == "show":
             chosen = [specs.by_name(n) for n in args.names] or list(specs.BUILTIN.values())
-        except ValueError as err:
-            parser.error(str(err))
-        lines = [repr(s) for s in chosen]
+            lines = [repr(s) for s in chosen]
+        elif args.command == "source":
+            import codegen
+
+            plan = codegen.make_plan(specs.by_name(args.spec), args.dtype, args.K, args.V, codegen.Options(chunk_size=args.chunk_size))
+            lines = [codegen.generate(plan).source]
+        else:
+            from codegen.aot import format_reports, inspect_spec
+
+            spec = specs.by_name(args.spec)
+            reports = inspect_spec(spec, args.dtype, args.K, args.V, args.arch, chunk_size=args.chunk_size)
+            lines = [f"{spec.name}: {args.dtype} K={args.K} V={args.V} sm_{args.arch}", *format_reports(reports)]
+            if any(r.spills for r in reports):
+                lines.append("SPILLS: at least one kernel spills registers")
+    except ValueError as err:
+        parser.error(str(err))
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -178,6 +178,8 @@ class CompiledOp:
         if "intra" in plan.stages:
             if plan.delta:
                 env["Tm"] = _alloc((TT, HV, C), io, device)
+                env["W"] = _alloc((TT, HV, K), io, device)
+                env["U"] = _alloc((TT, HV, V), io, device)
             if plan.aqk_stored:
                 env["Aqk"] = _alloc((TT, HV, C), io, device)
         if plan.delta:
@@ -186,7 +188,7 @@ class CompiledOp:
         env["o"] = _alloc((TT, HV, V), io, device)
         env["ht"] = _alloc((N, HV, K, V), torch.float32, device) if output_final_state else None
 
-        grids = {"chunks": (n_chunks, HV), "chunks_v": (n_chunks, HV, plan.NV), "seqs_v": (N, HV, plan.NV)}
+        grids = {"chunks": (n_chunks, HV), "chunks_k": (n_chunks, HV, plan.NKB), "chunks_v": (n_chunks, HV, plan.NV), "seqs_v": (N, HV, plan.NV)}
         for kern in gen.kernels:
             args = {name: env[name] for name, _ in kern.params}
             runtime.launch(getattr(mod, kern.name), device, grids[kern.grid], args, kern.num_warps)

@@ -1,0 +1,121 @@
+"""The generated forward kernels (through Triton's interpreter) against the float64 oracle."""
+import math
+
+import pytest
+import torch
+
+import linattn
+from linattn import Spec, specs
+from reference import recurrent
+
+from helpers import ALL_BUILTIN, assert_close, make_inputs, random_spec
+
+# relative error to the float64 oracle run on the same (rounded) inputs
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
+
+_OPS: dict = {}
+
+
+def compiled(spec: Spec, **options) -> linattn.CompiledOp:
+    key = (spec, tuple(sorted(options.items())))
+    if key not in _OPS:
+        _OPS[key] = linattn.compile(spec, **options)
+    return _OPS[key]
+
+
+def run(op, x):
+    with torch.no_grad():
+        return op(x.q, x.k, x.v, output_final_state=True, **x.kwargs)
+
+
+def oracle(spec, x):
+    up = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for n, t in x.kwargs.items()}
+    return recurrent(spec, x.q.double(), x.k.double(), x.v.double(), output_final_state=True, **up)
+
+
+def check(spec, x, tol, **options):
+    o, s = run(compiled(spec, **options), x)
+    o_ref, s_ref = oracle(spec, x)
+    assert o.dtype == x.q.dtype and s.dtype == torch.float32
+    assert_close(f"o ({spec.name})", o, o_ref, tol)
+    assert_close(f"final state ({spec.name})", s, s_ref, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("spec", ALL_BUILTIN, ids=lambda s: s.name)
+def test_builtin(spec, dtype):
+    """Grouped value heads, T not a multiple of the chunk, an initial state."""
+    x = make_inputs(spec, B=2, T=100, H=2, HV=4, K=32, V=16, dtype=dtype, h0=True, strength=3.0, seed=1)
+    check(spec, x, TOL[dtype])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_spec(seed):
+    spec = random_spec(1000 + seed)
+    g = torch.Generator().manual_seed(seed)
+    T = int(torch.randint(1, 90, (1,), generator=g))
+    x = make_inputs(spec, B=2, T=T, H=1, HV=2, K=16, V=32, dtype=torch.float32, h0=seed % 2 == 0, seed=seed)
+    check(spec, x, TOL[torch.float32], chunk_size=[16, 32, 64][seed % 3])
+
+
+@pytest.mark.parametrize("spec", [specs.KDA, specs.GDN, specs.NEMOTRON_MAMBA2], ids=lambda s: s.name)
+def test_varlen(spec):
+    x = make_inputs(spec, lengths=[37, 64, 1, 90], H=2, HV=2, K=32, V=16, dtype=torch.float32, h0=True, seed=2)
+    o, s = run(compiled(spec), x)
+    assert s.shape == (4, 2, 32, 16)
+    o_ref, s_ref = oracle(spec, x)
+    assert_close("o", o, o_ref, TOL[torch.float32])
+    assert_close("final states", s, s_ref, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("spec", [specs.KDA, specs.GLA, specs.GDN, specs.SIMPLE_GLA], ids=lambda s: s.name)
+def test_strong_decay(spec):
+    """g down to -20 per token, no lower bound: every exp factor of the kernels stays <= 1."""
+    x = make_inputs(spec, B=1, T=128, H=2, K=32, V=16, dtype=torch.float32, h0=True, strength=20.0, seed=3)
+    check(spec, x, 1e-4)
+
+
+@pytest.mark.parametrize("beta", [1e-4, 1 - 1e-4])
+@pytest.mark.parametrize("spec", [specs.KDA, specs.DELTANET], ids=lambda s: s.name)
+def test_beta_extremes(spec, beta):
+    x = make_inputs(spec, B=1, T=70, H=1, K=32, V=16, dtype=torch.float32, h0=True, seed=4)
+    x.kwargs["beta"] = torch.full_like(x.kwargs["beta"], beta)
+    check(spec, x, TOL[torch.float32])
+
+
+def test_odd_head_sizes_and_v_tiles():
+    """K and V not powers of two; V spread over several tiles."""
+    spec = specs.KDA
+    x = make_inputs(spec, B=1, T=40, H=1, K=24, V=40, dtype=torch.float32, h0=True, seed=5)
+    check(spec, x, TOL[torch.float32], block_v=16)
+
+
+@pytest.mark.parametrize("spec", [specs.KDA, specs.GDN, specs.MAMBA2], ids=lambda s: s.name)
+def test_causality(spec):
+    """Changing inputs after position t leaves outputs up to t bit-identical."""
+    x = make_inputs(spec, B=1, T=100, H=1, HV=2, K=16, V=16, dtype=torch.bfloat16, seed=6)
+    o, _ = run(compiled(spec), x)
+    for t in (40, 63, 64):
+        y = make_inputs(spec, B=1, T=100, H=1, HV=2, K=16, V=16, dtype=torch.bfloat16, seed=60 + t)
+        z = make_inputs(spec, B=1, T=100, H=1, HV=2, K=16, V=16, dtype=torch.bfloat16, seed=6)
+        z.q[:, t + 1 :], z.k[:, t + 1 :], z.v[:, t + 1 :] = y.q[:, t + 1 :], y.k[:, t + 1 :], y.v[:, t + 1 :]
+        for name, val in z.kwargs.items():
+            if isinstance(val, torch.Tensor) and val.dim() >= 3:
+                val[:, t + 1 :] = y.kwargs[name][:, t + 1 :]
+        o2, _ = run(compiled(spec), z)
+        assert torch.equal(o[:, : t + 1], o2[:, : t + 1]), f"outputs before {t + 1} changed"
+        assert not torch.equal(o[:, t + 1 :], o2[:, t + 1 :])
+
+
+@pytest.mark.parametrize("spec", [specs.KIMI_KDA, specs.GDN], ids=lambda s: s.name)
+def test_every_output_written(spec, monkeypatch):
+    """Buffers and outputs start as NaN: the results must not change (every element is written)."""
+    import linattn.op
+
+    x = make_inputs(spec, lengths=[20, 45], H=1, HV=2, K=16, V=16, dtype=torch.float32, h0=True, seed=7)
+    clean = run(compiled(spec), x)
+    monkeypatch.setattr(
+        linattn.op, "_alloc", lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device)
+    )
+    poisoned = run(compiled(spec), x)
+    assert torch.equal(clean[0], poisoned[0]) and torch.equal(clean[1], poisoned[1])
