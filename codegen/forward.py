@@ -284,7 +284,7 @@ def _emit_intra(plan: Plan) -> Kernel:
         s(f'"""Per chunk: {"; ".join(what)}."""')
         e.chunk_prologue(s)
         e.bases(s, [n for n, kind in params if n in ("q", "k", "G", "beta", "Tm", "Aqk")])
-        if plan.spec.has_decay:
+        if plan.scalar:
             e.load_glast(s)
         s("ri = tl.arange(0, BC)")
         strict, causal = "ri[:, None] > ri[None, :]", "ri[:, None] >= ri[None, :]"
@@ -306,8 +306,14 @@ def _emit_intra(plan: Plan) -> Kernel:
                     s(f"b_Q{i}{j} = {zero}")
             if plan.channel and i > 0:
                 s(f"ref_ok = {i * BC - 1} < L  # reference point: the last token before sub-chunk {i}")
-            for b in e.blocks:
-                s(f"# key block {b}")
+            with s.block(f"for kb in range({len(e.blocks)}):  # key blocks (a loop: bounds the live tiles)"):
+                b = "x"
+                s(f"ckx = kb * {e.kb} + tl.arange(0, {e.kb})", "ck_okx = ckx < K")
+                if plan.channel:
+                    s(
+                        "b_Glastx = tl.load(p_G + (L - 1) * (HV * K) + ckx, "
+                        "mask=ckx < tl.where(L > 0, K, 0), other=0.0)"
+                    )
                 e.load_qk(s, "b_ki", "k", f"r{i}", f"ok{i}", b)
                 if plan.aqk_stored:
                     e.load_qk(s, "b_qi", "q", f"r{i}", f"ok{i}", b)
@@ -455,7 +461,6 @@ def _emit_wu(plan: Plan) -> Kernel:
 # ============================================================================ state
 def _emit_state(plan: Plan) -> Kernel:
     e, l2 = _Emitter(plan), plan.spec.qk_l2norm
-    RB, NRB = plan.RB, plan.NRB
     params = [("k", "io")]
     if plan.spec.has_decay:
         params.append(("G", "f32"))
@@ -480,7 +485,7 @@ def _emit_state(plan: Plan) -> Kernel:
         s("i_hk = i_h // GROUP")
         s("bos = tl.load(cu_seqlens + i_n).to(tl.int64)", "eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)")
         s("first = tl.load(chunk_off + i_n)  # global index of the sequence's first chunk")
-        s(f"rb = tl.arange(0, {RB})")
+        s("rb = tl.arange(0, RB)")
         e.key_blocks(s)
         s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
         for b in e.blocks:
@@ -501,45 +506,50 @@ def _emit_state(plan: Plan) -> Kernel:
                 )
             if plan.spec.has_decay:
                 e.load_glast(s)
-            # Δ of every row block, from the chunk's start state
-            for j in range(NRB):
-                s(f"r{j} = {j * RB} + rb", f"ok{j} = r{j} < L")
-                if plan.delta:
-                    e.load_v(s, f"b_d{j}", "U", f"r{j}", f"ok{j}")
+            if plan.delta:
+                # Δ of every row block, from the chunk's start state
+                with s.block("for j in range(C // RB):"):
+                    s("rj = j * RB + rb", "okj = rj < L")
+                    e.load_v(s, "b_d", "U", "rj", "okj")
                     for b in e.blocks:
                         s(
-                            f"b_w = tl.load(p_W + r{j}[:, None] * (HV * K) + ck{b}[None, :], "
-                            f"mask=ok{j}[:, None] & ck_ok{b}[None, :], other=0.0)"
+                            f"b_w = tl.load(p_W + rj[:, None] * (HV * K) + ck{b}[None, :], "
+                            f"mask=okj[:, None] & ck_ok{b}[None, :], other=0.0)"
                         )
-                        s(f"b_d{j} -= {e.dot('b_w', f'b_S{b}')}")
-                    e.store_v(s, "vnew", f"b_d{j}", f"r{j}", f"ok{j}")
-                else:
-                    e.load_v(s, f"b_d{j}", "v", f"r{j}", f"ok{j}")
-                    if plan.beta:
-                        e.load_beta(s, "b_b", f"r{j}", f"ok{j}")
-                        s(f"b_d{j} = b_d{j} * b_b[:, None]")
-                # row scales of Kb = k ⊙ exp(G_C - G) / |k| go on Δ (scalar decay, L2 norm)
-                factors = []
-                if plan.scalar:
-                    e.load_G(s, "b_G", f"r{j}", f"ok{j}")
-                    factors.append("tl.exp(b_Glast - b_G)[:, None]")
-                if l2:
-                    e.rnorm(s, "b_rk", "k", f"r{j}", f"ok{j}")
-                    factors.append("b_rk[:, None]")
-                if factors:
-                    s(f"b_d{j} = b_d{j} * {' * '.join(factors)}")
+                        s(f"b_d -= {e.dot('b_w', f'b_S{b}')}")
+                    e.store_v(s, "vnew", "b_d", "rj", "okj")
+                s("tl.debug_barrier()  # Δ written by all threads before it is read back")
             # S_b <- exp(G_C) S_b + Σ_rows (k ⊙ exp(G_C - G))ᵀ Δ
             for b in e.blocks:
                 if plan.channel:
                     s(f"b_S{b} = b_S{b} * tl.exp(b_Glast{b})[:, None]")
                 elif plan.scalar:
                     s(f"b_S{b} = b_S{b} * tl.exp(b_Glast)")
-                for j in range(NRB):
-                    e.load_qk(s, "b_k", "k", f"r{j}", f"ok{j}", b)
+            with s.block("for j in range(C // RB):"):
+                s("rj = j * RB + rb", "okj = rj < L")
+                if plan.delta:
+                    e.load_v(s, "b_d", "vnew", "rj", "okj")
+                else:
+                    e.load_v(s, "b_d", "v", "rj", "okj")
+                    if plan.beta:
+                        e.load_beta(s, "b_b", "rj", "okj")
+                        s("b_d = b_d * b_b[:, None]")
+                # row scales of Kb = k ⊙ exp(G_C - G) / |k| go on Δ (scalar decay, L2 norm)
+                factors = []
+                if plan.scalar:
+                    e.load_G(s, "b_G", "rj", "okj")
+                    factors.append("tl.exp(b_Glast - b_G)[:, None]")
+                if l2:
+                    e.rnorm(s, "b_rk", "k", "rj", "okj")
+                    factors.append("b_rk[:, None]")
+                if factors:
+                    s(f"b_d = b_d * {' * '.join(factors)}")
+                for b in e.blocks:
+                    e.load_qk(s, "b_k", "k", "rj", "okj", b)
                     if plan.channel:
-                        e.load_G(s, "b_Gb", f"r{j}", f"ok{j}", b)
+                        e.load_G(s, "b_Gb", "rj", "okj", b)
                         s(f"b_k = b_k * tl.exp(b_Glast{b}[None, :] - b_Gb)")
-                    s(f"b_S{b} += {e.dot('tl.trans(b_k)', f'b_d{j}')}")
+                    s(f"b_S{b} += {e.dot('tl.trans(b_k)', 'b_d')}")
         s("if STORE_HT:")
         for b in e.blocks:
             s(f"    tl.store(ht + (i_n * HV + i_h) * K * V + s_off{b}, b_S{b}, mask=s_mask{b})")

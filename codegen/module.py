@@ -33,6 +33,7 @@ def generate(plan: Plan) -> Module:
         "",
         f"C = tl.constexpr({plan.C})  # chunk",
         f"BC = tl.constexpr({plan.BC})  # sub-chunk",
+        f"RB = tl.constexpr({plan.RB})  # row block of the state pass",
         f"K = tl.constexpr({plan.K})",
         f"BK = tl.constexpr({plan.BK})",
         f"KB = tl.constexpr({plan.KB})  # key-channel block",

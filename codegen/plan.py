@@ -200,14 +200,17 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         BC=options.subchunk_size,
         BK=BK,
         KB=min(BK, options.key_block or 64),
-        # the intra kernel holds ~(NS + 2) [BC, KBI] fp32 tiles and up to 2·NS² [BC, BC] ones
-        KBI=min(BK, 32),
+        # The intra kernel holds a few [BC, KBI] fp32 tiles beside up to 2·NS [BC, BC] ones
+        # (A and T of a block row). Measured at K = V = 128 on sm_90 (`python -m linattn
+        # inspect`): 16 keeps the scalar/no-decay solve free of spills, channel decay's
+        # pairwise diagonal blocks need 32.
+        KBI=min(BK, 32 if spec.decay is Decay.CHANNEL else 16),
         RB=min(options.chunk_size, 32),
         BV=BV,
         precision=options.precision,
         warps_gates=nw or 4,
         warps_intra=nw or (4 if BK <= 64 else 8),
-        warps_wu=nw or 4,
+        warps_wu=nw or (4 if BK <= 64 else 8),
         warps_state=nw or (4 if BK <= 64 else 8),
         warps_output=nw or (4 if BK <= 64 else 8),
     )
