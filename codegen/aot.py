@@ -112,7 +112,7 @@ def compile_module(module: Module, py_module, arch: int = 90) -> list[KernelRepo
             else:
                 signature[name] = _SCALAR[kind]
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": kern.num_warps})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": kern.num_warps, "enable_fp_fusion": True})
         info = _ptxas_report(compiled.asm["ptx"], arch)
         reports.append(
             KernelReport(

@@ -119,3 +119,65 @@ def test_every_output_written(spec, monkeypatch):
     )
     poisoned = run(compiled(spec), x)
     assert torch.equal(clean[0], poisoned[0]) and torch.equal(clean[1], poisoned[1])
+
+
+@pytest.mark.parametrize(
+    "spec, dtype",
+    [(specs.KIMI_KDA, torch.float32), (specs.QWEN3_NEXT_GDN, torch.float32), (specs.GLA, torch.bfloat16)],
+    ids=lambda x: getattr(x, "name", str(x)),
+)
+def test_several_key_blocks(spec, dtype):
+    """K = 80 pads to 128: two key blocks of 64 (one of them partial) in every kernel."""
+    x = make_inputs(spec, B=1, T=70, H=1, HV=2, K=80, V=24, dtype=dtype, h0=True, strength=3.0, seed=8)
+    check(spec, x, TOL[dtype])
+
+
+def test_generated_source_holds_only_the_specs_terms():
+    lin = compiled(specs.LINEAR).source
+    assert "tl.exp" not in lin and "def intra_fwd" not in lin and "def gates_fwd" not in lin
+    delta = compiled(specs.DELTANET).source
+    assert "tl.exp" not in delta and "b_T00" in delta and "def wu_fwd" in delta
+    gla = compiled(specs.GLA).source
+    assert "b_Gref" in gla and "b_T00" not in gla and "def wu_fwd" not in gla
+    gdn = compiled(specs.GDN).source
+    assert "b_Gref" not in gdn and "b_T00" in gdn and "rsqrt" not in gdn
+    qwen = compiled(specs.QWEN3_NEXT_GDN).source
+    assert "rsqrt" in qwen and "tl.log(1.0 + tl.exp(" in qwen  # the fused softplus gate
+    mamba = compiled(specs.NEMOTRON_MAMBA2).source
+    assert "tl.load(D + i_h)" in mamba and "b_T00" not in mamba
+
+
+def test_cache_keys_on_structure_not_sizes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LINATTN_CACHE_DIR", str(tmp_path))
+    op = linattn.compile(specs.GDN.replace(name="cache-test"))
+    for B, T in [(1, 10), (2, 70), (1, 33)]:
+        x = make_inputs(op.spec, B=B, T=T, H=1, K=16, V=16, dtype=torch.float32, seed=B * T)
+        run(op, x)
+    files = list(tmp_path.glob("*.py"))
+    assert len(files) == 1 and files[0].read_text() == op.source
+    assert len(op._modules) == 1
+    # the same structure under another label shares the file's key
+    same = linattn.compile(specs.GDN)
+    assert same.plan("fp32", 16, 16).key() == op.plan("fp32", 16, 16).key()
+    assert op.plan("fp32", 16, 32).key() != op.plan("fp32", 16, 16).key()
+
+
+def test_call_errors():
+    op = compiled(specs.GDN)
+    x = make_inputs(specs.GDN, B=1, T=8, H=1, K=16, V=16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="q: compiled kernels take bf16, fp16 or fp32"):
+        run(op, x)
+    x = make_inputs(specs.GDN, B=1, T=8, H=1, K=16, V=16, dtype=torch.float32)
+    x.q.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="forward kernels only"):
+        op(x.q, x.k, x.v, **x.kwargs)
+    with pytest.raises(ValueError, match="g: expected shape"):
+        run(op, make_inputs(specs.GDN, B=1, T=8, H=1, K=16, V=16).__class__(x.q.detach(), x.k, x.v, {**x.kwargs, "g": x.v}))
+    with pytest.raises(ValueError, match="chunk_size: expected a power of two >= 16"):
+        linattn.compile(specs.GDN, chunk_size=48)
+    with pytest.raises(ValueError, match="compile: .*unexpected keyword argument 'chunks'"):
+        linattn.compile(specs.GDN, chunks=64)
+    with pytest.raises(ValueError, match="spec: expected a linattn.Spec"):
+        linattn.compile("GDN")
+    with pytest.raises(ValueError, match="K: head size must be in"):
+        compiled(specs.GDN).plan("bf16", 512, 64)
