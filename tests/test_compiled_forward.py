@@ -181,3 +181,10 @@ def test_call_errors():
         linattn.compile("GDN")
     with pytest.raises(ValueError, match="K: head size must be in"):
         compiled(specs.GDN).plan("bf16", 512, 64)
+
+
+@pytest.mark.parametrize("spec", [specs.KDA, specs.GDN], ids=lambda s: s.name)
+def test_largest_heads_and_fp16(spec):
+    """K = V = 256 (four key blocks, four V tiles) with fp16 inputs."""
+    x = make_inputs(spec, B=1, T=40, H=1, K=256, V=256, dtype=torch.float16, h0=True, seed=9)
+    check(spec, x, 5e-3)
