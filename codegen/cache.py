@@ -28,7 +28,8 @@ def cache_dir() -> Path:
 def load(module: Module) -> tuple[ModuleType, Path]:
     """Write ``module`` to the cache (if not there yet) and import it."""
     plan = module.plan
-    name = f"{(plan.spec.name or 'spec').lower()}_{plan.dtype}_k{plan.K}_v{plan.V}_{plan.key()}"
+    kind = "_bwd" if module.backward else ""
+    name = f"{(plan.spec.name or 'spec').lower()}{kind}_{plan.dtype}_k{plan.K}_v{plan.V}_{plan.key()}"
     path = cache_dir() / f"{name}.py"
     if not path.exists() or path.read_text() != module.source:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -84,26 +84,32 @@ class _Emitter:
         if v_tile:
             s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
 
+    #: where each buffer's rows live: q/k heads x K, value heads x K / V / C, or one per head
+    LAYOUT = {
+        "q": "qk", "k": "qk",
+        "v": "v", "vnew": "v", "o": "v", "z": "v", "U": "v", "dO": "v", "dvl": "v", "dvn": "v", "dv": "v",
+        "W": "kh", "dq": "kh", "dk": "kh", "dW": "kh",
+        "G": "g", "dG": "g", "dg": "g",
+        "beta": "h", "dbeta": "h",
+        "Tm": "c", "Aqk": "c", "dAqk": "c", "dAkk": "c",
+    }  # fmt: skip
+
     def bases(self, s: Source, names: list[str]) -> None:
         """64-bit base pointers of the chunk's first token; offsets inside a chunk stay 32-bit
         (per-element 64-bit index tiles would double the registers of every load)."""
         for n in names:
-            if n in ("q", "k"):
-                s(f"p_{n} = {n} + (t0 * H + i_hk) * K")
-            elif n in ("v", "vnew", "o", "z"):
-                s(f"p_{n} = {n} + (t0 * HV + i_h) * V")
-            elif n == "G":
-                s("p_G = G + (t0 * HV + i_h) * K" if self.p.channel else "p_G = G + t0 * HV + i_h")
-            elif n == "beta":
-                s("p_beta = beta + t0 * HV + i_h")
-            elif n in ("W",):
-                s("p_W = W + (t0 * HV + i_h) * K")
-            elif n in ("U",):
-                s("p_U = U + (t0 * HV + i_h) * V")
-            elif n in ("Aqk", "Tm"):
-                s(f"p_{n} = {n} + (t0 * HV + i_h) * C")
-            else:
-                raise ValueError(n)
+            lay = self.LAYOUT[n]
+            if lay == "g":
+                lay = "kh" if self.p.channel else "h"
+            s(
+                {
+                    "qk": f"p_{n} = {n} + (t0 * H + i_hk) * K",
+                    "v": f"p_{n} = {n} + (t0 * HV + i_h) * V",
+                    "kh": f"p_{n} = {n} + (t0 * HV + i_h) * K",
+                    "h": f"p_{n} = {n} + t0 * HV + i_h",
+                    "c": f"p_{n} = {n} + (t0 * HV + i_h) * C",
+                }[lay]
+            )
 
     def key_blocks(self, s: Source) -> None:
         for b in self.blocks:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 from linattn.spec import Decay, Role, Spec
 
-__all__ = ["Options", "Plan", "make_plan", "DTYPES", "CODEGEN_VERSION"]
+__all__ = ["Options", "Plan", "make_plan", "core_spec", "DTYPES", "CODEGEN_VERSION"]
 
 #: Bump when the emitted source changes for the same plan (invalidates the disk cache).
 CODEGEN_VERSION = 2
@@ -175,6 +175,19 @@ def spec_key(spec: Spec) -> str:
             spec.output_gate.value,
             repr(spec.default_scale),
         ]
+    )
+
+
+def core_spec(spec: Spec) -> Spec:
+    """The recurrence of ``spec`` without its layer-side terms: ``g`` and ``β`` given as
+    tensors, no normalisation, skip or output gate. The backward kernels work on it; the
+    terms around it are elementwise and differentiated on their own."""
+    return Spec(
+        decay=spec.decay,
+        correction=spec.correction,
+        beta=spec.beta is not None,
+        default_scale=spec.default_scale,
+        name=f"{spec.name or 'spec'}_core",
     )
 
 

@@ -105,42 +105,25 @@ class CompiledOp:
         )
         if q.dtype not in _DTYPE_NAMES:
             raise ValueError(f"q: compiled kernels take bf16, fp16 or fp32 inputs, got {q.dtype} (use reference for fp64)")
-        if torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad
-            for t in (q, k, v, z, D, initial_state, *operands.values())
-        ):
-            raise RuntimeError(
-                "linattn.compile: this op has forward kernels only; call it under torch.no_grad() "
-                "or without tensors that require grad (reference.chunkwise is differentiable)"
-            )
+        named = {"q": q, "k": k, "v": v, "z": z, "D": D, "initial_state": initial_state, **operands}
+        named = {n: t for n, t in named.items() if isinstance(t, torch.Tensor)}
+        if torch.is_grad_enabled() and any(t.requires_grad for t in named.values()):
+            return _Op.apply(self, call, bool(output_final_state), tuple(named), *named.values())
         return self._forward(call, bool(output_final_state))
 
-    def _forward(self, call, output_final_state: bool):
+    def _geometry(self, call, C: int) -> dict:
+        """Sizes, the chunk tables and the flattened q, k, v of a call (shared by forward and backward)."""
         q, k, v = call.q, call.k, call.v
-        device = q.device
         B, T, H, HV, K, V = call.B, call.T, call.H, call.HV, call.K, call.V
-        N = call.n_seqs
-        key = (_DTYPE_NAMES[q.dtype], K, V)
-        gen, mod = self.module(*key)
-        self._last = key
-        plan = gen.plan
-        C = plan.C
-        if T == 0:
-            o = q.new_zeros(B, 0, HV, V)
-            h = call.initial_state.float() if call.initial_state is not None else q.new_zeros(N, HV, K, V, dtype=torch.float32)
-            return o, (h.clone() if output_final_state else None)
-
         TT = B * T
         if call.cu_seqlens is None:
-            cu = torch.arange(0, B + 1, device=device, dtype=torch.int32) * T
+            cu = torch.arange(0, B + 1, device=q.device, dtype=torch.int32) * T
             n_chunks = B * (-(-T // C))
         else:
             cu = call.cu_seqlens
-            n_chunks = -(-TT // C) + N
+            n_chunks = -(-TT // C) + call.n_seqs
         chunk_t0, chunk_len, chunk_off = chunk_tables(cu, n_chunks, C)
-
-        io = q.dtype
-        env: dict[str, object] = {
+        return {
             "q": q.reshape(TT, H, K).contiguous(),
             "k": k.reshape(TT, H, K).contiguous(),
             "v": v.reshape(TT, HV, V).contiguous(),
@@ -152,11 +135,48 @@ class CompiledOp:
             "HV": HV,
             "GROUP": HV // H,
             "scale": call.scale,
-            "HAS_H0": call.initial_state is not None,
-            "STORE_HT": output_final_state,
-            "h0": None if call.initial_state is None else call.initial_state.float().contiguous(),
-            "MMA": runtime.mma_dtype(io, device),
+            "MMA": runtime.mma_dtype(q.dtype, q.device),
+            "_TT": TT,
+            "_N": call.n_seqs,
+            "_n_chunks": n_chunks,
         }
+
+    @staticmethod
+    def _launch(gen, mod, names, env: dict, device) -> None:
+        plan = gen.plan
+        n_chunks, HV, N = env["_n_chunks"], env["HV"], env["_N"]
+        grids = {
+            "chunks": (n_chunks, HV),
+            "chunks_k": (n_chunks, HV, plan.NKB),
+            "chunks_v": (n_chunks, HV, plan.NV),
+            "seqs_v": (N, HV, plan.NV),
+        }
+        for name in names:
+            kern = gen.kernel(name)
+            args = {p: env[p] for p, _ in kern.params}
+            runtime.launch(getattr(mod, kern.name), device, grids[kern.grid], args, kern.num_warps)
+
+    def _forward(self, call, output_final_state: bool, keep: dict | None = None):
+        """Run the forward kernels; with ``keep`` (a dict) also hand back what the backward needs."""
+        q = call.q
+        device = q.device
+        B, T, HV, K, V = call.B, call.T, call.HV, call.K, call.V
+        N = call.n_seqs
+        key = (_DTYPE_NAMES[q.dtype], K, V)
+        gen, mod = self.module(*key)
+        self._last = key
+        plan = gen.plan
+        C = plan.C
+        if T == 0:
+            o = q.new_zeros(B, 0, HV, V)
+            h = call.initial_state.float() if call.initial_state is not None else q.new_zeros(N, HV, K, V, dtype=torch.float32)
+            return o, (h.clone() if output_final_state else None)
+
+        env = self._geometry(call, C)
+        TT, n_chunks, io = env["_TT"], env["_n_chunks"], q.dtype
+        env["HAS_H0"] = call.initial_state is not None
+        env["STORE_HT"] = output_final_state
+        env["h0"] = None if call.initial_state is None else call.initial_state.float().contiguous()
         for op in self.spec.operands:
             x = call.operands[op.name]
             if op.role is Role.SCALAR:
@@ -187,13 +207,175 @@ class CompiledOp:
         env["hs"] = _alloc((n_chunks, HV, K, V), io, device)
         env["o"] = _alloc((TT, HV, V), io, device)
         env["ht"] = _alloc((N, HV, K, V), torch.float32, device) if output_final_state else None
+        self._launch(gen, mod, [k.name for k in gen.kernels], env, device)
+        if keep is not None:
+            # per-token and cheap: the backward reuses them instead of recomputing
+            for name in ("G", "beta", "Tm", "Aqk"):
+                if name in env:
+                    keep[name] = env[name]
+        return env["o"].reshape(B, T, HV, V), env["ht"]
 
-        grids = {"chunks": (n_chunks, HV), "chunks_k": (n_chunks, HV, plan.NKB), "chunks_v": (n_chunks, HV, plan.NV), "seqs_v": (N, HV, plan.NV)}
-        for kern in gen.kernels:
-            args = {name: env[name] for name, _ in kern.params}
-            runtime.launch(getattr(mod, kern.name), device, grids[kern.grid], args, kern.num_warps)
-        o = env["o"].reshape(B, T, HV, V)
-        return o, env["ht"]
+    # ------------------------------------------------------------------ backward
+    def core_module(self, dtype: str, K: int, V: int):
+        """The module of the spec's core recurrence with its backward kernels (cached)."""
+        key = ("bwd", dtype, K, V)
+        with self._lock:
+            if key not in self._modules:
+                plan = codegen.make_plan(codegen.plan.core_spec(self.spec), dtype, K, V, self.options)
+                gen = codegen.generate(plan, backward=True)
+                mod, _ = codegen.load(gen)
+                self._modules[key] = (gen, mod)
+            return self._modules[key]
+
+    def _backward(self, call, saved: dict, do: torch.Tensor, dht: torch.Tensor | None):
+        """Gradients of every tensor argument of ``call`` (a dict by name)."""
+        from .torch_terms import evaluate_term, finish, l2norm
+
+        spec = self.spec
+        q, k, v = call.q, call.k, call.v
+        device = q.device
+        B, T, H, HV, K, V = call.B, call.T, call.H, call.HV, call.K, call.V
+        gen, mod = self.core_module(_DTYPE_NAMES[q.dtype], K, V)
+        plan = gen.plan
+        C = plan.C
+        f32 = torch.float32
+
+        # ---- the layer-side terms, recomputed under autograd (elementwise, cheap)
+        leaves = {"q": q.detach().requires_grad_(), "k": k.detach().requires_grad_(), "v": v.detach().requires_grad_()}
+        for name, x in call.operands.items():
+            if isinstance(x, torch.Tensor):
+                leaves[name] = x.detach().requires_grad_()
+        for name in ("z", "D", "initial_state"):
+            x = getattr(call, name)
+            if x is not None:
+                leaves[name] = x.detach().requires_grad_()
+        values = {n: leaves.get(n, x) for n, x in call.operands.items()}
+        with torch.enable_grad():
+            qn = l2norm(leaves["q"].float()) if spec.qk_l2norm else leaves["q"]
+            kn = l2norm(leaves["k"].float()) if spec.qk_l2norm else leaves["k"]
+            g_t = beta_t = None
+            if spec.gate is not None:
+                shape = (B, T, HV, K) if plan.channel else (B, T, HV)
+                g_t = evaluate_term(spec.gate, values, shape, f32)
+            if spec.beta is not None:
+                beta_t = evaluate_term(spec.beta, values, (B, T, HV), f32)
+
+        core_call = type(call)(
+            plan.spec, qn.detach(), kn.detach(), v, {}, None, None, call.scale, call.initial_state, call.cu_seqlens
+        )
+        env = self._geometry(core_call, C)
+        TT, n_chunks, N, io = env["_TT"], env["_n_chunks"], env["_N"], q.dtype
+        if spec.has_decay:
+            env["G"] = saved["G"]
+        if beta_t is not None:
+            env["beta"] = beta_t.detach().reshape(TT, HV).contiguous()
+        if plan.delta:
+            env["Tm"] = saved["Tm"]
+            env["W"] = _alloc((TT, HV, K), io, device)
+            env["U"] = _alloc((TT, HV, V), io, device)
+            env["vnew"] = _alloc((TT, HV, V), io, device)
+        if plan.aqk_stored:
+            env["Aqk"] = saved["Aqk"]
+        env.update(HAS_H0=call.initial_state is not None, STORE_HT=False, ht=None)
+        env["h0"] = None if call.initial_state is None else call.initial_state.float().contiguous()
+        env["hs"] = _alloc((n_chunks, HV, K, V), io, device)
+        recompute = (["wu_fwd"] if plan.delta else []) + ["state_fwd"]
+
+        # ---- the output terms: dO of the core from dO of the op
+        grads: dict[str, torch.Tensor] = {}
+        if spec.skip.value != "none" or spec.output_gate.value != "none":
+            env["o"] = _alloc((TT, HV, V), io, device)
+            self._launch(gen, mod, recompute + ["output_fwd"], env, device)
+            targets = {n: leaves[n] for n in ("v", "z", "D") if n in leaves}
+            if spec.skip.value == "none":
+                targets.pop("v")
+            with torch.enable_grad():
+                o_core = env["o"].reshape(B, T, HV, V).float().requires_grad_()
+                terms = type(call)(spec, q, k, leaves["v"], {}, leaves.get("z"), leaves.get("D"), 1.0, None, None)
+                out = finish(terms, o_core)
+            got = torch.autograd.grad(out, [o_core, *targets.values()], do.float())
+            do = got[0]
+            grads.update(zip(targets, got[1:]))
+        else:
+            self._launch(gen, mod, recompute, env, device)
+
+        # ---- the core backward kernels
+        env["dO"] = do.reshape(TT, HV, V).contiguous()
+        env["dvl"] = _alloc((TT, HV, V), f32, device)
+        env["dvn"] = _alloc((TT, HV, V), f32, device)
+        env["dh"] = _alloc((n_chunks, HV, K, V), f32, device)
+        env["dht"] = None if dht is None else dht.float().contiguous()
+        env["HAS_DHT"] = dht is not None
+        env["STORE_DH0"] = call.initial_state is not None
+        env["dh0"] = _alloc((N, HV, K, V), f32, device) if call.initial_state is not None else None
+        env["dq"] = _alloc((TT, HV, K), f32, device)
+        env["dk"] = _alloc((TT, HV, K), f32, device)
+        env["dAqk"] = _alloc((TT, HV, C), f32, device)
+        if plan.delta:
+            env["dW"] = _alloc((TT, HV, K), f32, device)
+            env["dAkk"] = _alloc((TT, HV, C), f32, device)
+            env["dv"] = _alloc((TT, HV, V), f32, device)
+        if plan.beta:
+            env["dbeta"] = _alloc((TT, HV), f32, device)
+        if spec.has_decay:
+            gshape = (TT, HV, K) if plan.channel else (TT, HV)
+            env["dG"] = _alloc(gshape, f32, device)
+            env["dg"] = _alloc(gshape, f32, device)
+        names = [k.name for k in gen.kernels if k.name.endswith("_bwd")]
+        self._launch(gen, mod, names, env, device)
+
+        # ---- back through the layer-side terms
+        dv = env["dv"] if plan.delta else env["dvn"] * (env["beta"][..., None] if plan.beta else 1.0)
+        if plan.beta and not plan.delta:
+            env["dbeta"] = (env["dvn"] * env["v"].float()).sum(-1)
+        dq = env["dq"].reshape(B, T, H, HV // H, K).sum(3)
+        dk = env["dk"].reshape(B, T, H, HV // H, K).sum(3)
+        outs, wrt = [], []
+        if spec.qk_l2norm:
+            outs += [qn, kn]
+            wrt += [dq, dk]
+        else:
+            grads["q"], grads["k"] = dq, dk
+        if g_t is not None:
+            outs.append(g_t)
+            wrt.append(env["dg"].reshape(g_t.shape))
+        if beta_t is not None:
+            outs.append(beta_t)
+            wrt.append(env["dbeta"].reshape(beta_t.shape))
+        inputs = [x for n, x in leaves.items() if n not in ("v", "z", "D", "initial_state")]
+        if outs:
+            got = torch.autograd.grad(outs, inputs, wrt, allow_unused=True)
+            for t, gr in zip(inputs, got):
+                if gr is not None:
+                    name = next(n for n, x in leaves.items() if x is t)
+                    grads[name] = grads[name] + gr if name in grads else gr
+        dv = dv.reshape(B, T, HV, V)
+        grads["v"] = grads["v"] + dv if "v" in grads else dv
+        if call.initial_state is not None:
+            grads["initial_state"] = env["dh0"]
+        return grads
+
+
+class _Op(torch.autograd.Function):
+    """The compiled op as an autograd function; tensors travel as (names, values)."""
+
+    @staticmethod
+    def forward(ctx, op: CompiledOp, call, output_final_state: bool, names: tuple[str, ...], *tensors):
+        saved: dict = {}
+        with torch.no_grad():
+            o, ht = op._forward(call, output_final_state, keep=saved)
+        ctx.op, ctx.call, ctx.names, ctx.saved_state = op, call, names, saved
+        ctx.dtypes = [t.dtype for t in tensors]
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        grads = ctx.op._backward(ctx.call, ctx.saved_state, do, dht)
+        out = []
+        for name, dtype in zip(ctx.names, ctx.dtypes):
+            g = grads.get(name)
+            out.append(None if g is None else g.to(dtype))
+        return (None, None, None, None, *out)
 
 
 def compile(spec: Spec, **options) -> CompiledOp:  # noqa: A001 (the name users expect)

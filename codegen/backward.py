@@ -1,0 +1,614 @@
+"""Emitters of the backward stages (ALGORITHMS.md, "Backward, one chunk").
+
+The backward runs on the spec's *core* (decay, correction, whether there is a β): the
+layer-side terms (gate and β parameterizations, L2 normalisation, D skip, output gate)
+are elementwise and are differentiated around it. Stages, for one chunk with start state
+S, end-state gradient dS' and ``Δ`` the chunk's pseudo-values:
+
+1. ``dvl``    dΔ_loc = Aqkᵀ dO                                    (parallel per chunk)
+2. ``dstate`` reverse over chunks: store dS', dΔ = dΔ_loc + Kb dS',
+              dS <- exp(G_C) dS' + Qgᵀ dO - Wᵀ dΔ                (sequential)
+3. ``dqk``    dQg = dO Sᵀ, dKb = Δ dS'ᵀ, dW = -dΔ Sᵀ, dAqk = dO Δᵀ, and their gate parts
+4. ``dwy``    d(βKg) = Tᵀ dW, d(βV) = Tᵀ dΔ, dT -> dAkk = -Tᵀ dT Tᵀ   (delta rule)
+5. ``dprod``  dAqk, dAkk pushed to q, k, β and G through the gated products
+              (sub-chunk reference points for channel decay, as in the forward)
+6. ``dgate``  dg = the reverse cumsum of dG inside the chunk
+
+Recompute vs save: the forward keeps G, β, T and (channel decay) Aqk, which are per
+token and cheap; W, U, the chunk start states and Δ are recomputed by re-running the
+forward's ``wu`` and ``state`` kernels, because the start states (K·V per chunk and
+head) are the largest tensor of the whole computation and one extra sequential pass
+costs less than keeping them alive between forward and backward.
+"""
+from __future__ import annotations
+
+from .forward import Kernel, _Emitter, _signature
+from .plan import Plan
+from .source import Source
+
+__all__ = ["backward_kernels"]
+
+_CHUNK = [("chunk_t0", "i64"), ("chunk_len", "i32"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
+
+
+class _B(_Emitter):
+    """Loads and stores of the per-value-head buffers of the backward."""
+
+    def load_kh(self, s: Source, var: str, name: str, rows: str, ok: str, b) -> None:
+        s(
+            f"{var} = tl.load(p_{name} + {rows}[:, None] * (HV * K) + ck{b}[None, :], "
+            f"mask={ok}[:, None] & ck_ok{b}[None, :], other=0.0).to(tl.float32)"
+        )
+
+    def store_kh(self, s: Source, name: str, value: str, rows: str, ok: str, b) -> None:
+        s(
+            f"tl.store(p_{name} + {rows}[:, None] * (HV * K) + ck{b}[None, :], ({value}).to({name}.dtype.element_ty), "
+            f"mask={ok}[:, None] & ck_ok{b}[None, :])"
+        )
+
+    def load_h(self, s: Source, var: str, name: str, rows: str, ok: str) -> None:
+        s(f"{var} = tl.load(p_{name} + {rows} * HV, mask={ok}, other=0.0).to(tl.float32)")
+
+    def store_h(self, s: Source, name: str, value: str, rows: str, ok: str) -> None:
+        s(f"tl.store(p_{name} + {rows} * HV, {value}, mask={ok})")
+
+    def load_cc(self, s: Source, var: str, name: str, mask: str) -> None:
+        """A chunk's ``[C, C]`` matrix, zero outside ``mask``."""
+        s(f"{var} = tl.load(p_{name} + r[:, None] * (HV * C) + r[None, :], mask=row_ok[:, None] & ({mask}), other=0.0)")
+        s(f"{var} = {var}.to(tl.float32)")
+
+    def load_state(self, s: Source, var: str, name: str, index: str, b) -> None:
+        s(
+            f"{var} = tl.load({name} + ({index} * HV + i_h) * K * V + ck{b}[:, None] * V + cv[None, :], "
+            f"mask=(ck{b} < tl.where(L > 0, K, 0))[:, None] & cv_ok[None, :], other=0.0).to(tl.float32)"
+        )
+
+    def gated(self, var: str, G: str, b) -> str:
+        """``var ⊙ exp(G)`` broadcast to a ``[rows, KB]`` tile."""
+        if self.p.channel:
+            return f"{var} * tl.exp({G})"
+        if self.p.scalar:
+            return f"{var} * tl.exp({G})[:, None]"
+        return var
+
+    def kb_factor(self, G: str, b) -> str:
+        """``exp(G_C - G)`` broadcast to a ``[rows, KB]`` tile (1 without decay)."""
+        if self.p.channel:
+            return f" * tl.exp(b_Glast{b}[None, :] - {G})"
+        if self.p.scalar:
+            return f" * tl.exp(b_Glast - {G})[:, None]"
+        return ""
+
+
+def _delta_param(plan: Plan) -> list[tuple[str, str]]:
+    return [("vnew", "io")] if plan.delta else ([("v", "io")] + ([("beta", "f32")] if plan.beta else []))
+
+
+def _load_delta(e: _B, s: Source, var: str, rows: str, ok: str) -> None:
+    """Δ of the chunk's rows: stored by the state pass (delta rule) or β ⊙ V."""
+    p = e.p
+    if p.delta:
+        e.load_v(s, var, "vnew", rows, ok)
+    else:
+        e.load_v(s, var, "v", rows, ok)
+        if p.beta:
+            e.load_beta(s, "b_bt", rows, ok)
+            s(f"{var} = {var} * b_bt[:, None]")
+
+
+def _causal_A(e: _B, s: Source) -> None:
+    """``b_A = Aqk`` of the chunk (loaded for channel decay, recomputed otherwise)."""
+    p, causal = e.p, "r[:, None] >= r[None, :]"
+    if p.aqk_stored:
+        e.load_cc(s, "b_A", "Aqk", causal)
+        return
+    s("b_A = tl.zeros([C, C], dtype=tl.float32)")
+    for b in e.blocks:
+        e.load_qk(s, "b_q", "q", "r", "row_ok", b)
+        e.load_qk(s, "b_k", "k", "r", "row_ok", b)
+        s(f"b_A += {e.dot('b_q', 'tl.trans(b_k)')}")
+    decay = ""
+    if p.scalar:
+        decay = f" * tl.exp(tl.where({causal}, b_G[:, None] - b_G[None, :], 0.0))"
+    s(f"b_A = tl.where({causal}, b_A * scale{decay}, 0.0)")
+
+
+# ============================================================================ 1. dvl
+def _emit_dvl(plan: Plan) -> Kernel:
+    e = _B(plan)
+    params = [("q", "io"), ("k", "io")] if not plan.aqk_stored else [("Aqk", "io")]
+    if plan.scalar:
+        params.append(("G", "f32"))
+    params += [("dO", "io"), ("dvl", "f32"), ("scale", "float"), *_CHUNK, ("MMA", "constexpr")]
+    s = Source()
+    with s.block(_signature("dvl_bwd", params)):
+        s('"""Per chunk and V tile: dΔ_loc = Aqkᵀ dO (the intra-chunk part of the gradient of Δ)."""')
+        e.chunk_prologue(s, v_tile=True)
+        e.bases(s, [n for n, _ in params if n in e.LAYOUT])
+        if plan.scalar:
+            e.load_glast(s)
+            e.load_G(s, "b_G", "r", "row_ok")
+        _causal_A(e, s)
+        e.load_v(s, "b_do", "dO", "r", "row_ok")
+        e.store_v(s, "dvl", e.dot("tl.trans(b_A)", "b_do"), "r", "row_ok")
+    return Kernel("dvl_bwd", tuple(params), "chunks_v", s.text(), plan.warps_output)
+
+
+# ============================================================================ 2. dstate
+def _emit_dstate(plan: Plan) -> Kernel:
+    e = _B(plan)
+    params = [("q", "io"), ("k", "io")]
+    if plan.spec.has_decay:
+        params.append(("G", "f32"))
+    if plan.delta:
+        params.append(("W", "io"))
+    params += [("dO", "io"), ("dvl", "f32"), ("dvn", "f32"), ("dh", "f32"), ("dht", "f32"), ("dh0", "f32")]
+    params += [("scale", "float"), ("cu_seqlens", "i32"), ("chunk_off", "i32"), ("H", "int"), ("HV", "int")]
+    params += [("GROUP", "int"), ("HAS_DHT", "constexpr"), ("STORE_DH0", "constexpr"), ("MMA", "constexpr")]
+    bases = [n for n, _ in params if n in e.LAYOUT]
+    s = Source()
+    with s.block(_signature("dstate_bwd", params)):
+        s('"""Reverse over one sequence\'s chunks: store dS\' (the end-state gradient), then')
+        s("dΔ = dΔ_loc + Kb dS' and dS <- exp(G_C) dS' + Qgᵀ dO" + (" - Wᵀ dΔ" if plan.delta else "") + '."""')
+        s("i_n = tl.program_id(0)", "i_h = tl.program_id(1)", "i_v = tl.program_id(2)", "i_hk = i_h // GROUP")
+        s("bos = tl.load(cu_seqlens + i_n).to(tl.int64)", "eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)")
+        s("first = tl.load(chunk_off + i_n)", "NT = tl.cdiv(eos - bos, C)", "rb = tl.arange(0, RB)")
+        e.key_blocks(s)
+        s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
+        for b in e.blocks:
+            s(f"s_mask{b} = ck_ok{b}[:, None] & cv_ok[None, :]", f"s_off{b} = ck{b}[:, None] * V + cv[None, :]")
+        s("if HAS_DHT:")
+        for b in e.blocks:
+            s(f"    b_dS{b} = tl.load(dht + (i_n * HV + i_h) * K * V + s_off{b}, mask=s_mask{b}, other=0.0)")
+        s("else:")
+        for b in e.blocks:
+            s(f"    b_dS{b} = tl.zeros([{e.kb}, BV], dtype=tl.float32)")
+        with s.block("for icr in range(0, NT):"):
+            s("ic = NT - 1 - icr", "t0 = bos + ic * C", "L = tl.minimum(eos - t0, C)")
+            e.bases(s, bases)
+            for b in e.blocks:
+                s(f"tl.store(dh + ((first + ic) * HV + i_h) * K * V + s_off{b}, b_dS{b}, mask=s_mask{b})")
+            if plan.spec.has_decay:
+                e.load_glast(s)
+            with s.block("for j in range(C // RB):"):
+                s("rj = j * RB + rb", "okj = rj < L")
+                e.load_v(s, "b_dd", "dvl", "rj", "okj")
+                s("b_acc = tl.zeros([RB, BV], dtype=tl.float32)")
+                if plan.scalar:
+                    e.load_G(s, "b_G", "rj", "okj")
+                for b in e.blocks:
+                    e.load_qk(s, "b_k", "k", "rj", "okj", b)
+                    if plan.channel:
+                        e.load_G(s, "b_Gb", "rj", "okj", b)
+                    kb = "b_k" + (e.kb_factor("b_Gb", b) if plan.channel else "")
+                    s(f"b_acc += {e.dot(kb, f'b_dS{b}')}")
+                factor = " * tl.exp(b_Glast - b_G)[:, None]" if plan.scalar else ""
+                s(f"b_dd += b_acc{factor}")
+                e.store_v(s, "dvn", "b_dd", "rj", "okj")
+            s("tl.debug_barrier()  # dΔ written by all threads before it is read back")
+            for b in e.blocks:
+                if plan.channel:
+                    s(f"b_dS{b} = b_dS{b} * tl.exp(b_Glast{b})[:, None]")
+                elif plan.scalar:
+                    s(f"b_dS{b} = b_dS{b} * tl.exp(b_Glast)")
+            with s.block("for j in range(C // RB):"):
+                s("rj = j * RB + rb", "okj = rj < L")
+                e.load_v(s, "b_do", "dO", "rj", "okj")
+                if plan.delta:
+                    e.load_v(s, "b_dd", "dvn", "rj", "okj")
+                if plan.scalar:
+                    e.load_G(s, "b_G", "rj", "okj")
+                    s("b_do = b_do * tl.exp(b_G)[:, None]")
+                for b in e.blocks:
+                    e.load_qk(s, "b_q", "q", "rj", "okj", b)
+                    qg = "b_q * scale"
+                    if plan.channel:
+                        e.load_G(s, "b_Gb", "rj", "okj", b)
+                        qg = "b_q * tl.exp(b_Gb) * scale"
+                    s(f"b_dS{b} += {e.dot(f'tl.trans({qg})', 'b_do')}")
+                    if plan.delta:
+                        s(
+                            f"b_w = tl.load(p_W + rj[:, None] * (HV * K) + ck{b}[None, :], "
+                            f"mask=okj[:, None] & ck_ok{b}[None, :], other=0.0)"
+                        )
+                        s(f"b_dS{b} -= {e.dot('tl.trans(b_w)', 'b_dd')}")
+        s("if STORE_DH0:")
+        for b in e.blocks:
+            s(f"    tl.store(dh0 + (i_n * HV + i_h) * K * V + s_off{b}, b_dS{b}, mask=s_mask{b})")
+    return Kernel("dstate_bwd", tuple(params), "seqs_v", s.text(), plan.warps_state)
+
+
+# ============================================================================ 3. dqk
+def _emit_dqk(plan: Plan) -> Kernel:
+    e = _B(plan)
+    params = [("q", "io"), ("k", "io")]
+    if plan.spec.has_decay:
+        params.append(("G", "f32"))
+    params += _delta_param(plan)
+    params += [("hs", "io"), ("dh", "f32"), ("dO", "io"), ("dvn", "f32"), ("dq", "f32"), ("dk", "f32")]
+    if plan.delta:
+        params.append(("dW", "f32"))
+    if plan.spec.has_decay:
+        params.append(("dG", "f32"))
+    params += [("dAqk", "f32"), ("scale", "float"), *_CHUNK, ("MMA", "constexpr")]
+    s = Source()
+    causal = "r[:, None] >= r[None, :]"
+    with s.block(_signature("dqk_bwd", params)):
+        s('"""Per chunk: dQg = dO Sᵀ, dKb = Δ dS\'ᵀ' + (", dW = -dΔ Sᵀ" if plan.delta else "") + ", dAqk = dO Δᵀ,")
+        s('and what they give q, k and G (the start state S and dS\' are the chunk\'s)."""')
+        e.chunk_prologue(s)
+        e.bases(s, [n for n, _ in params if n in e.LAYOUT])
+        s("cvb = tl.arange(0, BV)")
+        if plan.spec.has_decay:
+            e.load_glast(s)
+        if plan.scalar:
+            e.load_G(s, "b_G", "r", "row_ok")
+            s("b_dGr = tl.zeros([C], dtype=tl.float32)")
+            s("b_dGS = tl.sum(tl.zeros([C], dtype=tl.float32), 0)  # Σ S ⊙ dS' (times exp(G_C) at the end)")
+            s("b_dGK = tl.sum(tl.zeros([C], dtype=tl.float32), 0)  # Σ k ⊙ dk of the Kb term")
+        s("b_dA = tl.zeros([C, C], dtype=tl.float32)")
+        with s.block("for i_v in tl.static_range(NV):"):
+            s("cv = i_v * BV + cvb", "cv_ok = cv < V")
+            e.load_v(s, "b_do", "dO", "r", "row_ok")
+            _load_delta(e, s, "b_d", "r", "row_ok")
+            s(f"b_dA += {e.dot('b_do', 'tl.trans(b_d)')}")
+        s(
+            f"tl.store(p_dAqk + r[:, None] * (HV * C) + r[None, :], tl.where({causal}, b_dA, 0.0), "
+            "mask=row_ok[:, None])"
+        )
+        for b in e.blocks:
+            s(f"# key block {b}")
+            s(f"b_dq = tl.zeros([C, {e.kb}], dtype=tl.float32)", f"b_dk = tl.zeros([C, {e.kb}], dtype=tl.float32)")
+            if plan.delta:
+                s(f"b_dw = tl.zeros([C, {e.kb}], dtype=tl.float32)")
+            if plan.channel:
+                s(f"b_dGC = tl.zeros([{e.kb}], dtype=tl.float32)")
+            with s.block("for i_v in tl.static_range(NV):"):
+                s("cv = i_v * BV + cvb", "cv_ok = cv < V")
+                e.load_state(s, "b_S", "hs", "i_c", b)
+                e.load_state(s, "b_dS", "dh", "i_c", b)
+                e.load_v(s, "b_do", "dO", "r", "row_ok")
+                _load_delta(e, s, "b_d", "r", "row_ok")
+                s(f"b_dq += {e.dot('b_do', 'tl.trans(b_S)')}")
+                s(f"b_dk += {e.dot('b_d', 'tl.trans(b_dS)')}")
+                if plan.delta:
+                    e.load_v(s, "b_dd", "dvn", "r", "row_ok")
+                    s(f"b_dw -= {e.dot('b_dd', 'tl.trans(b_S)')}")
+                if plan.channel:
+                    s("b_dGC += tl.sum(b_S * b_dS, 1)")
+                elif plan.scalar:
+                    s("b_dGS += tl.sum(tl.sum(b_S * b_dS, 1), 0)")
+            e.load_qk(s, "b_q", "q", "r", "row_ok", b)
+            e.load_qk(s, "b_k", "k", "r", "row_ok", b)
+            if plan.channel:
+                e.load_G(s, "b_Gb", "r", "row_ok", b)
+            G = "b_Gb" if plan.channel else "b_G"
+            s(f"b_dq = {e.gated('b_dq', G, b)} * scale")
+            s(f"b_dk = b_dk{e.kb_factor(G, b)}")
+            e.store_kh(s, "dq", "b_dq", "r", "row_ok", b)
+            e.store_kh(s, "dk", "b_dk", "r", "row_ok", b)
+            if plan.delta:
+                e.store_kh(s, "dW", "b_dw", "r", "row_ok", b)
+            if plan.channel:
+                # G_C feeds exp(G_C) S and every Kb row: its gradient lands on the chunk's last row
+                s(f"b_dGC = b_dGC * tl.exp(b_Glast{b}) + tl.sum(b_k * b_dk, 0)")
+                s("b_dG = b_q * b_dq - b_k * b_dk + tl.where(r[:, None] == L - 1, b_dGC[None, :], 0.0)")
+                e.store_kh(s, "dG", "b_dG", "r", "row_ok", b)
+            elif plan.scalar:
+                s("b_dGr += tl.sum(b_q * b_dq - b_k * b_dk, 1)")
+                s("b_dGK += tl.sum(tl.sum(b_k * b_dk, 1), 0)")
+        if plan.scalar:
+            s("b_dGr += tl.where(r == L - 1, b_dGS * tl.exp(b_Glast) + b_dGK, 0.0)")
+            e.store_h(s, "dG", "b_dGr", "r", "row_ok")
+    return Kernel("dqk_bwd", tuple(params), "chunks", s.text(), plan.warps_output)
+
+
+# ============================================================================ 4. dwy
+def _emit_dwy(plan: Plan) -> Kernel:
+    e = _B(plan)
+    params = [("k", "io"), ("v", "io")]
+    if plan.spec.has_decay:
+        params.append(("G", "f32"))
+    if plan.beta:
+        params.append(("beta", "f32"))
+    params += [("Tm", "io"), ("dW", "f32"), ("dvn", "f32"), ("dk", "f32"), ("dv", "f32")]
+    if plan.beta:
+        params.append(("dbeta", "f32"))
+    if plan.spec.has_decay:
+        params.append(("dG", "f32"))
+    params += [("dAkk", "f32"), *_CHUNK, ("MMA", "constexpr")]
+    s = Source()
+    with s.block(_signature("dwy_bwd", params)):
+        s('"""Per chunk, the WY form backward: d(βKg) = Tᵀ dW, d(βV) = Tᵀ dΔ, dT -> dAkk = -Tᵀ dT Tᵀ."""')
+        e.chunk_prologue(s)
+        e.bases(s, [n for n, _ in params if n in e.LAYOUT])
+        s("cvb = tl.arange(0, BV)")
+        e.load_cc(s, "b_T", "Tm", "r[:, None] >= r[None, :]")
+        if plan.spec.has_decay:
+            e.load_glast(s)
+        if plan.scalar:
+            e.load_G(s, "b_G", "r", "row_ok")
+            s("b_dGr = tl.zeros([C], dtype=tl.float32)")
+        if plan.beta:
+            e.load_beta(s, "b_b", "r", "row_ok")
+            s("b_db = tl.zeros([C], dtype=tl.float32)")
+        s("b_dT = tl.zeros([C, C], dtype=tl.float32)")
+        bcol = " * b_b[:, None]" if plan.beta else ""
+        with s.block("for i_v in tl.static_range(NV):"):
+            s("cv = i_v * BV + cvb", "cv_ok = cv < V")
+            e.load_v(s, "b_v", "v", "r", "row_ok")
+            e.load_v(s, "b_dd", "dvn", "r", "row_ok")
+            s(f"b_dbv = {e.dot('tl.trans(b_T)', 'b_dd')}")
+            e.store_v(s, "dv", "b_dbv" + bcol, "r", "row_ok")
+            if plan.beta:
+                s("b_db += tl.sum(b_dbv * b_v, 1)")
+            s(f"b_dT += {e.dot('b_dd', f'tl.trans(b_v{bcol})')}")
+        for b in e.blocks:
+            s(f"# key block {b}")
+            e.load_qk(s, "b_k", "k", "r", "row_ok", b)
+            if plan.channel:
+                e.load_G(s, "b_Gb", "r", "row_ok", b)
+            s(f"b_kg = {e.gated('b_k', 'b_Gb' if plan.channel else 'b_G', b)}")
+            e.load_kh(s, "b_dw", "dW", "r", "row_ok", b)
+            s(f"b_dbk = {e.dot('tl.trans(b_T)', 'b_dw')}")
+            if plan.beta:
+                s("b_db += tl.sum(b_dbk * b_kg, 1)")
+            s(f"b_dkg = b_dbk{bcol}")
+            e.load_kh(s, "b_dk", "dk", "r", "row_ok", b)
+            g = "b_Gb" if plan.channel else "b_G"
+            e.store_kh(s, "dk", f"b_dk + {e.gated('b_dkg', g, b)}", "r", "row_ok", b)
+            if plan.channel:
+                e.load_kh(s, "b_dG", "dG", "r", "row_ok", b)
+                e.store_kh(s, "dG", "b_dG + b_dkg * b_kg", "r", "row_ok", b)
+            elif plan.scalar:
+                s("b_dGr += tl.sum(b_dkg * b_kg, 1)")
+            s(f"b_dT += {e.dot('b_dw', f'tl.trans(b_kg{bcol})')}")
+        s(f"b_dAkk = -{e.dot(e.dot('tl.trans(b_T)', 'b_dT'), 'tl.trans(b_T)')}")
+        s(
+            "tl.store(p_dAkk + r[:, None] * (HV * C) + r[None, :], "
+            "tl.where(r[:, None] > r[None, :], b_dAkk, 0.0), mask=row_ok[:, None])"
+        )
+        if plan.beta:
+            e.store_h(s, "dbeta", "b_db", "r", "row_ok")
+        if plan.scalar:
+            e.load_h(s, "b_dG0", "dG", "r", "row_ok")
+            e.store_h(s, "dG", "b_dG0 + b_dGr", "r", "row_ok")
+    return Kernel("dwy_bwd", tuple(params), "chunks", s.text(), plan.warps_wu)
+
+
+# ============================================================================ 5. dprod
+def _emit_dprod(plan: Plan) -> Kernel:
+    """dAqk (and dAkk) through the gated products M[r, s] = Σ_c a_rc b_sc exp(G_rc - G_sc).
+
+    With weights ``dM``: da_r = Σ_s dM[r,s] b_s e^{G_r - G_s}, db_s = Σ_r dM[r,s] a_r e^{G_r - G_s},
+    and dG += a ⊙ da - b ⊙ db (the exp factor is a product x_r e^{G_r} · y_s e^{-G_s}).
+    """
+    if plan.channel:
+        return _emit_dprod_channel(plan)
+    e = _B(plan)
+    params = [("q", "io"), ("k", "io")]
+    if plan.scalar:
+        params.append(("G", "f32"))
+    if plan.delta and plan.beta:
+        params += [("beta", "f32"), ("dbeta", "f32")]
+    params += [("dAqk", "f32")]
+    if plan.delta:
+        params.append(("dAkk", "f32"))
+    params += [("dq", "f32"), ("dk", "f32")]
+    if plan.scalar:
+        params.append(("dG", "f32"))
+    params += [("scale", "float"), *_CHUNK, ("MMA", "constexpr")]
+    s = Source()
+    causal, strict = "r[:, None] >= r[None, :]", "r[:, None] > r[None, :]"
+    with s.block(_signature("dprod_bwd", params)):
+        s('"""Per chunk: dAqk' + (" and dAkk" if plan.delta else "") + ' pushed to q, k' + (", β" if plan.delta and plan.beta else "") + (" and G" if plan.scalar else "") + '."""')
+        e.chunk_prologue(s)
+        e.bases(s, [n for n, _ in params if n in e.LAYOUT])
+        if plan.scalar:
+            e.load_glast(s)
+            e.load_G(s, "b_G", "r", "row_ok")
+            s("b_dGr = tl.zeros([C], dtype=tl.float32)")
+        e.load_cc(s, "b_M", "dAqk", causal)
+        decay = lambda m: f" * tl.exp(tl.where({m}, b_G[:, None] - b_G[None, :], 0.0))" if plan.scalar else ""  # noqa: E731
+        s(f"b_M = b_M * scale{decay(causal)}")
+        if plan.delta:
+            e.load_cc(s, "b_N", "dAkk", strict)
+            s(f"b_N = b_N{decay(strict)}")
+            if plan.beta:
+                e.load_beta(s, "b_b", "r", "row_ok")
+                s("b_db = tl.zeros([C], dtype=tl.float32)")
+        for b in e.blocks:
+            s(f"# key block {b}")
+            e.load_qk(s, "b_q", "q", "r", "row_ok", b)
+            e.load_qk(s, "b_k", "k", "r", "row_ok", b)
+            s(f"b_dqa = {e.dot('b_M', 'b_k')}", f"b_dka = {e.dot('tl.trans(b_M)', 'b_q')}")
+            grads = ["b_dka"]
+            if plan.delta:
+                # Akk[s, j] = β_s Σ_c k_sc k_jc e^{G_sc - G_jc}: rows and columns are both k
+                s(f"b_dkr = {e.dot('b_N', 'b_k')}")  # without β: dβ_s = Σ_c k_sc · this
+                if plan.beta:
+                    s("b_db += tl.sum(b_k * b_dkr, 1)", "b_dkr = b_dkr * b_b[:, None]")
+                    s(f"b_dkc = {e.dot('tl.trans(b_N * b_b[:, None])', 'b_k')}")
+                else:
+                    s(f"b_dkc = {e.dot('tl.trans(b_N)', 'b_k')}")
+                grads += ["b_dkr", "b_dkc"]
+            e.load_kh(s, "b_x", "dq", "r", "row_ok", b)
+            e.store_kh(s, "dq", "b_x + b_dqa", "r", "row_ok", b)
+            e.load_kh(s, "b_x", "dk", "r", "row_ok", b)
+            e.store_kh(s, "dk", "b_x + " + " + ".join(grads), "r", "row_ok", b)
+            if plan.scalar:
+                dg = "b_q * b_dqa - b_k * b_dka"
+                if plan.delta:
+                    dg += " + b_k * b_dkr - b_k * b_dkc"
+                s(f"b_dGr += tl.sum({dg}, 1)")
+        if plan.delta and plan.beta:
+            e.load_h(s, "b_x", "dbeta", "r", "row_ok")
+            e.store_h(s, "dbeta", "b_x + b_db", "r", "row_ok")
+        if plan.scalar:
+            e.load_h(s, "b_x", "dG", "r", "row_ok")
+            e.store_h(s, "dG", "b_x + b_dGr", "r", "row_ok")
+    return Kernel("dprod_bwd", tuple(params), "chunks", s.text(), plan.warps_output)
+
+
+def _emit_dprod_channel(plan: Plan) -> Kernel:
+    """Channel decay: the products per sub-chunk block, factored around reference points
+    (rows of block i against earlier columns: G at the token before i; columns of block j
+    against later rows: G at j's last token), diagonal blocks pairwise."""
+    e = _B(plan, plan.KBI)
+    NS, BC = plan.NS, plan.BC
+    params = [("q", "io"), ("k", "io"), ("G", "f32")]
+    if plan.delta and plan.beta:
+        params += [("beta", "f32"), ("dbeta", "f32")]
+    params += [("dAqk", "f32")]
+    if plan.delta:
+        params.append(("dAkk", "f32"))
+    params += [("dq", "f32"), ("dk", "f32"), ("dG", "f32"), ("scale", "float"), *_CHUNK, ("MMA", "constexpr")]
+    # the products: (weights, row operand, column operand, gradient of rows, gradient of columns)
+    prods = [("dAqk", "q", "k", "dq", "dk", ">=")]
+    if plan.delta:
+        prods.append(("dAkk", "k", "k", "dk", "dk", ">"))
+    s = Source()
+    with s.block(_signature("dprod_bwd", params)):
+        s('"""Per chunk: dAqk' + (" and dAkk" if plan.delta else "") + ' pushed to q, k' + (", β" if plan.delta and plan.beta else "") + ' and G (channel decay)."""')
+        e.chunk_prologue(s)
+        e.bases(s, [n for n, _ in params if n in e.LAYOUT])
+        s("ri = tl.arange(0, BC)")
+        if plan.delta and plan.beta:
+            for i in range(NS):
+                s(f"b_db{i} = tl.zeros([BC], dtype=tl.float32)")
+        with s.block(f"for kb in range({len(e.blocks)}):  # key blocks"):
+            b = "x"
+            s(f"ckx = kb * {e.kb} + tl.arange(0, {e.kb})", "ck_okx = ckx < K")
+            s("b_Glastx = tl.load(p_G + (L - 1) * (HV * K) + ckx, mask=ckx < tl.where(L > 0, K, 0), other=0.0)")
+            for i in range(NS):
+                s(f"# ---- sub-chunk {i}")
+                s(f"ri{i} = {i * BC} + ri", f"ok{i} = ri{i} < L")
+                e.load_G(s, "b_Gi", f"ri{i}", f"ok{i}", b)
+                s(f"b_dqi = tl.zeros([BC, {e.kb}], dtype=tl.float32)")  # row-side gradient, per product
+                if plan.delta:
+                    s(f"b_dkri = tl.zeros([BC, {e.kb}], dtype=tl.float32)")
+                s(f"b_dkci = tl.zeros([BC, {e.kb}], dtype=tl.float32)")  # column-side gradient (both products)
+                if plan.delta:
+                    s(f"b_dkcq = tl.zeros([BC, {e.kb}], dtype=tl.float32)")
+                # rows of block i against columns j < i: reference point before block i
+                if i > 0:
+                    s(f"ref_ok = {i * BC - 1} < L")
+                    e.load_G_row(s, "b_Gref", f"{i * BC - 1}", "ref_ok", b)
+                    for j in range(i):
+                        s(f"rj = {j * BC} + ri", "okj = rj < L")
+                        e.load_G(s, "b_Gj", "rj", "okj", b)
+                        e.load_qk(s, "b_kj", "k", "rj", "okj", b)
+                        s("b_kb = b_kj * tl.exp(b_Gref[None, :] - b_Gj)")
+                        for wname, _a, _b, _ga, _gb, _m in prods:
+                            s(
+                                f"b_w = tl.load(p_{wname} + ri{i}[:, None] * (HV * C) + rj[None, :], "
+                                f"mask=ok{i}[:, None], other=0.0)"
+                            )
+                            target = "b_dqi" if wname == "dAqk" else "b_dkri"
+                            s(f"{target} += {e.dot('b_w', 'b_kb')}")
+                    s("b_e = tl.exp(b_Gi - b_Gref[None, :])")
+                    s("b_dqi = b_dqi * b_e")
+                    if plan.delta:
+                        s("b_dkri = b_dkri * b_e")
+                # columns of block i against rows j > i: reference point at block i's last token
+                if i < NS - 1:
+                    last = (i + 1) * BC - 1
+                    s(f"ref_ok = {last} < L")
+                    e.load_G_row(s, "b_Gref", f"{last}", "ref_ok", b)
+                    for j in range(i + 1, NS):
+                        s(f"rj = {j * BC} + ri", "okj = rj < L")
+                        e.load_G(s, "b_Gj", "rj", "okj", b)
+                        for wname, a_name, _b, _ga, _gb, _m in prods:
+                            e.load_qk(s, "b_aj", a_name, "rj", "okj", b)
+                            s("b_aj = b_aj * tl.exp(b_Gj - b_Gref[None, :])")
+                            s(
+                                f"b_w = tl.load(p_{wname} + rj[:, None] * (HV * C) + ri{i}[None, :], "
+                                f"mask=okj[:, None], other=0.0)"
+                            )
+                            if wname == "dAkk" and plan.beta:
+                                e.load_beta(s, "b_bj", "rj", "okj")
+                                s("b_w = b_w * b_bj[:, None]")
+                            target = "b_dkci" if wname == "dAqk" else "b_dkcq"
+                            s(f"{target} += {e.dot('tl.trans(b_w)', 'b_aj')}")
+                    s("b_e = tl.exp(b_Gref[None, :] - b_Gi)")
+                    s("b_dkci = b_dkci * b_e")
+                    if plan.delta:
+                        s("b_dkcq = b_dkcq * b_e")
+                # the diagonal block, pairwise: one column c at a time
+                e.load_qk(s, "b_qi", "q", f"ri{i}", f"ok{i}", b)
+                e.load_qk(s, "b_ki", "k", f"ri{i}", f"ok{i}", b)
+                if plan.delta and plan.beta:
+                    e.load_beta(s, "b_bi", f"ri{i}", f"ok{i}")
+                with s.block("for c in range(BC):"):
+                    s(f"ok_c = {i * BC} + c < L", f"rc = {i * BC} + c")
+                    e.load_qk_row(s, "b_kc", "k", "rc", "ok_c", b)
+                    e.load_G_row(s, "b_Gc", "rc", "ok_c", b)
+                    s("b_e = tl.exp(tl.where(ri[:, None] >= c, b_Gi - b_Gc[None, :], 0.0))")
+                    for wname, a_name, _b, _ga, _gb, m in prods:
+                        s(
+                            f"b_wc = tl.load(p_{wname} + ri{i} * (HV * C) + rc, "
+                            f"mask=ok{i} & (ri {m} c), other=0.0)  # column c of the block"
+                        )
+                        a = "b_qi" if a_name == "q" else "b_ki"
+                        if wname == "dAqk":
+                            s("b_dqi += b_wc[:, None] * b_kc[None, :] * b_e")
+                            dc = f"tl.sum(b_wc[:, None] * {a} * b_e, 0)"
+                            s(f"b_dkci += tl.where(ri[:, None] == c, {dc}[None, :], 0.0)")
+                        else:
+                            s("b_dkri += b_wc[:, None] * b_kc[None, :] * b_e")
+                            wb = "b_wc * b_bi" if plan.beta else "b_wc"
+                            dc = f"tl.sum(({wb})[:, None] * {a} * b_e, 0)"
+                            s(f"b_dkcq += tl.where(ri[:, None] == c, {dc}[None, :], 0.0)")
+                # scale, β, and what G gets: a ⊙ da - b ⊙ db
+                s("b_dqi = b_dqi * scale", "b_dkci = b_dkci * scale")
+                dG = "b_qi * b_dqi - b_ki * b_dkci"
+                dk = "b_dkci"
+                if plan.delta:
+                    if plan.beta:
+                        # dβ_s = Σ_c k_sc · (the row gradient without β); summed over key blocks
+                        s(f"b_db{i} += tl.sum(b_ki * b_dkri, 1)", "b_dkri = b_dkri * b_bi[:, None]")
+                    dG += " + b_ki * b_dkri - b_ki * b_dkcq"
+                    dk += " + b_dkcq + b_dkri"
+                e.load_kh(s, "b_x", "dq", f"ri{i}", f"ok{i}", b)
+                e.store_kh(s, "dq", "b_x + b_dqi", f"ri{i}", f"ok{i}", b)
+                e.load_kh(s, "b_x", "dk", f"ri{i}", f"ok{i}", b)
+                e.store_kh(s, "dk", f"b_x + {dk}", f"ri{i}", f"ok{i}", b)
+                e.load_kh(s, "b_x", "dG", f"ri{i}", f"ok{i}", b)
+                e.store_kh(s, "dG", f"b_x + {dG}", f"ri{i}", f"ok{i}", b)
+        if plan.delta and plan.beta:
+            for i in range(NS):
+                s(f"ri{i} = {i * BC} + ri", f"ok{i} = ri{i} < L")
+                e.load_h(s, "b_x", "dbeta", f"ri{i}", f"ok{i}")
+                e.store_h(s, "dbeta", f"b_x + b_db{i}", f"ri{i}", f"ok{i}")
+    return Kernel("dprod_bwd", tuple(params), "chunks", s.text(), plan.warps_intra)
+
+
+# ============================================================================ 6. dgate
+def _emit_dgate(plan: Plan) -> Kernel:
+    params = [("dG", "f32"), ("dg", "f32"), ("chunk_t0", "i64"), ("chunk_len", "i32"), ("HV", "int")]
+    s = Source()
+    with s.block(_signature("dgate_bwd", params)):
+        s('"""dg = the reverse cumsum of dG inside the chunk (G_t = g_1 + ... + g_t)."""')
+        s("i_c = tl.program_id(0)", "i_h = tl.program_id(1)", "i_k = tl.program_id(2)")
+        s("t0 = tl.load(chunk_t0 + i_c)", "L = tl.load(chunk_len + i_c)")
+        s("r = tl.arange(0, C)", "row_ok = r < L", "base = t0 * HV + i_h")
+        if plan.channel:
+            s("ck = i_k * KB + tl.arange(0, KB)", "ck_ok = ck < K")
+            s("offs = base * K + r[:, None] * (HV * K) + ck[None, :]", "mask = row_ok[:, None] & ck_ok[None, :]")
+        else:
+            s("offs = base + r * HV", "mask = row_ok")
+        s("b_dG = tl.load(dG + offs, mask=mask, other=0.0)")
+        s("b_dg = tl.sum(b_dG, 0)" + ("[None, :]" if plan.channel else "") + " - tl.cumsum(b_dG, 0) + b_dG")
+        s("tl.store(dg + offs, b_dg, mask=mask)")
+    return Kernel("dgate_bwd", tuple(params), "chunks_k" if plan.channel else "chunks", s.text(), plan.warps_gates)
+
+
+def backward_kernels(plan: Plan) -> list[Kernel]:
+    """The backward kernels of a core plan, in launch order."""
+    out = [_emit_dvl(plan), _emit_dstate(plan), _emit_dqk(plan)]
+    if plan.delta:
+        out.append(_emit_dwy(plan))
+    out.append(_emit_dprod(plan))
+    if plan.spec.has_decay:
+        out.append(_emit_dgate(plan))
+    return out
