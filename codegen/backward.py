@@ -407,44 +407,49 @@ def _emit_dprod(plan: Plan) -> Kernel:
         if plan.scalar:
             e.load_glast(s)
             e.load_G(s, "b_G", "r", "row_ok")
-            s("b_dGr = tl.zeros([C], dtype=tl.float32)")
-        e.load_cc(s, "b_M", "dAqk", causal)
+        e.load_cc(s, "b_dA", "dAqk", causal)
         decay = lambda m: f" * tl.exp(tl.where({m}, b_G[:, None] - b_G[None, :], 0.0))" if plan.scalar else ""  # noqa: E731
-        s(f"b_M = b_M * scale{decay(causal)}")
+        s(f"b_M = b_dA * scale{decay(causal)}")
+        if plan.scalar:
+            s("b_QK = tl.zeros([C, C], dtype=tl.float32)")
         if plan.delta:
-            e.load_cc(s, "b_N", "dAkk", strict)
-            s(f"b_N = b_N{decay(strict)}")
+            e.load_cc(s, "b_dAkk", "dAkk", strict)
+            s(f"b_N = b_dAkk{decay(strict)}")
+            s("b_KK = tl.zeros([C, C], dtype=tl.float32)")
             if plan.beta:
                 e.load_beta(s, "b_b", "r", "row_ok")
-                s("b_db = tl.zeros([C], dtype=tl.float32)")
         for b in e.blocks:
             s(f"# key block {b}")
             e.load_qk(s, "b_q", "q", "r", "row_ok", b)
             e.load_qk(s, "b_k", "k", "r", "row_ok", b)
             s(f"b_dqa = {e.dot('b_M', 'b_k')}", f"b_dka = {e.dot('tl.trans(b_M)', 'b_q')}")
+            if plan.scalar:
+                s(f"b_QK += {e.dot('b_q', 'tl.trans(b_k)')}")
             grads = ["b_dka"]
             if plan.delta:
-                # Akk[s, j] = β_s Σ_c k_sc k_jc e^{G_sc - G_jc}: rows and columns are both k
-                s(f"b_dkr = {e.dot('b_N', 'b_k')}")  # without β: dβ_s = Σ_c k_sc · this
-                if plan.beta:
-                    s("b_db += tl.sum(b_k * b_dkr, 1)", "b_dkr = b_dkr * b_b[:, None]")
-                    s(f"b_dkc = {e.dot('tl.trans(b_N * b_b[:, None])', 'b_k')}")
-                else:
-                    s(f"b_dkc = {e.dot('tl.trans(b_N)', 'b_k')}")
+                # Akk[s, j] = β_s Σ_c k_sc k_jc e^{G_s - G_j}: rows and columns are both k
+                s(f"b_KK += {e.dot('b_k', 'tl.trans(b_k)')}")
+                nb = "b_N * b_b[:, None]" if plan.beta else "b_N"
+                s(f"b_dkr = {e.dot(nb, 'b_k')}", f"b_dkc = {e.dot(f'tl.trans({nb})', 'b_k')}")
                 grads += ["b_dkr", "b_dkc"]
             e.load_kh(s, "b_x", "dq", "r", "row_ok", b)
             e.store_kh(s, "dq", "b_x + b_dqa", "r", "row_ok", b)
             e.load_kh(s, "b_x", "dk", "r", "row_ok", b)
             e.store_kh(s, "dk", "b_x + " + " + ".join(grads), "r", "row_ok", b)
-            if plan.scalar:
-                dg = "b_q * b_dqa - b_k * b_dka"
-                if plan.delta:
-                    dg += " + b_k * b_dkr - b_k * b_dkc"
-                s(f"b_dGr += tl.sum({dg}, 1)")
-        if plan.delta and plan.beta:
-            e.load_h(s, "b_x", "dbeta", "r", "row_ok")
-            e.store_h(s, "dbeta", "b_x + b_db", "r", "row_ok")
+        if plan.delta:
+            s(f"b_KK = tl.where({strict}, b_KK{decay(strict)}, 0.0)  # Akk without β")
+            if plan.beta:
+                s("b_db = tl.sum(b_dAkk * b_KK, 1)")
+                e.load_h(s, "b_x", "dbeta", "r", "row_ok")
+                e.store_h(s, "dbeta", "b_x + b_db", "r", "row_ok")
         if plan.scalar:
+            # dG_r = Σ_s P[r, s] - Σ_s P[s, r] with P = dA ⊙ A: the exact products, so the
+            # diagonal (which does not depend on G) cancels exactly instead of through two
+            # differently rounded matrix products
+            s(f"b_P = b_dA * tl.where({causal}, b_QK * scale{decay(causal)}, 0.0)")
+            if plan.delta:
+                s("b_P += b_dAkk * b_KK" + (" * b_b[:, None]" if plan.beta else ""))
+            s("b_dGr = tl.sum(b_P, 1) - tl.sum(b_P, 0)")
             e.load_h(s, "b_x", "dG", "r", "row_ok")
             e.store_h(s, "dG", "b_x + b_dGr", "r", "row_ok")
     return Kernel("dprod_bwd", tuple(params), "chunks", s.text(), plan.warps_output)
