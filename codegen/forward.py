@@ -51,7 +51,7 @@ class _Emitter:
 
     def __init__(self, plan: Plan, kb: int | None = None) -> None:
         self.p = plan
-        self.dt = {"bf16": "tl.bfloat16", "fp16": "tl.float16", "fp32": "tl.float32"}[plan.dtype]
+        self.dt = {"bf16": "tl.bfloat16", "fp16": "tl.float16", "fp32": "tl.float32", "fp64": "tl.float64"}[plan.dtype]
         self.prec = f', input_precision="{plan.precision}"' if plan.dtype == "fp32" else ""
         self.kb = kb or plan.KB  # this kernel's key block
         self.blocks = range(plan.BK // self.kb)

@@ -1,6 +1,8 @@
 """Assembling the kernels of a plan into one readable Python module."""
 from __future__ import annotations
 
+import dataclasses
+
 from .backward import backward_kernels
 from .forward import Kernel, forward_kernels
 from .plan import Plan
@@ -56,5 +58,7 @@ def generate(plan: Plan, backward: bool = False) -> Module:
         f"NV = tl.constexpr({plan.NV})  # V tiles",
         "",
     ]
+    if plan.dtype == "fp64":  # float64 end to end (interpreter gradient checks)
+        kernels = [dataclasses.replace(k, source=k.source.replace("tl.float32", "tl.float64")) for k in kernels]
     body = "\n\n".join(k.source for k in kernels)
     return Module(plan, kernels, "\n".join(head) + "\n" + body, backward)

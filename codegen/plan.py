@@ -18,7 +18,8 @@ __all__ = ["Options", "Plan", "make_plan", "core_spec", "DTYPES", "CODEGEN_VERSI
 CODEGEN_VERSION = 2
 
 #: Input dtypes the kernels take, by short name.
-DTYPES = ("bf16", "fp16", "fp32")
+#: (fp64 runs everything in float64 and exists for gradient checks through the interpreter.)
+DTYPES = ("bf16", "fp16", "fp32", "fp64")
 
 
 def _pow2_at_least(n: int, floor: int = 16) -> int:

@@ -22,7 +22,12 @@ __all__ = ["compile", "CompiledOp"]
 
 log = logging.getLogger("linattn")
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation and state dtype: fp32, or fp64 for fp64 inputs (interpreter only)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -104,7 +109,9 @@ class CompiledOp:
             cu_seqlens=cu_seqlens, check_values=on_cpu,  # a host read would synchronise CUDA
         )
         if q.dtype not in _DTYPE_NAMES:
-            raise ValueError(f"q: compiled kernels take bf16, fp16 or fp32 inputs, got {q.dtype} (use reference for fp64)")
+            raise ValueError(f"q: compiled kernels take bf16, fp16 or fp32 inputs, got {q.dtype}")
+        if q.dtype == torch.float64 and q.device.type != "cpu":
+            raise ValueError("q: float64 inputs run only through the interpreter (CPU tensors), for gradient checks")
         named = {"q": q, "k": k, "v": v, "z": z, "D": D, "initial_state": initial_state, **operands}
         named = {n: t for n, t in named.items() if isinstance(t, torch.Tensor)}
         if torch.is_grad_enabled() and any(t.requires_grad for t in named.values()):
@@ -169,14 +176,15 @@ class CompiledOp:
         C = plan.C
         if T == 0:
             o = q.new_zeros(B, 0, HV, V)
-            h = call.initial_state.float() if call.initial_state is not None else q.new_zeros(N, HV, K, V, dtype=torch.float32)
+            acc = _acc(q.dtype)
+            h = call.initial_state.to(acc) if call.initial_state is not None else q.new_zeros(N, HV, K, V, dtype=acc)
             return o, (h.clone() if output_final_state else None)
 
         env = self._geometry(call, C)
         TT, n_chunks, io = env["_TT"], env["_n_chunks"], q.dtype
         env["HAS_H0"] = call.initial_state is not None
         env["STORE_HT"] = output_final_state
-        env["h0"] = None if call.initial_state is None else call.initial_state.float().contiguous()
+        env["h0"] = None if call.initial_state is None else call.initial_state.to(_acc(io)).contiguous()
         for op in self.spec.operands:
             x = call.operands[op.name]
             if op.role is Role.SCALAR:
@@ -189,10 +197,10 @@ class CompiledOp:
             env["D"] = call.D.contiguous()
         if self.spec.has_decay:
             shape = (TT, HV, K) if plan.channel else (TT, HV)
-            env["G"] = _alloc(shape, torch.float32, device)
+            env["G"] = _alloc(shape, _acc(io), device)
         if plan.beta:
             if plan.beta_computed:
-                env["beta"] = _alloc((TT, HV), torch.float32, device)
+                env["beta"] = _alloc((TT, HV), _acc(io), device)
             else:
                 env["beta"] = env[f"x_{self.spec.beta.operands[0].name}"]
         if "intra" in plan.stages:
@@ -206,7 +214,7 @@ class CompiledOp:
             env["vnew"] = _alloc((TT, HV, V), io, device)
         env["hs"] = _alloc((n_chunks, HV, K, V), io, device)
         env["o"] = _alloc((TT, HV, V), io, device)
-        env["ht"] = _alloc((N, HV, K, V), torch.float32, device) if output_final_state else None
+        env["ht"] = _alloc((N, HV, K, V), _acc(io), device) if output_final_state else None
         self._launch(gen, mod, [k.name for k in gen.kernels], env, device)
         if keep is not None:
             # per-token and cheap: the backward reuses them instead of recomputing
@@ -227,8 +235,11 @@ class CompiledOp:
                 self._modules[key] = (gen, mod)
             return self._modules[key]
 
-    def _backward(self, call, saved: dict, do: torch.Tensor, dht: torch.Tensor | None):
-        """Gradients of every tensor argument of ``call`` (a dict by name)."""
+    def _backward(self, call, saved: dict, do: torch.Tensor, dht: torch.Tensor | None, stages: dict | None = None):
+        """Gradients of every tensor argument of ``call`` (a dict by name).
+
+        ``stages`` (a dict) receives the buffers of every backward stage, for tests.
+        """
         from .torch_terms import evaluate_term, finish, l2norm
 
         spec = self.spec
@@ -238,7 +249,7 @@ class CompiledOp:
         gen, mod = self.core_module(_DTYPE_NAMES[q.dtype], K, V)
         plan = gen.plan
         C = plan.C
-        f32 = torch.float32
+        f32 = _acc(q.dtype)
 
         # ---- the layer-side terms, recomputed under autograd (elementwise, cheap)
         leaves = {"q": q.detach().requires_grad_(), "k": k.detach().requires_grad_(), "v": v.detach().requires_grad_()}
@@ -251,8 +262,8 @@ class CompiledOp:
                 leaves[name] = x.detach().requires_grad_()
         values = {n: leaves.get(n, x) for n, x in call.operands.items()}
         with torch.enable_grad():
-            qn = l2norm(leaves["q"].float()) if spec.qk_l2norm else leaves["q"]
-            kn = l2norm(leaves["k"].float()) if spec.qk_l2norm else leaves["k"]
+            qn = l2norm(leaves["q"].to(f32)) if spec.qk_l2norm else leaves["q"]
+            kn = l2norm(leaves["k"].to(f32)) if spec.qk_l2norm else leaves["k"]
             g_t = beta_t = None
             if spec.gate is not None:
                 shape = (B, T, HV, K) if plan.channel else (B, T, HV)
@@ -277,7 +288,7 @@ class CompiledOp:
         if plan.aqk_stored:
             env["Aqk"] = saved["Aqk"]
         env.update(HAS_H0=call.initial_state is not None, STORE_HT=False, ht=None)
-        env["h0"] = None if call.initial_state is None else call.initial_state.float().contiguous()
+        env["h0"] = None if call.initial_state is None else call.initial_state.to(f32).contiguous()
         env["hs"] = _alloc((n_chunks, HV, K, V), io, device)
         recompute = (["wu_fwd"] if plan.delta else []) + ["state_fwd"]
 
@@ -290,10 +301,10 @@ class CompiledOp:
             if spec.skip.value == "none":
                 targets.pop("v")
             with torch.enable_grad():
-                o_core = env["o"].reshape(B, T, HV, V).float().requires_grad_()
+                o_core = env["o"].reshape(B, T, HV, V).to(f32).requires_grad_()
                 terms = type(call)(spec, q, k, leaves["v"], {}, leaves.get("z"), leaves.get("D"), 1.0, None, None)
                 out = finish(terms, o_core)
-            got = torch.autograd.grad(out, [o_core, *targets.values()], do.float())
+            got = torch.autograd.grad(out, [o_core, *targets.values()], do.to(f32))
             do = got[0]
             grads.update(zip(targets, got[1:]))
         else:
@@ -304,7 +315,7 @@ class CompiledOp:
         env["dvl"] = _alloc((TT, HV, V), f32, device)
         env["dvn"] = _alloc((TT, HV, V), f32, device)
         env["dh"] = _alloc((n_chunks, HV, K, V), f32, device)
-        env["dht"] = None if dht is None else dht.float().contiguous()
+        env["dht"] = None if dht is None else dht.to(f32).contiguous()
         env["HAS_DHT"] = dht is not None
         env["STORE_DH0"] = call.initial_state is not None
         env["dh0"] = _alloc((N, HV, K, V), f32, device) if call.initial_state is not None else None
@@ -323,11 +334,13 @@ class CompiledOp:
             env["dg"] = _alloc(gshape, f32, device)
         names = [k.name for k in gen.kernels if k.name.endswith("_bwd")]
         self._launch(gen, mod, names, env, device)
+        if stages is not None:
+            stages.update(env)
 
         # ---- back through the layer-side terms
         dv = env["dv"] if plan.delta else env["dvn"] * (env["beta"][..., None] if plan.beta else 1.0)
         if plan.beta and not plan.delta:
-            env["dbeta"] = (env["dvn"] * env["v"].float()).sum(-1)
+            env["dbeta"] = (env["dvn"] * env["v"].to(f32)).sum(-1)
         dq = env["dq"].reshape(B, T, H, HV // H, K).sum(3)
         dk = env["dk"].reshape(B, T, H, HV // H, K).sum(3)
         outs, wrt = [], []

@@ -102,6 +102,8 @@ def mma_dtype(dtype: torch.dtype, device: torch.device):
     """The operand type of tensor-core products: the input dtype, fp32 in the interpreter."""
     import triton.language as tl
 
+    if dtype == torch.float64:
+        return tl.float64
     if device.type != "cuda" or _GLOBAL_INTERPRET:
         return tl.float32
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
