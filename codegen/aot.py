@@ -112,7 +112,8 @@ def compile_module(module: Module, py_module, arch: int = 90) -> list[KernelRepo
             else:
                 signature[name] = _SCALAR[kind]
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": kern.num_warps, "enable_fp_fusion": True})
+        stages = {} if kern.num_stages is None else {"num_stages": kern.num_stages}
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": kern.num_warps, "enable_fp_fusion": True, **stages})
         info = _ptxas_report(compiled.asm["ptx"], arch)
         reports.append(
             KernelReport(
@@ -127,13 +128,21 @@ def compile_module(module: Module, py_module, arch: int = 90) -> list[KernelRepo
     return reports
 
 
-def inspect_spec(spec, dtype: str = "bf16", K: int = 128, V: int = 128, arch: int = 90, **options) -> list[KernelReport]:
-    """Generate the kernels of ``spec`` for ``dtype``, ``K``, ``V`` and compile them for ``sm_<arch>``."""
+def inspect_spec(
+    spec, dtype: str = "bf16", K: int = 128, V: int = 128, arch: int = 90, backward: bool = False, **options
+) -> list[KernelReport]:
+    """Generate the kernels of ``spec`` for ``dtype``, ``K``, ``V`` and compile them for ``sm_<arch>``.
+
+    ``backward``: the kernels of the spec's core that the backward runs (recomputation included).
+    """
     from .cache import load
     from .module import generate
-    from .plan import Options, make_plan
+    from .plan import Options, core_spec, make_plan
 
-    module = generate(make_plan(spec, dtype, K, V, Options(**options)))
+    if backward:
+        module = generate(make_plan(core_spec(spec), dtype, K, V, Options(**options)), backward=True)
+    else:
+        module = generate(make_plan(spec, dtype, K, V, Options(**options)))
     py_module, _ = load(module)
     return compile_module(module, py_module, arch)
 

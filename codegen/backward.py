@@ -22,6 +22,8 @@ costs less than keeping them alive between forward and backward.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from .forward import Kernel, _Emitter, _signature
 from .plan import Plan
 from .source import Source
@@ -33,6 +35,15 @@ _CHUNK = [("chunk_t0", "i64"), ("chunk_len", "i32"), ("H", "int"), ("HV", "int")
 
 class _B(_Emitter):
     """Loads and stores of the per-value-head buffers of the backward."""
+
+    @contextmanager
+    def key_loop(self, s: Source):
+        """A runtime loop over the key blocks (bounds the live tiles); yields the block's suffix."""
+        with s.block(f"for kb in range({len(self.blocks)}):  # key blocks"):
+            s(f"ckx = kb * {self.kb} + tl.arange(0, {self.kb})", "ck_okx = ckx < K")
+            if self.p.channel:
+                s("b_Glastx = tl.load(p_G + (L - 1) * (HV * K) + ckx, mask=ckx < tl.where(L > 0, K, 0), other=0.0)")
+            yield "x"
 
     def load_kh(self, s: Source, var: str, name: str, rows: str, ok: str, b) -> None:
         s(
@@ -103,7 +114,7 @@ def _causal_A(e: _B, s: Source) -> None:
         e.load_cc(s, "b_A", "Aqk", causal)
         return
     s("b_A = tl.zeros([C, C], dtype=tl.float32)")
-    for b in e.blocks:
+    with e.key_loop(s) as b:
         e.load_qk(s, "b_q", "q", "r", "row_ok", b)
         e.load_qk(s, "b_k", "k", "r", "row_ok", b)
         s(f"b_A += {e.dot('b_q', 'tl.trans(b_k)')}")
@@ -131,7 +142,7 @@ def _emit_dvl(plan: Plan) -> Kernel:
         _causal_A(e, s)
         e.load_v(s, "b_do", "dO", "r", "row_ok")
         e.store_v(s, "dvl", e.dot("tl.trans(b_A)", "b_do"), "r", "row_ok")
-    return Kernel("dvl_bwd", tuple(params), "chunks_v", s.text(), plan.warps_output)
+    return Kernel("dvl_bwd", tuple(params), "chunks_v", s.text(), plan.warps_output, num_stages=1)
 
 
 # ============================================================================ 2. dstate
@@ -215,12 +226,12 @@ def _emit_dstate(plan: Plan) -> Kernel:
         s("if STORE_DH0:")
         for b in e.blocks:
             s(f"    tl.store(dh0 + (i_n * HV + i_h) * K * V + s_off{b}, b_dS{b}, mask=s_mask{b})")
-    return Kernel("dstate_bwd", tuple(params), "seqs_v", s.text(), plan.warps_state)
+    return Kernel("dstate_bwd", tuple(params), "seqs_v", s.text(), plan.warps_state, num_stages=1)
 
 
 # ============================================================================ 3. dqk
 def _emit_dqk(plan: Plan) -> Kernel:
-    e = _B(plan)
+    e = _B(plan, plan.KBB)
     params = [("q", "io"), ("k", "io")]
     if plan.spec.has_decay:
         params.append(("G", "f32"))
@@ -239,15 +250,14 @@ def _emit_dqk(plan: Plan) -> Kernel:
         e.chunk_prologue(s)
         e.bases(s, [n for n, _ in params if n in e.LAYOUT])
         s("cvb = tl.arange(0, BV)")
-        if plan.spec.has_decay:
-            e.load_glast(s)
         if plan.scalar:
+            e.load_glast(s)
             e.load_G(s, "b_G", "r", "row_ok")
             s("b_dGr = tl.zeros([C], dtype=tl.float32)")
             s("b_dGS = tl.sum(tl.zeros([C], dtype=tl.float32), 0)  # Σ S ⊙ dS' (times exp(G_C) at the end)")
             s("b_dGK = tl.sum(tl.zeros([C], dtype=tl.float32), 0)  # Σ k ⊙ dk of the Kb term")
         s("b_dA = tl.zeros([C, C], dtype=tl.float32)")
-        with s.block("for i_v in tl.static_range(NV):"):
+        with s.block("for i_v in range(NV):"):
             s("cv = i_v * BV + cvb", "cv_ok = cv < V")
             e.load_v(s, "b_do", "dO", "r", "row_ok")
             _load_delta(e, s, "b_d", "r", "row_ok")
@@ -256,14 +266,13 @@ def _emit_dqk(plan: Plan) -> Kernel:
             f"tl.store(p_dAqk + r[:, None] * (HV * C) + r[None, :], tl.where({causal}, b_dA, 0.0), "
             "mask=row_ok[:, None])"
         )
-        for b in e.blocks:
-            s(f"# key block {b}")
+        with e.key_loop(s) as b:
             s(f"b_dq = tl.zeros([C, {e.kb}], dtype=tl.float32)", f"b_dk = tl.zeros([C, {e.kb}], dtype=tl.float32)")
             if plan.delta:
                 s(f"b_dw = tl.zeros([C, {e.kb}], dtype=tl.float32)")
             if plan.channel:
                 s(f"b_dGC = tl.zeros([{e.kb}], dtype=tl.float32)")
-            with s.block("for i_v in tl.static_range(NV):"):
+            with s.block("for i_v in range(NV):"):
                 s("cv = i_v * BV + cvb", "cv_ok = cv < V")
                 e.load_state(s, "b_S", "hs", "i_c", b)
                 e.load_state(s, "b_dS", "dh", "i_c", b)
@@ -300,12 +309,12 @@ def _emit_dqk(plan: Plan) -> Kernel:
         if plan.scalar:
             s("b_dGr += tl.where(r == L - 1, b_dGS * tl.exp(b_Glast) + b_dGK, 0.0)")
             e.store_h(s, "dG", "b_dGr", "r", "row_ok")
-    return Kernel("dqk_bwd", tuple(params), "chunks", s.text(), plan.warps_output)
+    return Kernel("dqk_bwd", tuple(params), "chunks", s.text(), plan.warps_output, num_stages=1)
 
 
 # ============================================================================ 4. dwy
 def _emit_dwy(plan: Plan) -> Kernel:
-    e = _B(plan)
+    e = _B(plan, plan.KBB)
     params = [("k", "io"), ("v", "io")]
     if plan.spec.has_decay:
         params.append(("G", "f32"))
@@ -324,9 +333,8 @@ def _emit_dwy(plan: Plan) -> Kernel:
         e.bases(s, [n for n, _ in params if n in e.LAYOUT])
         s("cvb = tl.arange(0, BV)")
         e.load_cc(s, "b_T", "Tm", "r[:, None] >= r[None, :]")
-        if plan.spec.has_decay:
-            e.load_glast(s)
         if plan.scalar:
+            e.load_glast(s)
             e.load_G(s, "b_G", "r", "row_ok")
             s("b_dGr = tl.zeros([C], dtype=tl.float32)")
         if plan.beta:
@@ -334,7 +342,7 @@ def _emit_dwy(plan: Plan) -> Kernel:
             s("b_db = tl.zeros([C], dtype=tl.float32)")
         s("b_dT = tl.zeros([C, C], dtype=tl.float32)")
         bcol = " * b_b[:, None]" if plan.beta else ""
-        with s.block("for i_v in tl.static_range(NV):"):
+        with s.block("for i_v in range(NV):"):
             s("cv = i_v * BV + cvb", "cv_ok = cv < V")
             e.load_v(s, "b_v", "v", "r", "row_ok")
             e.load_v(s, "b_dd", "dvn", "r", "row_ok")
@@ -343,8 +351,7 @@ def _emit_dwy(plan: Plan) -> Kernel:
             if plan.beta:
                 s("b_db += tl.sum(b_dbv * b_v, 1)")
             s(f"b_dT += {e.dot('b_dd', f'tl.trans(b_v{bcol})')}")
-        for b in e.blocks:
-            s(f"# key block {b}")
+        with e.key_loop(s) as b:
             e.load_qk(s, "b_k", "k", "r", "row_ok", b)
             if plan.channel:
                 e.load_G(s, "b_Gb", "r", "row_ok", b)
@@ -373,7 +380,7 @@ def _emit_dwy(plan: Plan) -> Kernel:
         if plan.scalar:
             e.load_h(s, "b_dG0", "dG", "r", "row_ok")
             e.store_h(s, "dG", "b_dG0 + b_dGr", "r", "row_ok")
-    return Kernel("dwy_bwd", tuple(params), "chunks", s.text(), plan.warps_wu)
+    return Kernel("dwy_bwd", tuple(params), "chunks", s.text(), plan.warps_wu, num_stages=1)
 
 
 # ============================================================================ 5. dprod
@@ -385,7 +392,7 @@ def _emit_dprod(plan: Plan) -> Kernel:
     """
     if plan.channel:
         return _emit_dprod_channel(plan)
-    e = _B(plan)
+    e = _B(plan, plan.KBB)
     params = [("q", "io"), ("k", "io")]
     if plan.scalar:
         params.append(("G", "f32"))
@@ -411,24 +418,26 @@ def _emit_dprod(plan: Plan) -> Kernel:
         decay = lambda m: f" * tl.exp(tl.where({m}, b_G[:, None] - b_G[None, :], 0.0))" if plan.scalar else ""  # noqa: E731
         s(f"b_M = b_dA * scale{decay(causal)}")
         if plan.scalar:
-            s("b_QK = tl.zeros([C, C], dtype=tl.float32)")
+            # dG_r = Σ_s P[r, s] - Σ_s P[s, r] with P = dA ⊙ A: the exact products, so the
+            # diagonal (which does not depend on G) cancels exactly instead of through two
+            # differently rounded matrix products
+            s("b_P = tl.zeros([C, C], dtype=tl.float32)")
         if plan.delta:
-            e.load_cc(s, "b_dAkk", "dAkk", strict)
-            s(f"b_N = b_dAkk{decay(strict)}")
-            s("b_KK = tl.zeros([C, C], dtype=tl.float32)")
+            e.load_cc(s, "b_N", "dAkk", strict)
+            s(f"b_N = b_N{decay(strict)}")
+            s("b_Pk = tl.zeros([C, C], dtype=tl.float32)  # dAkk ⊙ Akk without β")
             if plan.beta:
                 e.load_beta(s, "b_b", "r", "row_ok")
-        for b in e.blocks:
-            s(f"# key block {b}")
+        with e.key_loop(s) as b:
             e.load_qk(s, "b_q", "q", "r", "row_ok", b)
             e.load_qk(s, "b_k", "k", "r", "row_ok", b)
             s(f"b_dqa = {e.dot('b_M', 'b_k')}", f"b_dka = {e.dot('tl.trans(b_M)', 'b_q')}")
             if plan.scalar:
-                s(f"b_QK += {e.dot('b_q', 'tl.trans(b_k)')}")
+                s(f"b_P += b_M * {e.dot('b_q', 'tl.trans(b_k)')}")
             grads = ["b_dka"]
             if plan.delta:
                 # Akk[s, j] = β_s Σ_c k_sc k_jc e^{G_s - G_j}: rows and columns are both k
-                s(f"b_KK += {e.dot('b_k', 'tl.trans(b_k)')}")
+                s(f"b_Pk += b_N * {e.dot('b_k', 'tl.trans(b_k)')}")
                 nb = "b_N * b_b[:, None]" if plan.beta else "b_N"
                 s(f"b_dkr = {e.dot(nb, 'b_k')}", f"b_dkc = {e.dot(f'tl.trans({nb})', 'b_k')}")
                 grads += ["b_dkr", "b_dkc"]
@@ -436,30 +445,23 @@ def _emit_dprod(plan: Plan) -> Kernel:
             e.store_kh(s, "dq", "b_x + b_dqa", "r", "row_ok", b)
             e.load_kh(s, "b_x", "dk", "r", "row_ok", b)
             e.store_kh(s, "dk", "b_x + " + " + ".join(grads), "r", "row_ok", b)
-        if plan.delta:
-            s(f"b_KK = tl.where({strict}, b_KK{decay(strict)}, 0.0)  # Akk without β")
-            if plan.beta:
-                s("b_db = tl.sum(b_dAkk * b_KK, 1)")
-                e.load_h(s, "b_x", "dbeta", "r", "row_ok")
-                e.store_h(s, "dbeta", "b_x + b_db", "r", "row_ok")
+        if plan.delta and plan.beta:
+            e.load_h(s, "b_x", "dbeta", "r", "row_ok")
+            e.store_h(s, "dbeta", "b_x + tl.sum(b_Pk, 1)", "r", "row_ok")
         if plan.scalar:
-            # dG_r = Σ_s P[r, s] - Σ_s P[s, r] with P = dA ⊙ A: the exact products, so the
-            # diagonal (which does not depend on G) cancels exactly instead of through two
-            # differently rounded matrix products
-            s(f"b_P = b_dA * tl.where({causal}, b_QK * scale{decay(causal)}, 0.0)")
             if plan.delta:
-                s("b_P += b_dAkk * b_KK" + (" * b_b[:, None]" if plan.beta else ""))
+                s("b_P += b_Pk" + (" * b_b[:, None]" if plan.beta else ""))
             s("b_dGr = tl.sum(b_P, 1) - tl.sum(b_P, 0)")
             e.load_h(s, "b_x", "dG", "r", "row_ok")
             e.store_h(s, "dG", "b_x + b_dGr", "r", "row_ok")
-    return Kernel("dprod_bwd", tuple(params), "chunks", s.text(), plan.warps_output)
+    return Kernel("dprod_bwd", tuple(params), "chunks", s.text(), plan.warps_output, num_stages=1)
 
 
 def _emit_dprod_channel(plan: Plan) -> Kernel:
     """Channel decay: the products per sub-chunk block, factored around reference points
     (rows of block i against earlier columns: G at the token before i; columns of block j
     against later rows: G at j's last token), diagonal blocks pairwise."""
-    e = _B(plan, plan.KBI)
+    e = _B(plan, min(plan.KBI, 16))
     NS, BC = plan.NS, plan.BC
     params = [("q", "io"), ("k", "io"), ("G", "f32")]
     if plan.delta and plan.beta:
@@ -585,7 +587,7 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
                 s(f"ri{i} = {i * BC} + ri", f"ok{i} = ri{i} < L")
                 e.load_h(s, "b_x", "dbeta", f"ri{i}", f"ok{i}")
                 e.store_h(s, "dbeta", f"b_x + b_db{i}", f"ri{i}", f"ok{i}")
-    return Kernel("dprod_bwd", tuple(params), "chunks", s.text(), plan.warps_intra)
+    return Kernel("dprod_bwd", tuple(params), "chunks", s.text(), plan.warps_intra, num_stages=1)
 
 
 # ============================================================================ 6. dgate

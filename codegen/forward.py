@@ -41,6 +41,9 @@ class Kernel:
     grid: str
     source: str
     num_warps: int
+    #: software-pipelining depth; None: Triton's default. 1 where prefetching the next
+    #: iteration's tiles would cost more registers than its latency hiding is worth
+    num_stages: int | None = None
 
 
 L2NORM_EPS = "1e-6"

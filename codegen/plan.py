@@ -80,6 +80,7 @@ class Plan:
     BK: int  # K padded to a power of two
     KB: int  # key-channel block: kernels walk K in blocks of KB to bound their registers
     KBI: int  # the key block of the intra-chunk kernel (its tiles are [BC, KBI])
+    KBB: int  # the key block of the chunk-parallel backward kernels (several [C, KBB] accumulators)
     RB: int  # row block of the state pass: a chunk is applied RB rows at a time
     BV: int  # V tile
     precision: str
@@ -219,6 +220,7 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         # inspect`): 16 keeps the scalar/no-decay solve free of spills, channel decay's
         # pairwise diagonal blocks need 32.
         KBI=min(BK, 32 if spec.decay is Decay.CHANNEL else 16),
+        KBB=min(BK, 16),
         RB=min(options.chunk_size, 32),
         BV=BV,
         precision=options.precision,

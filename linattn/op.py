@@ -161,7 +161,7 @@ class CompiledOp:
         for name in names:
             kern = gen.kernel(name)
             args = {p: env[p] for p, _ in kern.params}
-            runtime.launch(getattr(mod, kern.name), device, grids[kern.grid], args, kern.num_warps)
+            runtime.launch(getattr(mod, kern.name), device, grids[kern.grid], args, kern.num_warps, kern.num_stages)
 
     def _forward(self, call, output_final_state: bool, keep: dict | None = None):
         """Run the forward kernels; with ``keep`` (a dict) also hand back what the backward needs."""

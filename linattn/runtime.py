@@ -80,14 +80,16 @@ def _interpreting():
             InterpreterBuilder.cast_impl = original_cast
 
 
-def launch(fn: Callable, device: torch.device, grid: tuple[int, ...], args: dict, num_warps: int) -> None:
+def launch(
+    fn: Callable, device: torch.device, grid: tuple[int, ...], args: dict, num_warps: int, num_stages: int | None = None
+) -> None:
     """Launch the generated kernel ``fn`` (a plain function from a generated module)."""
     global _warned_cpu
     if device.type == "cuda":
         k = _jitted.get(fn)
         if k is None:
             k = _jitted[fn] = triton.jit(fn)
-        k[grid](**args, num_warps=num_warps)
+        k[grid](**args, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
     elif device.type == "cpu":
         if not _warned_cpu:
             log.info("CPU tensors: running the generated kernels through Triton's interpreter (slow)")

@@ -164,15 +164,9 @@ def test_cache_keys_on_structure_not_sizes(tmp_path, monkeypatch):
 
 def test_call_errors():
     op = compiled(specs.GDN)
-    x = make_inputs(specs.GDN, B=1, T=8, H=1, K=16, V=16, dtype=torch.float64)
-    with pytest.raises(ValueError, match="q: compiled kernels take bf16, fp16 or fp32"):
-        run(op, x)
     x = make_inputs(specs.GDN, B=1, T=8, H=1, K=16, V=16, dtype=torch.float32)
-    x.q.requires_grad_(True)
-    with pytest.raises(RuntimeError, match="forward kernels only"):
-        op(x.q, x.k, x.v, **x.kwargs)
     with pytest.raises(ValueError, match="g: expected shape"):
-        run(op, make_inputs(specs.GDN, B=1, T=8, H=1, K=16, V=16).__class__(x.q.detach(), x.k, x.v, {**x.kwargs, "g": x.v}))
+        run(op, x.__class__(x.q, x.k, x.v, {**x.kwargs, "g": x.v}))
     with pytest.raises(ValueError, match="chunk_size: expected a power of two >= 16"):
         linattn.compile(specs.GDN, chunk_size=48)
     with pytest.raises(ValueError, match="compile: .*unexpected keyword argument 'chunks'"):
