@@ -61,9 +61,9 @@ def test_builtin_gradients(spec, dtype):
     chunk, an initial state and a final-state gradient."""
     x = make_inputs(spec, B=2, T=100, H=1, HV=2, K=32, V=16, dtype=dtype, h0=True, strength=3.0, seed=3)
     if dtype == torch.float32:
-        check_grads(spec, x, 1e-4, 1e-3)
+        check_grads(spec, x, 1e-4, 1e-4)
     else:
-        check_grads(spec, x, 2e-2, 5e-2)
+        check_grads(spec, x, 2e-2, 2e-2)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -72,19 +72,19 @@ def test_random_spec_gradients(seed):
     g = torch.Generator().manual_seed(seed)
     T = int(torch.randint(2, 90, (1,), generator=g))
     x = make_inputs(spec, B=2, T=T, H=1, HV=2, K=16, V=16, dtype=torch.float32, h0=True, seed=seed)
-    check_grads(spec, x, 1e-4, 1e-3, chunk_size=[16, 32, 64][seed % 3])
+    check_grads(spec, x, 1e-4, 2e-4, chunk_size=[16, 32, 64][seed % 3])
 
 
 @pytest.mark.parametrize("spec", [specs.KDA, specs.QWEN3_NEXT_GDN, specs.NEMOTRON_MAMBA2], ids=lambda s: s.name)
 def test_varlen_gradients(spec):
     x = make_inputs(spec, lengths=[37, 64, 1, 30], H=1, HV=2, K=16, V=16, dtype=torch.float32, h0=True, seed=4)
-    check_grads(spec, x, 1e-4, 1e-3)
+    check_grads(spec, x, 1e-4, 2e-4)
 
 
 @pytest.mark.parametrize("spec", [specs.KDA, specs.GDN, specs.GLA], ids=lambda s: s.name)
 def test_strong_decay_gradients(spec):
     x = make_inputs(spec, B=1, T=100, H=1, K=32, V=16, dtype=torch.float32, h0=True, strength=20.0, seed=5)
-    check_grads(spec, x, 2e-4, 1e-3)
+    check_grads(spec, x, 2e-4, 2e-4)
 
 
 def _ref_layout(x: torch.Tensor, T: int) -> torch.Tensor:
