@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     insp = sub.add_parser("inspect", help="compile a spec's kernels ahead of time; print their resources")
     _spec_args(insp)
     insp.add_argument("--arch", type=int, default=90, help="target compute capability (90: H100/H200)")
+    insp.add_argument("--backward", action="store_true", help="the kernels of the backward pass")
     args = parser.parse_args(argv)
 
     from . import specs
@@ -51,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             from codegen.aot import format_reports, inspect_spec
 
             spec = specs.by_name(args.spec)
-            reports = inspect_spec(spec, args.dtype, args.K, args.V, args.arch, chunk_size=args.chunk_size)
-            lines = [f"{spec.name}: {args.dtype} K={args.K} V={args.V} sm_{args.arch}", *format_reports(reports)]
+            reports = inspect_spec(
+                spec, args.dtype, args.K, args.V, args.arch, backward=args.backward, chunk_size=args.chunk_size
+            )
+            what = " backward" if args.backward else ""
+            lines = [f"{spec.name}{what}: {args.dtype} K={args.K} V={args.V} sm_{args.arch}", *format_reports(reports)]
             if any(r.spills for r in reports):
                 lines.append("SPILLS: at least one kernel spills registers")
     except ValueError as err:

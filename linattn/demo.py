@@ -60,6 +60,16 @@ def _compiled_kda() -> list[str]:
         lines.append(
             f"    {str(dtype):<15} rel err o {rel_err(o.cpu(), o_ref):.2e}   final state {rel_err(s.cpu(), s_ref):.2e}"
         )
+    lines.append("  and its gradients (fp32, through the generated backward kernels) against the oracle's autograd:")
+    x = random_inputs(spec, B=1, T=100, H=2, HV=4, K=64, V=64, dtype=torch.float32, strength=5.0, h0=True, seed=1)
+    tensors = {n: t.to(device).requires_grad_() for n, t in x.tensors().items()}
+    kw = {n: tensors.get(n, t) for n, t in x.kwargs.items()}
+    o, s = op(tensors["q"], tensors["k"], tensors["v"], output_final_state=True, **kw)
+    (o.sum() + s.sum()).backward()
+    ref = {n: t.detach().double().requires_grad_() for n, t in x.tensors().items()}
+    o_ref, s_ref = recurrent(spec, ref["q"], ref["k"], ref["v"], output_final_state=True, **{n: ref.get(n, t) for n, t in x.kwargs.items()})
+    (o_ref.sum() + s_ref.sum()).backward()
+    lines.append("    " + "  ".join(f"d{n} {rel_err(tensors[n].grad.cpu(), ref[n].grad):.1e}" for n in tensors))
     return lines
 
 
