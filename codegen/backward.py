@@ -161,19 +161,8 @@ def _emit_dstate(plan: Plan) -> Kernel:
     with s.block(_signature("dstate_bwd", params)):
         s('"""Reverse over one sequence\'s chunks: store dS\' (the end-state gradient), then')
         s("dΔ = dΔ_loc + Kb dS' and dS <- exp(G_C) dS' + Qgᵀ dO" + (" - Wᵀ dΔ" if plan.delta else "") + '."""')
-        s("i_n = tl.program_id(0)", "i_h = tl.program_id(1)", "i_v = tl.program_id(2)", "i_hk = i_h // GROUP")
-        s("bos = tl.load(cu_seqlens + i_n).to(tl.int64)", "eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)")
-        s("first = tl.load(chunk_off + i_n)", "NT = tl.cdiv(eos - bos, C)", "rb = tl.arange(0, RB)")
-        e.key_blocks(s)
-        s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
-        for b in e.blocks:
-            s(f"s_mask{b} = ck_ok{b}[:, None] & cv_ok[None, :]", f"s_off{b} = ck{b}[:, None] * V + cv[None, :]")
-        s("if HAS_DHT:")
-        for b in e.blocks:
-            s(f"    b_dS{b} = tl.load(dht + (i_n * HV + i_h) * K * V + s_off{b}, mask=s_mask{b}, other=0.0)")
-        s("else:")
-        for b in e.blocks:
-            s(f"    b_dS{b} = tl.zeros([{e.kb}, BV], dtype=tl.float32)")
+        e.sequence_prologue(s)
+        e.state_tiles(s, "b_dS", "HAS_DHT", "dht")
         with s.block("for icr in range(0, NT):"):
             s("ic = NT - 1 - icr", "t0 = bos + ic * C", "L = tl.minimum(eos - t0, C)")
             e.bases(s, bases)

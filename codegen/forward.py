@@ -114,6 +114,29 @@ class _Emitter:
                 }[lay]
             )
 
+    def sequence_prologue(self, s: Source) -> None:
+        """A (sequence, value head, V tile) program of a sequential pass: its bounds and state tiles' offsets."""
+        s("i_n = tl.program_id(0)", "i_h = tl.program_id(1)", "i_v = tl.program_id(2)", "i_hk = i_h // GROUP")
+        s("bos = tl.load(cu_seqlens + i_n).to(tl.int64)", "eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)")
+        s("first = tl.load(chunk_off + i_n)  # global index of the sequence's first chunk")
+        s("NT = tl.cdiv(eos - bos, C)", "rb = tl.arange(0, RB)")
+        self.key_blocks(s)
+        s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
+        for b in self.blocks:
+            s(f"s_mask{b} = ck_ok{b}[:, None] & cv_ok[None, :]", f"s_off{b} = ck{b}[:, None] * V + cv[None, :]")
+
+    def state_tiles(self, s: Source, var: str, flag: str, ptr: str) -> None:
+        """The key blocks ``{var}b`` of a [K, BV] state tile: loaded from ``ptr`` if ``flag``, else zeros."""
+        s(f"if {flag}:")
+        for b in self.blocks:
+            s(
+                f"    {var}{b} = tl.load({ptr} + (i_n * HV + i_h) * K * V + s_off{b}, "
+                f"mask=s_mask{b}, other=0.0).to(tl.float32)"
+            )
+        s("else:")
+        for b in self.blocks:
+            s(f"    {var}{b} = tl.zeros([{self.kb}, BV], dtype=tl.float32)")
+
     def key_blocks(self, s: Source) -> None:
         for b in self.blocks:
             s(f"ck{b} = {b * self.kb} + tl.arange(0, {self.kb})", f"ck_ok{b} = ck{b} < K")
@@ -490,22 +513,9 @@ def _emit_state(plan: Plan) -> Kernel:
             s("Δ = U - W S (stored: the output and the backward read it), and")
         s("S <- exp(G_C) S + Kbᵀ Δ. The state is held as key blocks S_b [KB, BV]; a chunk is")
         s('applied RB rows at a time, every Δ from the old S before S changes."""')
-        s("i_n = tl.program_id(0)", "i_h = tl.program_id(1)", "i_v = tl.program_id(2)")
-        s("i_hk = i_h // GROUP")
-        s("bos = tl.load(cu_seqlens + i_n).to(tl.int64)", "eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)")
-        s("first = tl.load(chunk_off + i_n)  # global index of the sequence's first chunk")
-        s("rb = tl.arange(0, RB)")
-        e.key_blocks(s)
-        s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
-        for b in e.blocks:
-            s(f"s_mask{b} = ck_ok{b}[:, None] & cv_ok[None, :]", f"s_off{b} = ck{b}[:, None] * V + cv[None, :]")
-        s("if HAS_H0:")
-        for b in e.blocks:
-            s(f"    b_S{b} = tl.load(h0 + (i_n * HV + i_h) * K * V + s_off{b}, mask=s_mask{b}, other=0.0).to(tl.float32)")
-        s("else:")
-        for b in e.blocks:
-            s(f"    b_S{b} = tl.zeros([{e.kb}, BV], dtype=tl.float32)")
-        with s.block("for ic in range(0, tl.cdiv(eos - bos, C)):"):
+        e.sequence_prologue(s)
+        e.state_tiles(s, "b_S", "HAS_H0", "h0")
+        with s.block("for ic in range(0, NT):"):
             s("t0 = bos + ic * C", "L = tl.minimum(eos - t0, C)")
             e.bases(s, state_bases)
             for b in e.blocks:
