@@ -1,0 +1,224 @@
+"""Drop-in ops: fla's and mamba_ssm's semantics, written out independently in torch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linattn import ops, specs
+from reference import recurrent
+
+from helpers import assert_close
+
+TOL = 2e-5
+
+
+def _rand(*shape, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * scale
+
+
+def _l2(x):
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def _inputs(B=1, T=50, H=2, HV=4, K=16, V=16, seed=0):
+    q, k, v = _rand(B, T, H, K, seed=seed), _rand(B, T, H, K, seed=seed + 1) / 4, _rand(B, T, HV, V, seed=seed + 2)
+    return q, k, v
+
+
+def _d(*ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_chunk_gated_delta_rule(fused):
+    q, k, v = _inputs()
+    B, T, HV = 1, 50, 4
+    a, b = _rand(B, T, HV, seed=5), _rand(B, T, HV, seed=6)
+    A_log, dt_bias = torch.rand(HV) * 2, _rand(HV, seed=7)
+    h0 = _rand(1, HV, 16, 16, seed=8)
+    with torch.no_grad():
+        if fused:
+            o, ht = ops.chunk_gated_delta_rule(
+                q, k, v, a, b, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
+                use_beta_sigmoid_in_kernel=True, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
+            )
+            g, beta, qq, kk = -A_log.exp() * F.softplus(a + dt_bias), b.sigmoid(), _l2(q), _l2(k)
+        else:
+            g, beta = -torch.rand(B, T, HV), torch.rand(B, T, HV)
+            o, ht = ops.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+            qq, kk = q, k
+    qq, kk, vv, g, beta, h0 = _d(qq, kk, v, g, beta, h0)
+    o_ref, s_ref = recurrent(specs.GDN, qq, kk, vv, g=g, beta=beta, initial_state=h0, output_final_state=True)
+    assert_close("o", o, o_ref, TOL)
+    assert_close("final state", ht, s_ref, TOL)
+
+
+def test_state_layout_and_int64_cu_seqlens():
+    q, k, v = _inputs(T=40)
+    g, beta = -torch.rand(1, 40, 4), torch.rand(1, 40, 4)
+    cu = torch.tensor([0, 15, 40])  # int64, as fla users pass it
+    h0 = _rand(2, 4, 16, 16, seed=3)
+    with torch.no_grad():
+        o1, s1 = ops.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+        o2, s2 = ops.chunk_gated_delta_rule(
+            q, k, v, g, beta, initial_state=h0.transpose(-1, -2).contiguous(), output_final_state=True,
+            cu_seqlens=cu.int(), state_v_first=True,
+        )
+    assert torch.equal(o1, o2) and torch.equal(s1, s2.transpose(-1, -2))
+    o_ref, s_ref = recurrent(specs.GDN, *_d(q, k, v), g=g.double(), beta=beta.double(), initial_state=h0.double(),
+                             output_final_state=True, cu_seqlens=cu.int())
+    assert_close("o", o1, o_ref, TOL)
+    assert_close("states", s1, s_ref, TOL)
+
+
+@pytest.mark.parametrize("gate", ["plain", "softplus", "lower_bound", "lower_bound_no_A"])
+def test_chunk_kda(gate):
+    q, k, v = _inputs()
+    B, T, HV, K = 1, 50, 4, 16
+    raw, b = _rand(B, T, HV, K, seed=5), _rand(B, T, HV, seed=6)
+    A_log, dt_bias = torch.rand(HV), _rand(HV * K, seed=7)
+    kw = dict(use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+    with torch.no_grad():
+        if gate == "plain":
+            g = -torch.rand(B, T, HV, K) * 3
+            o, ht = ops.chunk_kda(q, k, v, g, b, output_final_state=True, **kw)
+        elif gate == "softplus":
+            o, ht = ops.chunk_kda(q, k, v, raw, b, output_final_state=True, use_gate_in_kernel=True, A_log=A_log,
+                                  dt_bias=dt_bias, **kw)
+            g = -A_log.exp()[:, None] * F.softplus(raw + dt_bias.view(HV, K))
+        elif gate == "lower_bound":
+            o, ht = ops.chunk_kda(q, k, v, raw, b, output_final_state=True, use_gate_in_kernel=True, A_log=A_log,
+                                  dt_bias=dt_bias, lower_bound=-5.0, safe_gate=True, **kw)
+            g = -5.0 * torch.sigmoid(A_log.exp()[:, None] * (raw + dt_bias.view(HV, K)))
+        else:
+            o, ht = ops.chunk_kda(q, k, v, raw, b, output_final_state=True, use_gate_in_kernel=True, lower_bound=-3.0,
+                                  **kw)
+            g = -3.0 * torch.sigmoid(raw)
+    o_ref, s_ref = recurrent(specs.KDA, *_d(_l2(q), _l2(k), v), g=g.double(), beta=b.sigmoid().double(),
+                             output_final_state=True)
+    assert_close("o", o, o_ref, TOL)
+    assert_close("final state", ht, s_ref, TOL)
+
+
+@pytest.mark.parametrize("which", ["g", "g_gamma", "both", "none"])
+def test_chunk_simple_gla(which):
+    q, k, v = _inputs(HV=2)
+    g, gamma = -torch.rand(1, 50, 2), -torch.rand(2)
+    args = {"g": g if which in ("g", "both") else None, "g_gamma": gamma if which in ("g_gamma", "both") else None}
+    with torch.no_grad():
+        o, ht = ops.chunk_simple_gla(q, k, v, **args, output_final_state=True)
+    total = torch.zeros(1, 50, 2)
+    if args["g"] is not None:
+        total = total + g
+    if args["g_gamma"] is not None:
+        total = total + gamma
+    o_ref, s_ref = recurrent(specs.SIMPLE_GLA, *_d(q, k, v), g=total.double(), output_final_state=True)
+    assert_close("o", o, o_ref, TOL)
+    assert_close("final state", ht, s_ref, TOL)
+
+
+def _ssd_naive(x, dt, A, B, C, D, z, h0):
+    """Mamba-2's recurrence written out: h = exp(dt A) h + dt x Bᵀ (h: [p, n]), y = h C + D x."""
+    b, L, h, p = x.shape
+    rep = h // B.shape[2]
+    Bh, Ch = B.repeat_interleave(rep, 2), C.repeat_interleave(rep, 2)
+    state = h0.clone() if h0 is not None else x.new_zeros(b, h, p, B.shape[-1])
+    ys = []
+    for t in range(L):
+        decay = torch.exp(dt[:, t] * A)[..., None, None]
+        state = decay * state + (dt[:, t, :, None, None] * x[:, t, :, :, None] * Bh[:, t, :, None, :])
+        y = torch.einsum("bhpn,bhn->bhp", state, Ch[:, t])
+        if D is not None:
+            y = y + (D[:, None] if D.dim() == 1 else D) * x[:, t]
+        if z is not None:
+            y = y * F.silu(z[:, t])
+        ys.append(y)
+    return torch.stack(ys, 1), state
+
+
+@pytest.mark.parametrize("variant", ["plain", "softplus_bias_D_z", "limit_Dchannel"])
+def test_mamba_chunk_scan_combined(variant):
+    b, L, h, p, g, n = 2, 45, 4, 16, 2, 16
+    x, B, C = _rand(b, L, h, p, seed=1), _rand(b, L, g, n, seed=2) / 4, _rand(b, L, g, n, seed=3)
+    A = -torch.rand(h) * 2 - 0.5
+    dt_raw = _rand(b, L, h, seed=4)
+    h0 = _rand(b, h, p, n, seed=5)
+    kw, D, z = {}, None, None
+    if variant == "plain":
+        dt = torch.rand(b, L, h) * 0.5
+        dt_eff = dt
+    elif variant == "softplus_bias_D_z":
+        dt, bias = dt_raw, _rand(h, seed=6)
+        D, z = _rand(h, seed=7), _rand(b, L, h, p, seed=8)
+        kw = dict(dt_bias=bias, dt_softplus=True)
+        dt_eff = F.softplus(dt + bias)
+    else:
+        dt, bias, D = dt_raw, _rand(h, seed=6), _rand(h, p, seed=7)
+        kw = dict(dt_bias=bias, dt_softplus=True, dt_limit=(0.1, 0.6))
+        dt_eff = F.softplus(dt + bias).clamp(0.1, 0.6)
+    with torch.no_grad():
+        out, final = ops.mamba_chunk_scan_combined(x, dt, A, B, C, 64, D=D, z=z, initial_states=h0,
+                                                   return_final_states=True, **kw)
+    y_ref, s_ref = _ssd_naive(*_d(x, dt_eff, A, B, C, D, z, h0))
+    assert_close("out", out, y_ref, TOL)
+    assert_close("final states", final, s_ref, TOL)
+
+
+def test_mamba_varlen_states():
+    x, B, C = _rand(1, 40, 2, 16, seed=1), _rand(1, 40, 1, 16, seed=2) / 4, _rand(1, 40, 1, 16, seed=3)
+    dt, A = torch.rand(1, 40, 2) * 0.5, -torch.rand(2) - 0.5
+    cu = torch.tensor([0, 12, 40], dtype=torch.int32)
+    seq_idx = torch.tensor([[0] * 12 + [1] * 28], dtype=torch.int32)
+    with torch.no_grad():
+        out, final, varlen = ops.mamba_chunk_scan_combined(x, dt, A, B, C, 64, seq_idx=seq_idx, cu_seqlens=cu,
+                                                           return_final_states=True, return_varlen_states=True)
+    parts = [_ssd_naive(*_d(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], None, None, None)) for s, e in ((0, 12), (12, 40))]
+    assert_close("out", out, torch.cat([parts[0][0], parts[1][0]], 1), TOL)
+    assert_close("varlen states", varlen, torch.cat([parts[0][1], parts[1][1]], 0), TOL)
+    assert_close("final state", final, parts[1][1], TOL)
+
+
+def test_gradients_through_a_drop_in_op():
+    q, k, v = (t.requires_grad_() for t in _inputs(T=30))
+    a, b = _rand(1, 30, 4, seed=5).requires_grad_(), _rand(1, 30, 4, seed=6).requires_grad_()
+    A_log, dt_bias = (torch.rand(4)).requires_grad_(), _rand(4, seed=7).requires_grad_()
+    o, _ = ops.chunk_gated_delta_rule(q, k, v, a, b, use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                                      use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias)
+    o.square().sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, a, b, A_log, dt_bias)]
+    qd, kd, vd, ad, bd, Ad, dd = leaves
+    o2, _ = recurrent(specs.GDN, _l2(qd), _l2(kd), vd, g=-Ad.exp() * F.softplus(ad + dd), beta=bd.sigmoid())
+    o2.square().sum().backward()
+    for name, mine, ref in zip("q k v a b A_log dt_bias".split(), (q, k, v, a, b, A_log, dt_bias), leaves):
+        assert_close(f"d{name}", mine.grad, ref.grad, 1e-4)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b, head_first=True), r"unsupported argument\(s\) \['head_first'\]"),
+        (lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b, cp_context=object()), "cp_context: context parallelism"),
+        (lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b, chunk_size=128), "chunk_size must be one of"),
+        (lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b, use_gate_in_kernel=True), "A_log: required"),
+        (lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b, A_log=g[0, 0]), "A_log: only used with"),
+        (lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b, allow_neg_eigval=True), "allow_neg_eigval: requires"),
+        (lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b, cu_seqlens=torch.tensor([0.0, 50.0])), "cu_seqlens: expected dtype"),
+        (lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g[..., :3], b), r"g: expected shape \[1, 50, 4\]"),
+        (lambda q, k, v, g, b: ops.chunk_kda(q, k, v, g, b, return_intermediate_states=True), "return_intermediate_states"),
+    ],
+)
+def test_drop_in_errors(call, message):
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match=message):
+        call(q, k, v, -torch.rand(1, 50, 4), torch.rand(1, 50, 4))
+
+
+def test_mamba_errors():
+    x, B, C = _rand(1, 10, 2, 16), _rand(1, 10, 1, 16), _rand(1, 10, 1, 16)
+    dt, A = torch.rand(1, 10, 2), -torch.rand(2)
+    with pytest.raises(ValueError, match="seq_idx, cu_seqlens: packed sequences need both"):
+        ops.mamba_chunk_scan_combined(x, dt, A, B, C, 64, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="chunk_size: expected a positive int"):
+        ops.mamba_chunk_scan_combined(x, dt, A, B, C, 0)
+    with pytest.raises(ValueError, match=r"dt: expected shape \[1, 10, 2\]"):
+        ops.mamba_chunk_scan_combined(x, dt[:, :5], A, B, C, 64)
