@@ -6,6 +6,7 @@ import dataclasses
 from .backward import backward_kernels
 from .forward import Kernel, forward_kernels
 from .plan import Plan
+from .step import step_kernel
 
 __all__ = ["generate", "Module"]
 
@@ -33,6 +34,8 @@ def generate(plan: Plan, backward: bool = False) -> Module:
     holds the backward kernels.
     """
     kernels = forward_kernels(plan)
+    if not backward:
+        kernels.append(step_kernel(plan))
     if backward:
         kernels = [k for k in kernels if k.name in ("wu_fwd", "state_fwd", "output_fwd")] + backward_kernels(plan)
     spec = plan.spec

@@ -215,13 +215,78 @@ class CompiledOp:
         env["hs"] = _alloc((n_chunks, HV, K, V), io, device)
         env["o"] = _alloc((TT, HV, V), io, device)
         env["ht"] = _alloc((N, HV, K, V), _acc(io), device) if output_final_state else None
-        self._launch(gen, mod, [k.name for k in gen.kernels], env, device)
+        self._launch(gen, mod, [f"{stage}_fwd" for stage in plan.stages], env, device)
         if keep is not None:
             # per-token and cheap: the backward reuses them instead of recomputing
             for name in ("G", "beta", "Tm", "Aqk"):
                 if name in env:
                     keep[name] = env[name]
         return env["o"].reshape(B, T, HV, V), env["ht"]
+
+    # ------------------------------------------------------------------ decoding
+    def step(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        state: torch.Tensor,
+        *,
+        state_indices: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        scale: float | None = None,
+        z: torch.Tensor | None = None,
+        D: torch.Tensor | None = None,
+        **operands: torch.Tensor | float,
+    ) -> torch.Tensor:
+        """Decode: run new tokens through the recurrence, updating ``state`` in place.
+
+        ``q, k`` ``[B, T, H, K]``, ``v`` ``[B, T, HV, V]``: T new tokens for each of B
+        sequences (or packed with ``cu_seqlens``, B = 1). ``state`` fp32 ``[S, HV, K, V]``:
+        sequence n uses row ``state_indices[n]`` (int32 ``[N]``), or row n without a table.
+        Returns the outputs ``[B, T, HV, V]``. No autograd (use the op itself to train).
+        """
+        on_cpu = isinstance(q, torch.Tensor) and q.device.type == "cpu"
+        call = check_call(self.spec, q, k, v, operands, z=z, D=D, scale=scale, cu_seqlens=cu_seqlens, check_values=on_cpu)
+        if q.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"q: compiled kernels take bf16, fp16 or fp32 inputs, got {q.dtype}")
+        if not isinstance(state, torch.Tensor) or state.dtype != _acc(q.dtype):
+            raise ValueError(f"state: expected a {_acc(q.dtype)} tensor (updated in place)")
+        if state.device != q.device:
+            raise ValueError(f"state: on {state.device}, but q is on {q.device}")
+        N, HV, K, V = call.n_seqs, call.HV, call.K, call.V
+        if state.dim() != 4 or tuple(state.shape[1:]) != (HV, K, V) or not state.is_contiguous():
+            raise ValueError(f"state: expected a contiguous [S, {HV}, {K}, {V}] tensor, got {list(state.shape)}")
+        if state_indices is not None:
+            if not isinstance(state_indices, torch.Tensor) or state_indices.dtype != torch.int32:
+                raise ValueError("state_indices: expected an int32 tensor [N]")
+            if tuple(state_indices.shape) != (N,) or state_indices.device != q.device:
+                raise ValueError(f"state_indices: expected shape [{N}] on {q.device}, got {list(state_indices.shape)}")
+        elif state.shape[0] < N:
+            raise ValueError(f"state: {state.shape[0]} rows for {N} sequences (pass state_indices for a pool)")
+        gen, mod = self.module(_DTYPE_NAMES[q.dtype], K, V)
+        TT = call.B * call.T
+        cu = call.cu_seqlens if call.cu_seqlens is not None else (
+            torch.arange(0, call.B + 1, device=q.device, dtype=torch.int32) * call.T
+        )
+        env = {
+            "q": q.reshape(TT, call.H, K).contiguous(), "k": k.reshape(TT, call.H, K).contiguous(),
+            "v": v.reshape(TT, HV, V).contiguous(), "state": state, "state_idx": state_indices,
+            "HAS_IDX": state_indices is not None, "cu_seqlens": cu, "scale": call.scale,
+            "H": call.H, "HV": HV, "GROUP": HV // call.H, "o": _alloc((TT, HV, V), q.dtype, q.device),
+            "_n_chunks": 0, "_N": N,
+        }
+        for op in self.spec.operands:
+            x = call.operands[op.name]
+            env[f"s_{op.name}" if op.role is Role.SCALAR else f"x_{op.name}"] = (
+                x if op.role is Role.SCALAR else x.contiguous()
+            )
+        if call.z is not None:
+            env["z"] = call.z.reshape(TT, HV, V).contiguous()
+        if call.D is not None:
+            env["D"] = call.D.contiguous()
+        with torch.no_grad():
+            self._launch(gen, mod, ["step_fwd"], env, q.device)
+        return env["o"].reshape(call.B, call.T, HV, V)
 
     # ------------------------------------------------------------------ backward
     def core_module(self, dtype: str, K: int, V: int):

@@ -24,7 +24,14 @@ from .op import CompiledOp
 from .op import compile as compile_spec
 from .spec import Spec, term
 
-__all__ = ["chunk_gated_delta_rule", "chunk_kda", "chunk_simple_gla", "mamba_chunk_scan_combined"]
+__all__ = [
+    "chunk_gated_delta_rule",
+    "fused_recurrent_gated_delta_rule",
+    "chunk_kda",
+    "fused_recurrent_kda",
+    "chunk_simple_gla",
+    "mamba_chunk_scan_combined",
+]
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,6 +77,47 @@ def _beta_term(use_sigmoid: bool, allow_neg_eigval: bool):
 
 
 # ----------------------------------------------------------------------------- fla: GDN
+def _gdn_spec(g, gk, beta, use_gate_in_kernel, A_log, dt_bias, use_sigmoid, allow_neg_eigval, l2norm):
+    """The spec and operands of fla's gated delta rule options (``gk``: a per-channel decay)."""
+    operands: dict = {}
+    if use_gate_in_kernel:
+        if A_log is None:
+            raise ValueError("A_log: required when use_gate_in_kernel=True")
+        if g is None:
+            raise ValueError("g: the raw gate input is required when use_gate_in_kernel=True")
+        if dt_bias is not None:
+            gate = gates.softplus_gate()
+            operands.update(a=g, A_log=A_log, dt_bias=dt_bias)
+        else:
+            gate = term("-exp(A_log) * softplus(a)", a="token", A_log="head")
+            operands.update(a=g, A_log=A_log)
+    else:
+        for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
+            if x is not None:
+                raise ValueError(f"{name}: only used with use_gate_in_kernel=True")
+        gate = None
+        if g is not None:
+            operands["g"] = g
+    decay = "none" if g is None and gk is None else "scalar"
+    if gk is not None:
+        decay = "channel"
+        if gate is not None:
+            raise ValueError("gk: not supported together with use_gate_in_kernel=True")
+        if g is not None:
+            gate = term("g + gk", g="token", gk="token_channel")
+        operands["gk" if g is not None else "g"] = gk
+    b = True
+    if beta is None:
+        if use_sigmoid:
+            raise ValueError("beta: required by use_beta_sigmoid_in_kernel=True")
+        b = False
+    else:
+        b = _beta_term(use_sigmoid, allow_neg_eigval)
+        operands["b" if use_sigmoid else "beta"] = beta
+    spec = Spec(decay=decay, correction="delta", gate=gate, beta=b, qk_l2norm=l2norm, name="GDN")
+    return spec, operands
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,25 +152,8 @@ def chunk_gated_delta_rule(
     if cp_context is not None:
         raise ValueError("cp_context: context parallelism is not supported")
     chunk = _chunk("chunk_gated_delta_rule", chunk_size, (16, 32, 64))
-    operands: dict = {}
-    if use_gate_in_kernel:
-        if A_log is None:
-            raise ValueError("A_log: required when use_gate_in_kernel=True")
-        if dt_bias is not None:
-            gate = gates.softplus_gate()
-            operands.update(a=g, A_log=A_log, dt_bias=dt_bias)
-        else:
-            gate = term("-exp(A_log) * softplus(a)", a="token", A_log="head")
-            operands.update(a=g, A_log=A_log)
-    else:
-        for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
-            if x is not None:
-                raise ValueError(f"{name}: only used with use_gate_in_kernel=True")
-        gate = None
-        operands["g"] = g
-    b = _beta_term(use_beta_sigmoid_in_kernel, allow_neg_eigval)
-    operands["b" if use_beta_sigmoid_in_kernel else "beta"] = beta
-    spec = Spec(decay="scalar", correction="delta", gate=gate, beta=b, qk_l2norm=use_qk_l2norm_in_kernel, name="GDN")
+    spec, operands = _gdn_spec(g, None, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel,
+                               allow_neg_eigval, use_qk_l2norm_in_kernel)
     return _run(spec, chunk, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                 cu_seqlens_cpu, operands)
 
@@ -140,6 +171,41 @@ def _run(spec, chunk, q, k, v, scale, initial_state, output_final_state, state_v
 
 
 # ----------------------------------------------------------------------------- fla: KDA
+def _kda_spec(q, v, g, beta, use_gate_in_kernel, A_log, dt_bias, lower_bound, use_sigmoid, allow_neg_eigval, l2norm):
+    """The spec and operands of fla's KDA options."""
+    HV, K = v.shape[2], q.shape[-1]
+    operands: dict = {}
+    if use_gate_in_kernel:
+        if A_log is None and lower_bound is None:
+            raise ValueError("A_log: required when use_gate_in_kernel=True and lower_bound is not set")
+        inner = "a" if dt_bias is None else "(a + dt_bias)"
+        roles: dict = {"a": "token_channel"}
+        if dt_bias is not None:
+            if dt_bias.numel() != HV * K:
+                raise ValueError(f"dt_bias: expected {HV * K} elements ([HV * K]), got {list(dt_bias.shape)}")
+            operands["dt_bias"] = dt_bias.reshape(HV, K)
+            roles["dt_bias"] = "head_channel"
+        if A_log is not None:
+            operands["A_log"] = A_log
+            roles["A_log"] = "head"
+        if lower_bound is not None:
+            arg = f"exp(A_log) * {inner}" if A_log is not None else inner
+            gate = term(f"lower_bound * sigmoid({arg})", lower_bound="scalar", **roles)
+            operands["lower_bound"] = float(lower_bound)
+        else:
+            gate = term(f"-exp(A_log) * softplus({inner})", **roles)
+        operands["a"] = g
+    else:
+        for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
+            if x is not None:
+                raise ValueError(f"{name}: only used with use_gate_in_kernel=True")
+        gate = None
+        operands["g"] = g
+    b = _beta_term(use_sigmoid, allow_neg_eigval)
+    operands["b" if use_sigmoid else "beta"] = beta
+    return Spec(decay="channel", correction="delta", gate=gate, beta=b, qk_l2norm=l2norm, name="KDA"), operands
+
+
 def chunk_kda(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -185,41 +251,96 @@ def chunk_kda(
     if use_graph:
         raise ValueError("use_graph: the NPU graph mode is not supported")
     chunk = _chunk("chunk_kda", chunk_size, (32, 64))
-    HV, K = v.shape[2], q.shape[-1]
-    operands: dict = {}
-    if use_gate_in_kernel:
-        if A_log is None and lower_bound is None:
-            raise ValueError("A_log: required when use_gate_in_kernel=True and lower_bound is not set")
-        if safe_gate and (lower_bound is None or not -5 <= lower_bound < 0):
-            raise ValueError(f"lower_bound: safe_gate needs a lower_bound in [-5, 0), got {lower_bound!r}")
-        inner = "a" if dt_bias is None else "(a + dt_bias)"
-        roles: dict = {"a": "token_channel"}
-        if dt_bias is not None:
-            if dt_bias.numel() != HV * K:
-                raise ValueError(f"dt_bias: expected {HV * K} elements ([HV * K]), got {list(dt_bias.shape)}")
-            operands["dt_bias"] = dt_bias.reshape(HV, K)
-            roles["dt_bias"] = "head_channel"
-        if A_log is not None:
-            operands["A_log"] = A_log
-            roles["A_log"] = "head"
-        if lower_bound is not None:
-            arg = f"exp(A_log) * {inner}" if A_log is not None else inner
-            gate = term(f"lower_bound * sigmoid({arg})", lower_bound="scalar", **roles)
-            operands["lower_bound"] = float(lower_bound)
-        else:
-            gate = term(f"-exp(A_log) * softplus({inner})", **roles)
-        operands["a"] = g
-    else:
-        for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
-            if x is not None:
-                raise ValueError(f"{name}: only used with use_gate_in_kernel=True")
-        gate = None
-        operands["g"] = g
-    b = _beta_term(use_beta_sigmoid_in_kernel, allow_neg_eigval)
-    operands["b" if use_beta_sigmoid_in_kernel else "beta"] = beta
-    spec = Spec(decay="channel", correction="delta", gate=gate, beta=b, qk_l2norm=use_qk_l2norm_in_kernel, name="KDA")
+    if safe_gate and use_gate_in_kernel and (lower_bound is None or not -5 <= lower_bound < 0):
+        raise ValueError(f"lower_bound: safe_gate needs a lower_bound in [-5, 0), got {lower_bound!r}")
+    spec, operands = _kda_spec(q, v, g, beta, use_gate_in_kernel, A_log, dt_bias, lower_bound,
+                               use_beta_sigmoid_in_kernel, allow_neg_eigval, use_qk_l2norm_in_kernel)
     return _run(spec, chunk, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                 cu_seqlens_cpu, operands)
+
+
+def _run_recurrent(spec, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, operands):
+    """fla's fused_recurrent_*: the step kernel on a copy of the state; under autograd the
+    chunk kernels (the same recurrence) so that a recurrent-mode run can be trained."""
+    tensors = [q, k, v, initial_state, *operands.values()]
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        return _run(spec, 64, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, None,
+                    operands)
+    op = _op(spec, 64)
+    cu = _cu(cu_seqlens)
+    N = q.shape[0] if cu is None else cu.numel() - 1
+    shape = (N, v.shape[2], q.shape[-1], v.shape[-1])
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if initial_state is None:
+        state = torch.zeros(shape, dtype=acc, device=q.device)
+    else:
+        h0 = initial_state.transpose(-1, -2) if state_v_first else initial_state
+        if tuple(h0.shape) != shape:
+            raise ValueError(f"initial_state: expected shape {list(shape)}, got {list(initial_state.shape)}")
+        state = h0.to(acc).contiguous().clone()
+    o = op.step(q, k, v, state, cu_seqlens=cu, scale=scale, **operands)
+    if not output_final_state:
+        return o, None
+    return o, (state.transpose(-1, -2) if state_v_first else state)
+
+
+def fused_recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    gk: torch.Tensor | None = None,
+    gv: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    **unsupported,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's ``fused_recurrent_gated_delta_rule``: the token-by-token kernel (decoding);
+    ``g`` ``[B, T, HV]`` and/or ``gk`` ``[B, T, HV, K]``, ``beta`` optional (1). Has a
+    backward (through the chunk kernels), which fla's lacks."""
+    _unexpected("fused_recurrent_gated_delta_rule", unsupported)
+    if gv is not None:
+        raise ValueError("gv: decay along the value dimension is not supported")
+    spec, operands = _gdn_spec(g, gk, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel,
+                               allow_neg_eigval, use_qk_l2norm_in_kernel)
+    return _run_recurrent(spec, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, operands)
+
+
+def fused_recurrent_kda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    lower_bound: float | None = None,
+    state_v_first: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    **unsupported,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's ``fused_recurrent_kda``: the token-by-token KDA kernel, with a backward."""
+    _unexpected("fused_recurrent_kda", unsupported)
+    spec, operands = _kda_spec(q, v, g, beta, use_gate_in_kernel, A_log, dt_bias, lower_bound,
+                               use_beta_sigmoid_in_kernel, allow_neg_eigval, use_qk_l2norm_in_kernel)
+    return _run_recurrent(spec, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, operands)
 
 
 # ----------------------------------------------------------------------------- fla: simple GLA

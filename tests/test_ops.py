@@ -222,3 +222,97 @@ def test_mamba_errors():
         ops.mamba_chunk_scan_combined(x, dt, A, B, C, 0)
     with pytest.raises(ValueError, match=r"dt: expected shape \[1, 10, 2\]"):
         ops.mamba_chunk_scan_combined(x, dt[:, :5], A, B, C, 64)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fused_recurrent_gated_delta_rule(fused):
+    q, k, v = _inputs(T=20)
+    B, T, HV = 1, 20, 4
+    a, b = _rand(B, T, HV, seed=5), _rand(B, T, HV, seed=6)
+    A_log, dt_bias = torch.rand(HV), _rand(HV, seed=7)
+    h0 = _rand(1, HV, 16, 16, seed=8)
+    kw = dict(use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, use_gate_in_kernel=True, A_log=A_log,
+              dt_bias=dt_bias) if fused else {}
+    g, beta = (a, b) if fused else (-torch.rand(B, T, HV), torch.rand(B, T, HV))
+    with torch.no_grad():
+        o, ht = ops.fused_recurrent_gated_delta_rule(q, k, v, g, beta=beta, initial_state=h0, output_final_state=True, **kw)
+        o2, ht2 = ops.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, **kw)
+    assert_close("o vs chunk", o, o2, TOL)
+    assert_close("state vs chunk", ht, ht2, TOL)
+    # the recurrent kernel and the chunk kernels agree with the oracle independently
+    gg, bb, qq, kk = (-A_log.exp() * F.softplus(a + dt_bias), b.sigmoid(), _l2(q), _l2(k)) if fused else (g, beta, q, k)
+    o_ref, s_ref = recurrent(specs.GDN, *_d(qq, kk, v), g=gg.double(), beta=bb.double(), initial_state=h0.double(),
+                             output_final_state=True)
+    assert_close("o", o, o_ref, TOL)
+    assert_close("final state", ht, s_ref, TOL)
+
+
+def test_fused_recurrent_gk_and_no_beta_and_backward():
+    q, k, v = (t.requires_grad_() for t in _inputs(T=20))
+    gk = (-torch.rand(1, 20, 4, 16)).requires_grad_()
+    o, ht = ops.fused_recurrent_gated_delta_rule(q, k, v, gk=gk, output_final_state=True)
+    (o.sum() + ht.sum()).backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, gk)]
+    o2, s2 = recurrent(specs.KDA.replace(beta=False), *leaves[:3], g=leaves[3], output_final_state=True)
+    (o2.sum() + s2.sum()).backward()
+    for name, mine, ref in zip("q k v gk".split(), (q, k, v, gk), leaves):
+        assert_close(f"d{name}", mine.grad, ref.grad, 1e-4)
+
+
+def test_fused_recurrent_kda_varlen():
+    q, k, v = _inputs(T=30)
+    raw, b = _rand(1, 30, 4, 16, seed=5), _rand(1, 30, 4, seed=6)
+    A_log, dt_bias = torch.rand(4), _rand(64, seed=7)
+    cu = torch.tensor([0, 7, 30])
+    h0 = _rand(2, 4, 16, 16, seed=9)
+    with torch.no_grad():
+        o, ht = ops.fused_recurrent_kda(q, k, v, raw, b, A_log=A_log, dt_bias=dt_bias, initial_state=h0,
+                                        output_final_state=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                                        use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
+    g = -A_log.exp()[:, None] * F.softplus(raw + dt_bias.view(4, 16))
+    o_ref, s_ref = recurrent(specs.KDA, *_d(_l2(q), _l2(k), v), g=g.double(), beta=b.sigmoid().double(),
+                             initial_state=h0.double(), output_final_state=True, cu_seqlens=cu.int())
+    assert_close("o", o, o_ref, TOL)
+    assert_close("final states", ht, s_ref, TOL)
+
+
+@pytest.mark.parametrize("spec", [specs.KIMI_KDA, specs.QWEN3_NEXT_GDN, specs.NEMOTRON_MAMBA2], ids=lambda s: s.name)
+def test_step_kernel_with_a_state_pool(spec):
+    """Decoding: two tokens at a time for three sequences whose states live in a pool of six;
+    two calls continue where the first left off; the other rows of the pool are untouched."""
+    import linattn
+    from helpers import make_inputs
+
+    op = linattn.compile(spec)
+    x = make_inputs(spec, B=3, T=4, H=1, HV=2, K=16, V=16, dtype=torch.float32, h0=True, seed=3)
+    h0 = x.kwargs.pop("initial_state")
+    pool = _rand(6, 2, 16, 16, seed=4)
+    idx = torch.tensor([4, 0, 2], dtype=torch.int32)
+    pool[idx.long()] = h0
+    others = pool[[1, 3, 5]].clone()
+    outs = []
+    for sl in (slice(0, 2), slice(2, 4)):
+        part = {n: (t[:, sl] if isinstance(t, torch.Tensor) and t.dim() >= 3 else t) for n, t in x.kwargs.items()}
+        outs.append(op.step(x.q[:, sl], x.k[:, sl], x.v[:, sl], pool, state_indices=idx, **part))
+    up = {n: (t.double() if isinstance(t, torch.Tensor) else t) for n, t in x.kwargs.items()}
+    o_ref, s_ref = recurrent(spec, *_d(x.q, x.k, x.v), initial_state=h0.double(), output_final_state=True, **up)
+    assert_close("o", torch.cat(outs, 1), o_ref, TOL)
+    assert_close("states", pool[idx.long()], s_ref, TOL)
+    assert torch.equal(pool[[1, 3, 5]], others)
+
+
+def test_step_errors():
+    import linattn
+
+    op = linattn.compile(specs.GDN)
+    q, k, v = _inputs(B=2, T=1)
+    g, beta = -torch.rand(2, 1, 4), torch.rand(2, 1, 4)
+    state = torch.zeros(2, 4, 16, 16)
+    with pytest.raises(ValueError, match="state: expected a torch.float32 tensor"):
+        op.step(q, k, v, state.double(), g=g, beta=beta)
+    with pytest.raises(ValueError, match=r"state: expected a contiguous \[S, 4, 16, 16\]"):
+        op.step(q, k, v, state[:, :2], g=g, beta=beta)
+    with pytest.raises(ValueError, match="state_indices: expected an int32 tensor"):
+        op.step(q, k, v, state, state_indices=torch.tensor([0, 1]), g=g, beta=beta)
+    with pytest.raises(ValueError, match="state: 1 rows for 2 sequences"):
+        op.step(q, k, v, state[:1], g=g, beta=beta)

@@ -1,0 +1,106 @@
+"""The decoding step: the recurrence itself, token by token, on a state kept in place.
+
+One program per (sequence, value head, V tile) reads the sequence's state (through a
+state-index table when the states live in a serving engine's pool), runs the sequence's
+new tokens through decay, correction and write with every term of the spec fused (gate
+and β parameterizations, L2 norms, D skip, silu(z) gate), emits each ``o_t`` and writes
+the state back. No matrix products: a step is a handful of outer products and row
+reductions over a state tile, bound by the state's bytes.
+"""
+from __future__ import annotations
+
+from linattn.spec import OutputGate, Role, Skip
+
+from .exprs import to_triton
+from .forward import L2NORM_EPS, Kernel, _Emitter, _operand_params, _signature
+from .plan import Plan
+from .source import Source
+
+__all__ = ["step_kernel"]
+
+
+def step_kernel(plan: Plan) -> Kernel:
+    e, spec = _Emitter(plan), plan.spec
+    params = [("q", "io"), ("k", "io"), ("v", "io"), *_operand_params(plan)]
+    if spec.skip is not Skip.NONE:
+        params.append(("D", "io"))
+    if spec.output_gate is OutputGate.SILU:
+        params.append(("z", "io"))
+    params += [("state", "f32"), ("state_idx", "i32"), ("o", "io"), ("cu_seqlens", "i32"), ("scale", "float")]
+    params += [("H", "int"), ("HV", "int"), ("GROUP", "int"), ("HAS_IDX", "constexpr")]
+    ops = {o.name: o for o in spec.operands}
+    s = Source()
+    with s.block(_signature("step_fwd", params)):
+        s('"""Decode: run one sequence\'s new tokens through the recurrence on its state, in place."""')
+        s("i_n = tl.program_id(0)", "i_h = tl.program_id(1)", "i_v = tl.program_id(2)", "i_hk = i_h // GROUP")
+        s("bos = tl.load(cu_seqlens + i_n).to(tl.int64)", "eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)")
+        s("if HAS_IDX:", "    slot = tl.load(state_idx + i_n).to(tl.int64)", "else:", "    slot = i_n.to(tl.int64)")
+        e.key_blocks(s)
+        s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
+        for b in e.blocks:
+            s(f"s_mask{b} = ck_ok{b}[:, None] & cv_ok[None, :]", f"s_off{b} = ck{b}[:, None] * V + cv[None, :]")
+            s(f"b_S{b} = tl.load(state + (slot * HV + i_h) * K * V + s_off{b}, mask=s_mask{b}, other=0.0).to(tl.float32)")
+        for o in ops.values():  # per-head parameters: loaded once
+            if o.role is Role.HEAD:
+                s(f"o_{o.name} = tl.load(x_{o.name} + i_h).to(tl.float32)")
+            elif o.role is Role.HEAD_CHANNEL:
+                for b in e.blocks:
+                    s(f"o_{o.name}{b} = tl.load(x_{o.name} + i_h * K + ck{b}, mask=ck_ok{b}, other=0.0).to(tl.float32)")
+        if spec.skip is Skip.HEAD:
+            s("b_D = tl.load(D + i_h).to(tl.float32)")
+        elif spec.skip is Skip.CHANNEL:
+            s("b_D = tl.load(D + i_h * V + cv, mask=cv_ok, other=0.0).to(tl.float32)")
+        with s.block("for t in range(bos, eos):"):
+            s("p_qk = (t * H + i_hk) * K", "p_h = t * HV + i_h")
+            for b in e.blocks:
+                s(f"b_q{b} = tl.load(q + p_qk + ck{b}, mask=ck_ok{b}, other=0.0).to(tl.float32)")
+                s(f"b_k{b} = tl.load(k + p_qk + ck{b}, mask=ck_ok{b}, other=0.0).to(tl.float32)")
+            if spec.qk_l2norm:
+                for x in ("q", "k"):
+                    total = " + ".join(f"tl.sum(b_{x}{b} * b_{x}{b}, 0)" for b in e.blocks)
+                    s(f"r{x} = tl.rsqrt({total} + {L2NORM_EPS})")
+                    for b in e.blocks:
+                        s(f"b_{x}{b} = b_{x}{b} * r{x}")
+            s("b_v = tl.load(v + p_h * V + cv, mask=cv_ok, other=0.0).to(tl.float32)")
+            for o in ops.values():  # per-token inputs
+                if o.role is Role.TOKEN:
+                    s(f"o_{o.name} = tl.load(x_{o.name} + p_h).to(tl.float32)")
+                elif o.role is Role.TOKEN_CHANNEL:
+                    for b in e.blocks:
+                        s(f"o_{o.name}{b} = tl.load(x_{o.name} + p_h * K + ck{b}, mask=ck_ok{b}, other=0.0).to(tl.float32)")
+
+            def name(b):
+                def f(n: str) -> str:
+                    role = ops[n].role
+                    if role is Role.SCALAR:
+                        return f"s_{n}"
+                    return f"o_{n}{b}" if role.per_channel else f"o_{n}"
+
+                return f
+
+            # decay
+            if plan.scalar:
+                s(f"b_a = tl.exp({to_triton(spec.gate.expr, name(''))})")
+                for b in e.blocks:
+                    s(f"b_S{b} = b_S{b} * b_a")
+            elif plan.channel:
+                for b in e.blocks:
+                    s(f"b_S{b} = b_S{b} * tl.exp({to_triton(spec.gate.expr, name(b))})[:, None]")
+            # correction and write: S += k (β (v - Sᵀ k))ᵀ
+            s("b_u = b_v")
+            if plan.delta:
+                s("b_u = b_u - (" + " + ".join(f"tl.sum(b_k{b}[:, None] * b_S{b}, 0)" for b in e.blocks) + ")")
+            if plan.beta:
+                s(f"b_u = b_u * ({to_triton(spec.beta.expr, name(''))})")
+            for b in e.blocks:
+                s(f"b_S{b} += b_k{b}[:, None] * b_u[None, :]")
+            s("b_o = scale * (" + " + ".join(f"tl.sum(b_q{b}[:, None] * b_S{b}, 0)" for b in e.blocks) + ")")
+            if spec.skip is not Skip.NONE:
+                s("b_o += b_D * b_v")
+            if spec.output_gate is OutputGate.SILU:
+                s("b_z = tl.load(z + p_h * V + cv, mask=cv_ok, other=0.0).to(tl.float32)")
+                s("b_o = b_o * b_z / (1.0 + tl.exp(-b_z))")
+            s("tl.store(o + p_h * V + cv, b_o.to(o.dtype.element_ty), mask=cv_ok)")
+        for b in e.blocks:
+            s(f"tl.store(state + (slot * HV + i_h) * K * V + s_off{b}, b_S{b}, mask=s_mask{b})")
+    return Kernel("step_fwd", tuple(params), "seqs_v", s.text(), plan.warps_state)
