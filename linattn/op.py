@@ -14,7 +14,7 @@ import torch
 import codegen
 from codegen.plan import Options, Plan
 
-from . import runtime
+from . import custom_ops, runtime
 from .inputs import check_call
 from .spec import Role, Spec
 
@@ -63,6 +63,7 @@ class CompiledOp:
         self._modules: dict[tuple[str, int, int], tuple[codegen.module.Module, object]] = {}
         self._last: tuple[str, int, int] | None = None
         self._lock = threading.Lock()
+        self.key = custom_ops.register(self)  # how the torch custom op finds this op
 
     # ------------------------------------------------------------------ generation
     def plan(self, dtype: str = "bf16", K: int = 128, V: int = 128) -> Plan:
@@ -103,10 +104,11 @@ class CompiledOp:
         **operands: torch.Tensor | float,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the recurrence; returns ``(o [B, T, HV, V], final_state [N, HV, K, V] fp32 or None)``."""
-        on_cpu = isinstance(q, torch.Tensor) and q.device.type == "cpu"
+        # reading cu_seqlens on the host would synchronise CUDA (and break a torch.compile graph)
+        check_values = isinstance(q, torch.Tensor) and q.device.type == "cpu" and not torch.compiler.is_compiling()
         call = check_call(
             self.spec, q, k, v, operands, z=z, D=D, scale=scale, initial_state=initial_state,
-            cu_seqlens=cu_seqlens, check_values=on_cpu,  # a host read would synchronise CUDA
+            cu_seqlens=cu_seqlens, check_values=check_values,
         )
         if q.dtype not in _DTYPE_NAMES:
             raise ValueError(f"q: compiled kernels take bf16, fp16 or fp32 inputs, got {q.dtype}")
@@ -114,7 +116,15 @@ class CompiledOp:
             raise ValueError("q: float64 inputs run only through the interpreter (CPU tensors), for gradient checks")
         named = {"q": q, "k": k, "v": v, "z": z, "D": D, "initial_state": initial_state, **operands}
         named = {n: t for n, t in named.items() if isinstance(t, torch.Tensor)}
-        if torch.is_grad_enabled() and any(t.requires_grad for t in named.values()):
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in named.values())
+        if torch.compiler.is_compiling():
+            if needs_grad:
+                raise RuntimeError(
+                    "linattn: gradients under torch.compile are not supported yet; compile the inference "
+                    "path (torch.no_grad) or train in eager mode"
+                )
+            return custom_ops.forward(self, call, bool(output_final_state))
+        if needs_grad:
             return _Op.apply(self, call, bool(output_final_state), tuple(named), *named.values())
         return self._forward(call, bool(output_final_state))
 

@@ -19,10 +19,10 @@ import math
 
 import torch
 
-from . import gates
+from . import custom_ops, gates
 from .op import CompiledOp
 from .op import compile as compile_spec
-from .spec import Spec, term
+from .spec import Spec, term  # noqa: F401 (Spec: the type of what _compiled builds)
 
 __all__ = [
     "chunk_gated_delta_rule",
@@ -34,9 +34,34 @@ __all__ = [
 ]
 
 
+def _t(text: str, **roles: str) -> tuple:
+    """A term as a hashable description (parsed once, in :func:`_compiled`)."""
+    return (text, tuple(sorted(roles.items())))
+
+
 @functools.lru_cache(maxsize=None)
-def _op(spec: Spec, chunk_size: int) -> CompiledOp:
-    return compile_spec(spec, chunk_size=chunk_size)
+def _compile_key(
+    decay: str, correction: str, gate, beta, l2norm: bool, chunk: int, skip: str = "none", output_gate: str = "none",
+    default_scale: float | None = None, name: str = "",
+) -> str:
+    as_term = lambda t: t if t is None or isinstance(t, bool) else term(t[0], **dict(t[1]))  # noqa: E731
+    spec = Spec(
+        decay=decay, correction=correction, gate=as_term(gate), beta=as_term(beta), qk_l2norm=l2norm, skip=skip,
+        output_gate=output_gate, default_scale=default_scale, name=name,
+    )
+    return compile_spec(spec, chunk_size=chunk).key
+
+
+@torch.compiler.assume_constant_result
+def _key(*description) -> str:
+    """The registry key of an option set's compiled op: built once, a constant to torch.compile
+    (which must not trace the spec's symbolic terms)."""
+    return _compile_key(*description)
+
+
+def _compiled(*description) -> CompiledOp:
+    """The compiled op of an option set (see :func:`_compile_key` for the description)."""
+    return custom_ops.lookup(_key(*description))
 
 
 def _unexpected(fn: str, kwargs: dict) -> None:
@@ -73,7 +98,7 @@ def _beta_term(use_sigmoid: bool, allow_neg_eigval: bool):
         raise ValueError("allow_neg_eigval: requires use_beta_sigmoid_in_kernel=True")
     if not use_sigmoid:
         return True
-    return term("2 * sigmoid(b)", b="token") if allow_neg_eigval else gates.sigmoid_beta()
+    return _t("2 * sigmoid(b)", b="token") if allow_neg_eigval else _t("sigmoid(b)", b="token")
 
 
 # ----------------------------------------------------------------------------- fla: GDN
@@ -86,10 +111,10 @@ def _gdn_spec(g, gk, beta, use_gate_in_kernel, A_log, dt_bias, use_sigmoid, allo
         if g is None:
             raise ValueError("g: the raw gate input is required when use_gate_in_kernel=True")
         if dt_bias is not None:
-            gate = gates.softplus_gate()
+            gate = _t("-exp(A_log) * softplus(a + dt_bias)", a="token", A_log="head", dt_bias="head")
             operands.update(a=g, A_log=A_log, dt_bias=dt_bias)
         else:
-            gate = term("-exp(A_log) * softplus(a)", a="token", A_log="head")
+            gate = _t("-exp(A_log) * softplus(a)", a="token", A_log="head")
             operands.update(a=g, A_log=A_log)
     else:
         for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
@@ -104,7 +129,7 @@ def _gdn_spec(g, gk, beta, use_gate_in_kernel, A_log, dt_bias, use_sigmoid, allo
         if gate is not None:
             raise ValueError("gk: not supported together with use_gate_in_kernel=True")
         if g is not None:
-            gate = term("g + gk", g="token", gk="token_channel")
+            gate = _t("g + gk", g="token", gk="token_channel")
         operands["gk" if g is not None else "g"] = gk
     b = True
     if beta is None:
@@ -114,8 +139,7 @@ def _gdn_spec(g, gk, beta, use_gate_in_kernel, A_log, dt_bias, use_sigmoid, allo
     else:
         b = _beta_term(use_sigmoid, allow_neg_eigval)
         operands["b" if use_sigmoid else "beta"] = beta
-    spec = Spec(decay=decay, correction="delta", gate=gate, beta=b, qk_l2norm=l2norm, name="GDN")
-    return spec, operands
+    return (decay, "delta", gate, b, l2norm), operands
 
 
 def chunk_gated_delta_rule(
@@ -160,8 +184,9 @@ def chunk_gated_delta_rule(
 
 def _run(spec, chunk, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
          operands):
+    """Run the op of ``spec`` (the positional description of :func:`_compiled`)."""
     h0 = _state_in(initial_state, state_v_first) if state_v_first else initial_state
-    o, ht = _op(spec, chunk)(
+    o, ht = _compiled(*spec, chunk)(
         q, k, v, scale=scale, initial_state=h0, output_final_state=output_final_state,
         cu_seqlens=_cu(cu_seqlens, cu_seqlens_cpu), **operands,
     )
@@ -190,10 +215,10 @@ def _kda_spec(q, v, g, beta, use_gate_in_kernel, A_log, dt_bias, lower_bound, us
             roles["A_log"] = "head"
         if lower_bound is not None:
             arg = f"exp(A_log) * {inner}" if A_log is not None else inner
-            gate = term(f"lower_bound * sigmoid({arg})", lower_bound="scalar", **roles)
+            gate = _t(f"lower_bound * sigmoid({arg})", lower_bound="scalar", **roles)
             operands["lower_bound"] = float(lower_bound)
         else:
-            gate = term(f"-exp(A_log) * softplus({inner})", **roles)
+            gate = _t(f"-exp(A_log) * softplus({inner})", **roles)
         operands["a"] = g
     else:
         for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
@@ -203,7 +228,7 @@ def _kda_spec(q, v, g, beta, use_gate_in_kernel, A_log, dt_bias, lower_bound, us
         operands["g"] = g
     b = _beta_term(use_sigmoid, allow_neg_eigval)
     operands["b" if use_sigmoid else "beta"] = beta
-    return Spec(decay="channel", correction="delta", gate=gate, beta=b, qk_l2norm=l2norm, name="KDA"), operands
+    return ("channel", "delta", gate, b, l2norm), operands
 
 
 def chunk_kda(
@@ -266,7 +291,7 @@ def _run_recurrent(spec, q, k, v, scale, initial_state, output_final_state, stat
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         return _run(spec, 64, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, None,
                     operands)
-    op = _op(spec, 64)
+    op = _compiled(*spec, 64)
     cu = _cu(cu_seqlens)
     N = q.shape[0] if cu is None else cu.numel() - 1
     shape = (N, v.shape[2], q.shape[-1], v.shape[-1])
@@ -366,16 +391,16 @@ def chunk_simple_gla(
     chunk = _chunk("chunk_simple_gla", chunk_size, (16, 32, 64))
     operands: dict = {}
     if g is not None and g_gamma is not None:
-        spec = Spec(decay="scalar", gate=term("g + g_gamma", g="token", g_gamma="head"), name="SIMPLE_GLA")
+        spec = ("scalar", "none", _t("g + g_gamma", g="token", g_gamma="head"), False, False)
         operands.update(g=g, g_gamma=g_gamma)
     elif g is not None:
-        spec = Spec(decay="scalar", name="SIMPLE_GLA")
+        spec = ("scalar", "none", _t("g", g="token"), False, False)
         operands["g"] = g
     elif g_gamma is not None:
-        spec = Spec(decay="scalar", gate=term("g_gamma", g_gamma="head"), name="SIMPLE_GLA")
+        spec = ("scalar", "none", _t("g_gamma", g_gamma="head"), False, False)
         operands["g_gamma"] = g_gamma
     else:
-        spec = Spec(name="LINEAR")
+        spec = ("none", "none", None, False, False)
     return _run(spec, chunk, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                 cu_seqlens_cpu, operands)
 
@@ -416,18 +441,15 @@ def mamba_chunk_scan_combined(
         raise ValueError("A: expected a 1-D tensor [nheads]")
     lo, hi = dt_limit
     limit = not (lo == 0.0 and math.isinf(hi) and hi > 0)
-    dt_term = gates.mamba_dt(softplus=dt_softplus, bias=dt_bias is not None, limit=limit)
-    gate_term = gates.mamba_gate(softplus=dt_softplus, bias=dt_bias is not None, limit=limit)
+    dt_text, dt_roles = gates._dt_text(dt_softplus, dt_bias is not None, limit)
+    dt_term, gate_term = _t(dt_text, **dt_roles), _t(f"A * {dt_text}", A="head", **dt_roles)
     operands: dict = {"dt": dt, "A": A}
     if dt_bias is not None:
         operands["dt_bias"] = dt_bias
     if limit:
         operands.update(dt_min=float(lo), dt_max=float(hi))
     skip = "none" if D is None else ("head" if D.dim() == 1 else "channel")
-    spec = Spec(
-        decay="scalar", gate=gate_term, beta=dt_term, skip=skip, output_gate="none" if z is None else "silu",
-        default_scale=1.0, name="MAMBA2",
-    )
+    op = _compiled("scalar", "none", gate_term, dt_term, False, 64, skip, "none" if z is None else "silu", 1.0, "MAMBA2")
     packed = cu_seqlens is not None or seq_idx is not None
     if packed and (cu_seqlens is None or seq_idx is None):
         raise ValueError("seq_idx, cu_seqlens: packed sequences need both (seq_idx for the scan, cu_seqlens for its bounds)")
@@ -444,7 +466,7 @@ def mamba_chunk_scan_combined(
             rest = h0.new_zeros(cu.numel() - 2, *h0.shape[1:])
             h0 = torch.cat([h0, rest], 0)
     want_state = return_final_states or return_varlen_states
-    out, ht = _op(spec, 64)(
+    out, ht = op(
         C, B, x, initial_state=h0, output_final_state=want_state, cu_seqlens=cu, z=z, D=D, **operands
     )
     if not want_state:

@@ -316,3 +316,37 @@ def test_step_errors():
         op.step(q, k, v, state, state_indices=torch.tensor([0, 1]), g=g, beta=beta)
     with pytest.raises(ValueError, match="state: 1 rows for 2 sequences"):
         op.step(q, k, v, state[:1], g=g, beta=beta)
+
+
+class _Layer(torch.nn.Module):
+    """A layer calling drop-in ops the way Qwen3-Next's and Nemotron-H's mixers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.A_log = torch.nn.Parameter(torch.rand(4))
+        self.dt_bias = torch.nn.Parameter(_rand(4, seed=11))
+        self.A = torch.nn.Parameter(-torch.rand(4) - 0.5)
+        self.D = torch.nn.Parameter(_rand(4, seed=12))
+
+    def forward(self, q, k, v, a, b, cu):
+        o, ht = ops.chunk_gated_delta_rule(
+            q, k, v, a, b, use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, use_gate_in_kernel=True,
+            A_log=self.A_log, dt_bias=self.dt_bias, output_final_state=True, cu_seqlens=cu,
+        )
+        y = ops.mamba_chunk_scan_combined(v, a.sigmoid(), self.A, k, q, 64, D=self.D, dt_bias=self.dt_bias,
+                                          dt_softplus=True)
+        return torch.tanh(o) + y, ht
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) of a layer calling the ops: no graph break, same results."""
+    torch._dynamo.reset()
+    layer = _Layer()
+    q, k, v = _inputs(T=30)
+    a, b = _rand(1, 30, 4, seed=5), _rand(1, 30, 4, seed=6)
+    cu = torch.tensor([0, 11, 30], dtype=torch.int32)
+    with torch.no_grad():
+        ref = layer(q, k, v, a, b, cu)
+        out = torch.compile(layer, fullgraph=True, backend=backend)(q, k, v, a, b, cu)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])

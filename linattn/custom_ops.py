@@ -1,0 +1,104 @@
+"""The compiled ops as a torch custom op, so ``torch.compile(fullgraph=True)`` traces through them.
+
+One op serves every spec: ``linattn::forward``. A compiled op is registered under a key
+(its spec and options); the custom op takes the key and the tensors (operands in the
+spec's operand order, scalars apart) and returns fixed-arity outputs (empty tensors where
+the Python API has ``None``). Its fake implementation gives shapes from the inputs alone,
+so tracing never runs a kernel. (Gradients under torch.compile are not registered yet;
+eager autograd goes through :class:`linattn.op._Op`.)
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .inputs import check_call
+from .spec import Role
+
+__all__ = ["register", "forward"]
+
+_REGISTRY: dict = {}
+
+
+def register(op) -> str:
+    """The key under which the custom ops find ``op`` (stable for equal specs and options)."""
+    from codegen.plan import spec_key
+
+    key = hashlib.sha256(f"{spec_key(op.spec)}|{op.options}".encode()).hexdigest()[:20]
+    _REGISTRY.setdefault(key, op)  # equal specs and options: the first op serves them all
+    return key
+
+
+def lookup(key: str):
+    """The compiled op registered under ``key``."""
+    return _REGISTRY[key]
+
+
+def _call(op, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale):
+    names = iter(o.name for o in op.spec.operands if o.role is not Role.SCALAR)
+    values = dict(zip(names, operands))
+    values.update(zip((o.name for o in op.spec.operands if o.role is Role.SCALAR), scalars))
+    return check_call(
+        op.spec, q, k, v, values, z=z, D=D, scale=scale, initial_state=h0, cu_seqlens=cu_seqlens, check_values=False
+    )
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("linattn::forward", mutates_args=())
+def _forward(
+    key: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    operands: list[torch.Tensor],
+    scalars: list[float],
+    z: torch.Tensor | None,
+    D: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    scale: float,
+    output_final_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = _REGISTRY[key]
+    call = _call(op, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale)
+    saved: dict = {}
+    o, ht = op._forward(call, output_final_state, keep=saved)
+    kept = [saved[n] if n in saved else _empty(q) for n in ("G", "Tm", "Aqk")]
+    return o, (ht if ht is not None else _empty(q)), *kept
+
+
+def _shapes(key, q, v, cu_seqlens, output_final_state):
+    op = _REGISTRY[key]
+    B, T, _, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    C = op.options.chunk_size
+    spec = op.spec
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = {"o": ((B, T, HV, V), q.dtype), "ht": ((N, HV, K, V) if output_final_state else (0,), acc)}
+    out["G"] = ((B * T, HV, K) if spec.decay.value == "channel" else (B * T, HV)) if spec.has_decay else (0,), acc
+    out["Tm"] = ((B * T, HV, C) if spec.has_delta else (0,)), q.dtype
+    out["Aqk"] = ((B * T, HV, C) if spec.decay.value == "channel" else (0,)), q.dtype
+    return out
+
+
+@_forward.register_fake
+def _(key, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale, output_final_state):
+    shapes = _shapes(key, q, v, cu_seqlens, output_final_state)
+    return tuple(q.new_empty(shape, dtype=dtype) for shape, dtype in shapes.values())
+
+
+def forward(op, call, output_final_state: bool):
+    """Run ``op`` on a validated call through the custom op (what torch.compile sees)."""
+    key = op.key
+    tensors = [call.operands[o.name] for o in op.spec.operands if o.role is not Role.SCALAR]
+    scalars = [float(call.operands[o.name]) for o in op.spec.operands if o.role is Role.SCALAR]
+    o, ht, *_ = _forward(
+        key, call.q, call.k, call.v, tensors, scalars, call.z, call.D, call.initial_state, call.cu_seqlens,
+        call.scale, output_final_state,
+    )
+    return o, (ht if output_final_state else None)
