@@ -192,6 +192,10 @@ class CompiledOp:
 
         env = self._geometry(call, C)
         TT, n_chunks, io = env["_TT"], env["_n_chunks"], q.dtype
+        if call.cu_seqlens is not None and device.type == "cuda":
+            # the host cannot read cu_seqlens without a synchronisation: check it on the device
+            cu = call.cu_seqlens
+            torch._assert_async((cu[0] == 0) & (cu[-1] == TT) & (cu[1:] > cu[:-1]).all())
         env["HAS_H0"] = call.initial_state is not None
         env["STORE_HT"] = output_final_state
         env["h0"] = None if call.initial_state is None else call.initial_state.to(_acc(io)).contiguous()

@@ -350,3 +350,41 @@ def test_torch_compile_fullgraph(backend):
         ref = layer(q, k, v, a, b, cu)
         out = torch.compile(layer, fullgraph=True, backend=backend)(q, k, v, a, b, cu)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_against_fla_naive_references():
+    """fla's own pure-torch references (fla-core, a test extra) on the same inputs."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gdn_naive = pytest.importorskip("fla.ops.gated_delta_rule.naive")
+        kda_naive = pytest.importorskip("fla.ops.kda.naive")
+        gla_naive = pytest.importorskip("fla.ops.simple_gla.naive")
+    q, k, v = _inputs(H=4, T=40)
+    k = F.normalize(k, dim=-1)
+    g, beta = -torch.rand(1, 40, 4), torch.rand(1, 40, 4)
+    h0 = _rand(1, 4, 16, 16, seed=3)
+    with torch.no_grad():
+        o, ht = ops.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+        o_f, ht_f = ops.fused_recurrent_gated_delta_rule(q, k, v, g, beta=beta, initial_state=h0, output_final_state=True)
+    o_ref, s_ref = gdn_naive.naive_recurrent_gated_delta_rule(q, k, v, beta, g, initial_state=h0, output_final_state=True)
+    for name, mine, ref in (("o", o, o_ref), ("state", ht, s_ref), ("o recurrent", o_f, o_ref), ("state recurrent", ht_f, s_ref)):
+        assert_close(f"GDN {name}", mine, ref.float(), 1e-5)
+
+    gk = -torch.rand(1, 40, 4, 16) * 2
+    q2, k2, v2 = _inputs(H=2, HV=4, T=40, seed=9)
+    h2 = _rand(1, 4, 16, 16, seed=4)
+    with torch.no_grad():
+        o, ht = ops.chunk_kda(q2, k2, v2, gk, beta, initial_state=h2, output_final_state=True)
+    o_ref, s_ref = kda_naive.naive_recurrent_kda(q2, k2, v2, gk, beta, initial_state=h2, output_final_state=True)
+    assert_close("KDA o", o, o_ref.float(), 1e-5)
+    assert_close("KDA state", ht, s_ref.float(), 1e-5)
+
+    q3, k3, v3 = _inputs(H=2, HV=2, T=40, seed=12)
+    gs = -torch.rand(1, 40, 2)
+    with torch.no_grad():
+        o, ht = ops.chunk_simple_gla(q3, k3, v3, g=gs, output_final_state=True)
+    o_ref, s_ref = gla_naive.naive_recurrent_simple_gla(q3, k3, v3, gs, output_final_state=True)
+    assert_close("simple GLA o", o, o_ref.float(), 1e-5)
+    assert_close("simple GLA state", ht, s_ref.float(), 1e-5)
