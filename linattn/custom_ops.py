@@ -1,11 +1,11 @@
-"""The compiled ops as a torch custom op, so ``torch.compile(fullgraph=True)`` traces through them.
+"""The compiled ops as torch custom ops: autograd, and ``torch.compile(fullgraph=True)`` traces through them.
 
 One op serves every spec: ``linattn::forward``. A compiled op is registered under a key
 (its spec and options); the custom op takes the key and the tensors (operands in the
 spec's operand order, scalars apart) and returns fixed-arity outputs (empty tensors where
 the Python API has ``None``). Its fake implementation gives shapes from the inputs alone,
-so tracing never runs a kernel. (Gradients under torch.compile are not registered yet;
-eager autograd goes through :class:`linattn.op._Op`.)
+so tracing never runs a kernel. ``linattn::backward`` is its registered gradient: the
+backward kernels plus the layer-side terms differentiated by hand (no autograd inside).
 """
 from __future__ import annotations
 
@@ -90,6 +90,67 @@ def _shapes(key, q, v, cu_seqlens, output_final_state):
 def _(key, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale, output_final_state):
     shapes = _shapes(key, q, v, cu_seqlens, output_final_state)
     return tuple(q.new_empty(shape, dtype=dtype) for shape, dtype in shapes.values())
+
+
+@torch.library.custom_op("linattn::backward", mutates_args=())
+def _backward(
+    key: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    operands: list[torch.Tensor],
+    scalars: list[float],
+    z: torch.Tensor | None,
+    D: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    scale: float,
+    G: torch.Tensor,
+    Tm: torch.Tensor,
+    Aqk: torch.Tensor,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+) -> list[torch.Tensor]:
+    op = _REGISTRY[key]
+    call = _call(op, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale)
+    saved = {n: t for n, t in (("G", G), ("Tm", Tm), ("Aqk", Aqk)) if t.numel()}
+    grads = op._backward(call, saved, do, dht)
+    names = [o.name for o in op.spec.operands if o.role is not Role.SCALAR]
+    order = [("q", q), ("k", k), ("v", v), *zip(names, operands), ("z", z), ("D", D), ("initial_state", h0)]
+    return [grads[n].to(t.dtype).clone() if t is not None and n in grads else _empty(q) for n, t in order]
+
+
+@_backward.register_fake
+def _(key, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale, G, Tm, Aqk, do, dht):
+    return [t.new_empty(t.shape) if t is not None else q.new_empty(0) for t in (q, k, v, *operands, z, D, h0)]
+
+
+def _setup(ctx, inputs, output):
+    key, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale, _ = inputs
+    _, _, G, Tm, Aqk = output
+    ctx.key, ctx.scalars, ctx.scale, ctx.n = key, scalars, scale, len(operands)
+    ctx.has = (z is not None, D is not None, h0 is not None, cu_seqlens is not None)
+    ctx.save_for_backward(q, k, v, *operands, G, Tm, Aqk, *(t for t in (z, D, h0, cu_seqlens) if t is not None))
+
+
+def _backward_rule(ctx, do, dht, *_):
+    saved = list(ctx.saved_tensors)
+    n = ctx.n
+    q, k, v, operands, (G, Tm, Aqk) = saved[0], saved[1], saved[2], saved[3 : 3 + n], saved[3 + n : 6 + n]
+    rest = iter(saved[6 + n :])
+    z, D, h0, cu = (next(rest) if has else None for has in ctx.has)
+    dht = dht if dht is not None and dht.numel() else None
+    grads = _backward(ctx.key, q, k, v, operands, ctx.scalars, z, D, h0, cu, ctx.scale, G, Tm, Aqk, do, dht)
+    dq, dk, dv, *rest_grads = grads
+    dops, (dz, dD, dh0) = rest_grads[:n], rest_grads[n:]
+    keep = lambda g, t: g if t is not None and g.numel() else None  # noqa: E731
+    return (
+        None, dq, dk, dv, [keep(g, t) for g, t in zip(dops, operands)], [None] * len(ctx.scalars),
+        keep(dz, z), keep(dD, D), keep(dh0, h0), None, None, None,
+    )
+
+
+_forward.register_autograd(_backward_rule, setup_context=_setup)
 
 
 def forward(op, call, output_final_state: bool):

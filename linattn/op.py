@@ -117,15 +117,9 @@ class CompiledOp:
         named = {"q": q, "k": k, "v": v, "z": z, "D": D, "initial_state": initial_state, **operands}
         named = {n: t for n, t in named.items() if isinstance(t, torch.Tensor)}
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in named.values())
-        if torch.compiler.is_compiling():
-            if needs_grad:
-                raise RuntimeError(
-                    "linattn: gradients under torch.compile are not supported yet; compile the inference "
-                    "path (torch.no_grad) or train in eager mode"
-                )
+        if needs_grad or torch.compiler.is_compiling():
+            # the custom op: its registered gradient, and one opaque node for torch.compile
             return custom_ops.forward(self, call, bool(output_final_state))
-        if needs_grad:
-            return _Op.apply(self, call, bool(output_final_state), tuple(named), *named.values())
         return self._forward(call, bool(output_final_state))
 
     def _geometry(self, call, C: int) -> dict:
@@ -319,7 +313,7 @@ class CompiledOp:
 
         ``stages`` (a dict) receives the buffers of every backward stage, for tests.
         """
-        from .torch_terms import evaluate_term, finish, l2norm
+        from .torch_terms import evaluate_term, finish_vjp, l2norm, l2norm_vjp, term_vjp
 
         spec = self.spec
         q, k, v = call.q, call.k, call.v
@@ -330,25 +324,12 @@ class CompiledOp:
         C = plan.C
         f32 = _acc(q.dtype)
 
-        # ---- the layer-side terms, recomputed under autograd (elementwise, cheap)
-        leaves = {"q": q.detach().requires_grad_(), "k": k.detach().requires_grad_(), "v": v.detach().requires_grad_()}
-        for name, x in call.operands.items():
-            if isinstance(x, torch.Tensor):
-                leaves[name] = x.detach().requires_grad_()
-        for name in ("z", "D", "initial_state"):
-            x = getattr(call, name)
-            if x is not None:
-                leaves[name] = x.detach().requires_grad_()
-        values = {n: leaves.get(n, x) for n, x in call.operands.items()}
-        with torch.enable_grad():
-            qn = l2norm(leaves["q"].to(f32)) if spec.qk_l2norm else leaves["q"]
-            kn = l2norm(leaves["k"].to(f32)) if spec.qk_l2norm else leaves["k"]
-            g_t = beta_t = None
-            if spec.gate is not None:
-                shape = (B, T, HV, K) if plan.channel else (B, T, HV)
-                g_t = evaluate_term(spec.gate, values, shape, f32)
-            if spec.beta is not None:
-                beta_t = evaluate_term(spec.beta, values, (B, T, HV), f32)
+        # ---- the layer-side terms (elementwise, cheap): recomputed, differentiated by hand
+        qn = l2norm(q.to(f32)) if spec.qk_l2norm else q
+        kn = l2norm(k.to(f32)) if spec.qk_l2norm else k
+        beta_t = None
+        if spec.beta is not None:
+            beta_t = evaluate_term(spec.beta, call.operands, (B, T, HV), f32)
 
         core_call = type(call)(
             plan.spec, qn.detach(), kn.detach(), v, {}, None, None, call.scale, call.initial_state, call.cu_seqlens
@@ -376,16 +357,7 @@ class CompiledOp:
         if spec.skip.value != "none" or spec.output_gate.value != "none":
             env["o"] = _alloc((TT, HV, V), io, device)
             self._launch(gen, mod, recompute + ["output_fwd"], env, device)
-            targets = {n: leaves[n] for n in ("v", "z", "D") if n in leaves}
-            if spec.skip.value == "none":
-                targets.pop("v")
-            with torch.enable_grad():
-                o_core = env["o"].reshape(B, T, HV, V).to(f32).requires_grad_()
-                terms = type(call)(spec, q, k, leaves["v"], {}, leaves.get("z"), leaves.get("D"), 1.0, None, None)
-                out = finish(terms, o_core)
-            got = torch.autograd.grad(out, [o_core, *targets.values()], do.to(f32))
-            do = got[0]
-            grads.update(zip(targets, got[1:]))
+            do, grads = finish_vjp(call, env["o"].reshape(B, T, HV, V).to(f32), do.to(f32))
         else:
             self._launch(gen, mod, recompute, env, device)
 
@@ -422,52 +394,22 @@ class CompiledOp:
             env["dbeta"] = (env["dvn"] * env["v"].to(f32)).sum(-1)
         dq = env["dq"].reshape(B, T, H, HV // H, K).sum(3)
         dk = env["dk"].reshape(B, T, H, HV // H, K).sum(3)
-        outs, wrt = [], []
-        if spec.qk_l2norm:
-            outs += [qn, kn]
-            wrt += [dq, dk]
-        else:
-            grads["q"], grads["k"] = dq, dk
-        if g_t is not None:
-            outs.append(g_t)
-            wrt.append(env["dg"].reshape(g_t.shape))
+        grads["q"] = l2norm_vjp(q.to(f32), dq) if spec.qk_l2norm else dq
+        grads["k"] = l2norm_vjp(k.to(f32), dk) if spec.qk_l2norm else dk
+        terms = []
+        if spec.gate is not None:
+            gshape = (B, T, HV, K) if plan.channel else (B, T, HV)
+            terms.append((spec.gate, env["dg"].reshape(gshape)))
         if beta_t is not None:
-            outs.append(beta_t)
-            wrt.append(env["dbeta"].reshape(beta_t.shape))
-        inputs = [x for n, x in leaves.items() if n not in ("v", "z", "D", "initial_state")]
-        if outs:
-            got = torch.autograd.grad(outs, inputs, wrt, allow_unused=True)
-            for t, gr in zip(inputs, got):
-                if gr is not None:
-                    name = next(n for n, x in leaves.items() if x is t)
-                    grads[name] = grads[name] + gr if name in grads else gr
+            terms.append((spec.beta, env["dbeta"].reshape(B, T, HV)))
+        for t, dt in terms:
+            for name, d in term_vjp(t, call.operands, dt).items():
+                grads[name] = grads[name] + d if name in grads else d
         dv = dv.reshape(B, T, HV, V)
         grads["v"] = grads["v"] + dv if "v" in grads else dv
         if call.initial_state is not None:
             grads["initial_state"] = env["dh0"]
         return grads
-
-
-class _Op(torch.autograd.Function):
-    """The compiled op as an autograd function; tensors travel as (names, values)."""
-
-    @staticmethod
-    def forward(ctx, op: CompiledOp, call, output_final_state: bool, names: tuple[str, ...], *tensors):
-        saved: dict = {}
-        with torch.no_grad():
-            o, ht = op._forward(call, output_final_state, keep=saved)
-        ctx.op, ctx.call, ctx.names, ctx.saved_state = op, call, names, saved
-        ctx.dtypes = [t.dtype for t in tensors]
-        return o, ht
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        grads = ctx.op._backward(ctx.call, ctx.saved_state, do, dht)
-        out = []
-        for name, dtype in zip(ctx.names, ctx.dtypes):
-            g = grads.get(name)
-            out.append(None if g is None else g.to(dtype))
-        return (None, None, None, None, *out)
 
 
 def compile(spec: Spec, **options) -> CompiledOp:  # noqa: A001 (the name users expect)
