@@ -2,8 +2,14 @@
 import pytest
 import torch
 
+import linattn
 from linattn import specs
 from reference import chunkwise, recurrent
+
+
+def compiled(spec, q, k, v, **kwargs):
+    """The compiled op: the same checks, before any kernel runs."""
+    return linattn.compile(spec)(q, k, v, **kwargs)
 
 from helpers import make_inputs
 
@@ -24,7 +30,7 @@ _x = make_inputs(specs.NEMOTRON_MAMBA2, B=2, T=6, H=2, HV=4, K=4, V=3, h0=True)
 _f32 = make_inputs(specs.KIMI_KDA, B=1, T=6, H=1, HV=2, K=4, V=3)
 
 
-@pytest.mark.parametrize("fn", [recurrent, chunkwise])
+@pytest.mark.parametrize("fn", [recurrent, chunkwise, compiled])
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -52,7 +58,7 @@ def test_bad_arguments(fn, changes, message):
         _call(specs.NEMOTRON_MAMBA2, _x, fn, **changes)
 
 
-@pytest.mark.parametrize("fn", [recurrent, chunkwise])
+@pytest.mark.parametrize("fn", [recurrent, chunkwise, compiled])
 @pytest.mark.parametrize(
     "changes, message",
     [
