@@ -1,0 +1,1 @@
+"""Benchmarks of the generated kernels against fla, mamba_ssm and SDPA."""

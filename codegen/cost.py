@@ -1,0 +1,88 @@
+"""The cost model of a plan: FLOPs of the chunk algorithm and the minimal HBM bytes of a call.
+
+FLOPs count the matrix products the plan's stages perform, full tiles (triangular masks are
+not discounted), so they compare implementations of the same algorithm; elementwise work
+is left out. Minimal bytes are what any implementation must move: read every input once,
+write every output once (states included), nothing else; a call at the roofline moves
+exactly this.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from linattn.spec import OutputGate, Role, Skip
+
+from .plan import Plan
+
+__all__ = ["Cost", "cost"]
+
+_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: float
+    bytes: float
+
+    def intensity(self) -> float:
+        return self.flops / self.bytes if self.bytes else float("inf")
+
+
+def _forward_flops_per_token_head(p: Plan) -> float:
+    C, K, V = p.C, p.K, p.V
+    f = 2 * K * V  # state update Kbᵀ Δ
+    f += 2 * K * V + 2 * C * K + 2 * C * V  # output: Qg S, Aqk, Aqk Δ
+    if p.delta:
+        f += 2 * C * K  # Akk
+        f += 2 * C * C / 3 + 2 * C * K + 2 * C * V  # solve, W = T βKg, U = T βV
+        f += 2 * K * V  # W S
+    return f
+
+
+def _backward_flops_per_token_head(p: Plan) -> float:
+    C, K, V = p.C, p.K, p.V
+    f = 2 * K * V  # recomputed state pass: update
+    f += 2 * C * V + (0 if p.aqk_stored else 2 * C * K)  # dvl: Aqkᵀ dO (Aqk recomputed)
+    f += 2 * K * V + 2 * K * V  # dstate: Kb dS', Qgᵀ dO
+    f += 2 * C * V + 2 * K * V + 2 * K * V  # dqk: dO Δᵀ, dO Sᵀ, Δ dS'ᵀ
+    f += 2 * C * K + 2 * C * K + 2 * C * K  # dprod: dAqk k, dAqkᵀ q, the products for dG
+    if p.delta:
+        f += 2 * C * K + 2 * C * V + 2 * K * V  # recomputed W, U, W S
+        f += 2 * K * V + 2 * K * V  # dstate: Wᵀ dΔ; dqk: dΔ Sᵀ
+        f += 4 * C * V + 4 * C * K + 4 * C  # dwy: Tᵀ dΔ, dΔ (βV)ᵀ, Tᵀ dW, dW (βKg)ᵀ, Tᵀ dT Tᵀ
+        f += 6 * C * K  # dprod: dAkk k, dAkkᵀ k, k kᵀ
+    return f
+
+
+def cost(plan: Plan, *, B: int, T: int, H: int, HV: int, mode: str = "forward", initial_state: bool = False) -> Cost:
+    """FLOPs and minimal bytes of one call. ``mode``: ``forward``, ``forward_backward`` or ``step``
+    (one new token per sequence: B sequences, ``T`` ignored, states read and written)."""
+    b = _BYTES[plan.dtype]
+    K, V, spec = plan.K, plan.V, plan.spec
+    tokens = B * (1 if mode == "step" else T)
+    per_token = H * 2 * K * b + HV * V * b  # q, k, v
+    for o in spec.operands:
+        if o.role is Role.TOKEN:
+            per_token += HV * b
+        elif o.role is Role.TOKEN_CHANNEL:
+            per_token += HV * K * b
+    if spec.output_gate is OutputGate.SILU:
+        per_token += HV * V * b
+    per_token += HV * V * b  # o
+    params = sum(HV * (K if o.role is Role.HEAD_CHANNEL else 1) * 4 for o in spec.operands if o.role.value.startswith("head"))
+    if spec.skip is not Skip.NONE:
+        params += HV * (V if spec.skip is Skip.CHANNEL else 1) * 4
+    state = B * HV * K * V * 4
+    if mode == "step":
+        # the recurrence itself: decay, Sᵀk, the write and Sᵀq, each ~2KV per token and head
+        flops = tokens * HV * (8 if plan.delta else 6) * K * V
+        return Cost(flops, tokens * per_token + params + 2 * state)
+    flops = tokens * HV * _forward_flops_per_token_head(plan)
+    moved = tokens * per_token + params + (state if initial_state else 0)
+    if mode == "forward_backward":
+        flops += tokens * HV * _backward_flops_per_token_head(plan)
+        # the inputs read again with dO, and a gradient written for each input
+        moved = 3 * moved
+    elif mode != "forward":
+        raise ValueError(f"mode: expected 'forward', 'forward_backward' or 'step', got {mode!r}")
+    return Cost(flops, moved)
