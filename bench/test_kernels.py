@@ -69,7 +69,10 @@ def _call(provider: str, op: str, mode: str, B: int, T: int, H: int, D: int):
 
         mod = importlib.import_module(f"fla.ops.{_FLA[op]}")
         fn = getattr(mod, f"fused_recurrent_{_FLA[op]}")
-        return lambda: fn(x.q, x.k, x.v, **_fla_kwargs(op, x), initial_state=state, output_final_state=True)
+        kw = _fla_kwargs(op, x)
+        if op == "GLA":  # fla's recurrent GLA names its channel decay gk
+            kw["gk"] = kw.pop("g")
+        return lambda: fn(x.q, x.k, x.v, **kw, initial_state=state, output_final_state=True)
     x = _inputs(spec, B, T, H, D, grad)
     if provider == "linattn":
         lin = linattn.compile(spec)
