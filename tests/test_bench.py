@@ -27,11 +27,13 @@ def test_cost_model_counts_what_the_plan_runs():
 
 
 def test_smoke_table_and_report(tmp_path):
-    env = {**os.environ, "LINATTN_BENCH_OUT": str(tmp_path)}
+    # a clean environment: inside an xdist worker pytest-benchmark would switch itself off
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["LINATTN_BENCH_OUT"] = str(tmp_path)
     out = tmp_path / "cpu-interpreter.json"
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
-         "-k", "GDN and forward and not backward", f"--benchmark-json={out}"],
+         "-k", "GDN and forward and not backward", "--benchmark-enable", f"--benchmark-json={out}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
