@@ -8,6 +8,7 @@ plain linear attention) and the fused forms the hybrid models call.
 from . import gates, specs
 from .spec import Correction, Decay, Operand, OutputGate, Role, Skip, Spec, Term, term
 from .op import CompiledOp, compile  # noqa: A004 (linattn.compile is the public name)
+from . import ops  # noqa: E402 (the drop-in ops need compile)
 
 __all__ = [
     "Spec",
@@ -23,5 +24,6 @@ __all__ = [
     "CompiledOp",
     "specs",
     "gates",
+    "ops",
 ]
 __version__ = "0.1.0"
