@@ -145,7 +145,7 @@ def _backward_rule(ctx, do, dht, *_):
     dops, (dz, dD, dh0) = rest_grads[:n], rest_grads[n:]
     keep = lambda g, t: g if t is not None and g.numel() else None  # noqa: E731
     return (
-        None, dq, dk, dv, [keep(g, t) for g, t in zip(dops, operands)], [None] * len(ctx.scalars),
+        None, dq, dk, dv, [keep(g, t) for g, t in zip(dops, operands)], [] if not ctx.scalars else None,  # (a float list is a pytree leaf unless empty)
         keep(dz, z), keep(dD, D), keep(dh0, h0), None, None, None,
     )
 

@@ -168,3 +168,19 @@ def test_gradient_of_output_only_and_no_initial_state():
     for a, b in zip((x.q, x.k, x.v, x.kwargs["g"], x.kwargs["beta"]), x64):
         assert math.isfinite(a.grad.sum().item())
         assert_close("grad", a.grad, b.grad, 1e-4)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        linattn.Spec(decay="scalar", gate=linattn.gates.mamba_gate(limit=True), beta=linattn.gates.mamba_dt(limit=True),
+                     default_scale=1.0, name="mamba_dt_limit"),
+        linattn.Spec(decay="channel", correction="delta", gate=linattn.gates.lower_bound_gate(), beta=True,
+                     name="kda_lower_bound"),
+    ],
+    ids=lambda s: s.name,
+)
+def test_gradients_with_scalar_operands(spec):
+    """Scalar operands (dt limits, a gate's lower bound) are call arguments without gradients."""
+    x = make_inputs(spec, B=1, T=50, H=1, HV=2, K=16, V=16, dtype=torch.float32, h0=True, seed=10)
+    check_grads(spec, x, 1e-4, 2e-4)
