@@ -1,4 +1,5 @@
 """Nemotron-H, Qwen3-Next and Kimi Linear assembled from linattn ops.
 
-Not built yet: this package is empty, and nothing imports it.
+Built so far: the short causal convolution with its decode state (:mod:`models.conv`).
+The model families themselves are not built yet.
 """
