@@ -152,6 +152,20 @@ class CompiledOp:
             "_n_chunks": n_chunks,
         }
 
+    def _term_args(self, call) -> dict:
+        """The kernel arguments of the spec's terms: operands (``x_*`` tensors, ``s_*`` scalars), z, D."""
+        args: dict = {}
+        for op in self.spec.operands:
+            x = call.operands[op.name]
+            args[f"s_{op.name}" if op.role is Role.SCALAR else f"x_{op.name}"] = (
+                x if op.role is Role.SCALAR else x.contiguous()
+            )
+        if call.z is not None:
+            args["z"] = call.z.reshape(call.B * call.T, call.HV, call.V).contiguous()
+        if call.D is not None:
+            args["D"] = call.D.contiguous()
+        return args
+
     @staticmethod
     def _launch(gen, mod, names, env: dict, device) -> None:
         plan = gen.plan
@@ -193,16 +207,7 @@ class CompiledOp:
         env["HAS_H0"] = call.initial_state is not None
         env["STORE_HT"] = output_final_state
         env["h0"] = None if call.initial_state is None else call.initial_state.to(_acc(io)).contiguous()
-        for op in self.spec.operands:
-            x = call.operands[op.name]
-            if op.role is Role.SCALAR:
-                env[f"s_{op.name}"] = x
-            else:
-                env[f"x_{op.name}"] = x.contiguous()
-        if call.z is not None:
-            env["z"] = call.z.reshape(TT, HV, V).contiguous()
-        if call.D is not None:
-            env["D"] = call.D.contiguous()
+        env.update(self._term_args(call))
         if self.spec.has_decay:
             shape = (TT, HV, K) if plan.channel else (TT, HV)
             env["G"] = _alloc(shape, _acc(io), device)
@@ -283,15 +288,7 @@ class CompiledOp:
             "H": call.H, "HV": HV, "GROUP": HV // call.H, "o": _alloc((TT, HV, V), q.dtype, q.device),
             "_n_chunks": 0, "_N": N,
         }
-        for op in self.spec.operands:
-            x = call.operands[op.name]
-            env[f"s_{op.name}" if op.role is Role.SCALAR else f"x_{op.name}"] = (
-                x if op.role is Role.SCALAR else x.contiguous()
-            )
-        if call.z is not None:
-            env["z"] = call.z.reshape(TT, HV, V).contiguous()
-        if call.D is not None:
-            env["D"] = call.D.contiguous()
+        env.update(self._term_args(call))
         with torch.no_grad():
             self._launch(gen, mod, ["step_fwd"], env, q.device)
         return env["o"].reshape(call.B, call.T, HV, V)
