@@ -1,0 +1,173 @@
+"""The pieces the model families share: checkpoint reading, cache runners, layers, sampling."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from models.cache import STEP_TOKENS, Cache, run_conv, run_recurrence
+from models.checkpoint import load_state, read_config, read_tensors
+from models.generation import sample_next
+from models.layers import RMSNorm, attention, dispatch_experts, rotate_half_rope
+
+import linattn
+from linattn.specs import QWEN3_NEXT_GDN
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+        self.norm = RMSNorm(3)
+
+
+def _folder(tmp_path, tensors, config=None, shards=1):
+    names = sorted(tensors)
+    for i in range(shards):
+        part = {n: tensors[n].contiguous() for n in names[i::shards]}
+        save_file(part, str(tmp_path / f"model-{i:05d}.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config or {"model_type": "tiny"}))
+    return tmp_path
+
+
+def test_load_state_strict(tmp_path):
+    src = Tiny()
+    folder = _folder(tmp_path, {n: torch.randn_like(t) for n, t in src.state_dict().items()}, shards=2)
+    tensors = read_tensors(folder)
+    assert set(tensors) == {"proj.weight", "proj.bias", "norm.weight"}
+    dst = Tiny()
+    load_state(dst, tensors)
+    for n, t in dst.state_dict().items():
+        assert torch.equal(t, tensors[n])
+    assert read_config(folder) == {"model_type": "tiny"}
+
+    extra = {**tensors, "proj.extra": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"unknown checkpoint tensors: proj\.extra"):
+        load_state(Tiny(), extra)
+    partial = {n: t for n, t in tensors.items() if n != "norm.weight"}
+    with pytest.raises(ValueError, match=r"missing parameters: norm\.weight"):
+        load_state(Tiny(), partial)
+    bad = {**tensors, "proj.bias": torch.zeros(5)}
+    with pytest.raises(ValueError, match=r"shape mismatches: proj\.bias"):
+        load_state(Tiny(), bad)
+    renamed = {"old." + n: t for n, t in tensors.items()}
+    load_state(Tiny(), renamed, rename=lambda n: n[len("old."):])
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="folder"):
+        read_config(tmp_path / "absent")
+    with pytest.raises(ValueError, match="no config.json"):
+        read_config(tmp_path)
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        read_tensors(tmp_path)
+
+
+def test_attention_matches_softmax():
+    torch.manual_seed(0)
+    B, Tk, Tq, H, Hkv, D = 2, 9, 3, 4, 2, 8
+    q, k, v = torch.randn(B, Tq, H, D), torch.randn(B, Tk, Hkv, D), torch.randn(B, Tk, Hkv, D)
+    o = attention(q, k, v, scale=0.3)
+    for h in range(H):
+        kh, vh = k[:, :, h // 2], v[:, :, h // 2]
+        s = torch.einsum("bqd,bkd->bqk", q[:, :, h], kh) * 0.3
+        pos_q = torch.arange(Tk - Tq, Tk)[:, None]
+        s = s.masked_fill(torch.arange(Tk)[None, :] > pos_q, float("-inf"))
+        ref = torch.einsum("bqk,bkd->bqd", s.softmax(-1), vh)
+        torch.testing.assert_close(o[:, :, h], ref, rtol=1e-5, atol=1e-5)
+    full = attention(q[:, :1].expand(B, Tk, H, D).contiguous(), k, v, 1.0)
+    assert full.shape == (B, Tk, H, D)
+    with pytest.raises(ValueError, match="k: its 3 heads"):
+        attention(q, torch.randn(B, Tk, 3, D), torch.randn(B, Tk, 3, D), 1.0)
+
+
+def test_partial_rope_rotates_pairs():
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, 2, 8)
+    theta = torch.rand(1, 5, 2)
+    cos, sin = torch.cat([theta.cos()] * 2, -1), torch.cat([theta.sin()] * 2, -1)
+    y = rotate_half_rope(x, cos, sin)
+    assert torch.equal(y[..., 4:], x[..., 4:])
+    for i in range(2):  # dims i and i + 2 rotate as a complex pair by theta_i
+        c, s = theta[..., i].cos()[:, :, None], theta[..., i].sin()[:, :, None]
+        a, b = x[..., i], x[..., i + 2]
+        torch.testing.assert_close(y[..., i], a * c - b * s)
+        torch.testing.assert_close(y[..., i + 2], b * c + a * s)
+
+
+def test_dispatch_experts_matches_dense_loop():
+    torch.manual_seed(0)
+    experts = nn.ModuleList(nn.Linear(6, 6) for _ in range(5))
+    x = torch.randn(11, 6)
+    indices = torch.stack([torch.randperm(5)[:2] for _ in range(11)])
+    weights = torch.rand(11, 2)
+    ref = torch.stack([sum(weights[n, j] * experts[int(indices[n, j])](x[n]) for j in range(2)) for n in range(11)])
+    torch.testing.assert_close(dispatch_experts(x, weights, indices, experts), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sampling():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    greedy = sample_next(logits)
+    assert torch.equal(greedy, logits.argmax(-1))
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(sample_next(logits, do_sample=True, top_k=1, generator=g), greedy)
+    assert torch.equal(sample_next(logits, do_sample=True, top_p=1e-6, generator=g), greedy)
+    a = sample_next(logits, do_sample=True, temperature=0.7, generator=torch.Generator().manual_seed(5))
+    b = sample_next(logits, do_sample=True, temperature=0.7, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    # top-k keeps only the k best: 2000 draws never leave them
+    draws = torch.stack([sample_next(logits, do_sample=True, top_k=3, generator=g) for _ in range(200)])
+    allowed = torch.topk(logits, 3, -1).indices
+    assert all(bool((allowed[r] == draws[:, r, None]).any(-1).all()) for r in range(3))
+    # top-p: the kept set is the smallest prefix of the sorted probabilities reaching p
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = {int(sample_next(probs, do_sample=True, top_p=0.75, generator=g)) for _ in range(300)}
+    assert kept == {0, 1}
+    for bad in ({"temperature": 0.0}, {"top_k": 0}, {"top_p": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sample_next(logits, do_sample=True, **bad)
+
+
+def test_cache_runners_continue_the_sequence():
+    """Prefill, one-token steps and a long continuation equal one pass over the whole sequence."""
+    torch.manual_seed(0)
+    op = linattn.compile(QWEN3_NEXT_GDN)
+    B, H, HV, K, V, W = 2, 1, 2, 16, 16, 4
+    T = 5 + 2 + STEP_TOKENS + 3
+    q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
+    v = torch.randn(B, T, HV, V)
+    ops = dict(a=torch.randn(B, T, HV), b=torch.randn(B, T, HV))
+    params = dict(A_log=torch.randn(HV) * 0.5, dt_bias=torch.randn(HV))
+    x, w = torch.randn(B, T, 6), torch.randn(6, W)
+    full_o = run_recurrence("l", None, op, q, k, v, **ops, **params)
+    full_y = run_conv("c", None, x, w, None, "silu")
+    cache = Cache()
+    outs, ys = [], []
+    for s, e in [(0, 5), (5, 6), (6, 7), (7, T)]:  # prefill, two steps, a chunked continuation
+        outs.append(run_recurrence("l", cache, op, q[:, s:e], k[:, s:e], v[:, s:e], **{n: t[:, s:e] for n, t in ops.items()}, **params))
+        ys.append(run_conv("c", cache, x[:, s:e], w, None, "silu"))
+    torch.testing.assert_close(torch.cat(outs, 1), full_o, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(ys, 1), full_y, rtol=1e-5, atol=1e-5)
+    snap = cache.snapshot()
+    run_recurrence("l", cache, op, q[:, :1], k[:, :1], v[:, :1], **{n: t[:, :1] for n, t in ops.items()}, **params)
+    assert not torch.equal(cache.recurrent["l"], snap.recurrent["l"])
+    before = snap.recurrent["l"].clone()
+    cache.restore(snap)
+    assert torch.equal(cache.recurrent["l"], before)
+
+
+def test_models_import_without_transformers():
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import models, models.cache, models.generation, models.checkpoint, models.layers\n"
+        "import pkgutil, importlib\n"
+        "for m in pkgutil.iter_modules(models.__path__): importlib.import_module('models.' + m.name)\n"
+        "assert 'transformers' not in {n.split('.')[0] for n, v in sys.modules.items() if v is not None}\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
