@@ -7,6 +7,7 @@ every later token runs through the step kernels. Greedy decoding and sampling
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,7 +17,7 @@ from torch import nn
 from .cache import Cache
 from .checkpoint import load_state, read_config, read_tensors
 
-__all__ = ["CausalLM", "sample_next"]
+__all__ = ["CausalLM", "Speculation", "sample_next"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class CausalLM(nn.Module):
     """A decoder-only LM over linattn ops: ``forward(input_ids, cache) -> logits``.
 
     Subclasses set ``config_class`` (with a ``from_dict`` accepting the checkpoint's
-    config) and may override :meth:`checkpoint_name` to map checkpoint tensor names.
+    config) and may override :meth:`checkpoint_name` to map checkpoint tensor names and
+    :attr:`fp32_modules` to keep some modules in fp32.
     """
 
     config_class: ClassVar[Any]
@@ -65,8 +67,10 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    @staticmethod
-    def checkpoint_name(name: str) -> str | None:
+    #: modules whose parameters stay fp32 whatever dtype the model is cast to (routers)
+    fp32_modules: ClassVar[tuple[type[nn.Module], ...]] = ()
+
+    def checkpoint_name(self, name: str) -> str | None:
         """The module's name for checkpoint tensor ``name`` (None: not used by this model)."""
         return name
 
@@ -83,13 +87,47 @@ class CausalLM(nn.Module):
         ``dtype`` defaults to the checkpoint's own (``dtype``/``torch_dtype`` in the config).
         """
         config = cls.config_class.from_dict(read_config(folder))
-        model = cls(config)
-        load_state(model, read_tensors(folder), rename=cls.checkpoint_name)
         dtype = dtype or getattr(config, "dtype", None) or torch.float32
-        return model.to(device=device, dtype=dtype).eval()
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        model = cls(config)
+        load_state(model, read_tensors(folder), rename=model.checkpoint_name)
+        return model.cast(dtype, device)
+
+    def cast(self, dtype: torch.dtype, device: torch.device | str | None = None) -> "CausalLM":
+        """Move to ``device`` and cast to ``dtype``, except :attr:`fp32_modules`; eval mode."""
+        self.to(device=device)
+        keep = {id(p) for m in self.modules() if isinstance(m, self.fp32_modules) for p in m.parameters()}
+        keep |= {id(b) for m in self.modules() if isinstance(m, self.fp32_modules) for b in m.buffers()}
+        for t in list(self.parameters()) + list(self.buffers()):
+            if t.is_floating_point() and id(t) not in keep:
+                t.data = t.data.to(dtype)
+        return self.eval()
 
     def new_cache(self) -> Cache:
         return Cache()
+
+    def draft(self, hidden: torch.Tensor, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """Drafter logits for the tokens after ``tokens`` ``[B, t]``, from the final hidden states
+        ``[B, t, hidden]`` of the positions before them (models with a multi-token-prediction
+        module implement this; it continues the drafter's own state in ``cache``)."""
+        raise ValueError(f"{type(self).__name__} has no multi-token-prediction module to draft with")
+
+    @torch.no_grad()
+    def generate_speculative(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None) -> Speculation:
+        """Greedy decoding that drafts one token ahead with :meth:`draft` and verifies it.
+
+        Produces exactly the tokens of ``generate(input_ids, max_new_tokens)`` (greedy),
+        in fewer model calls when drafts are accepted. One sequence (batch 1).
+        """
+        self._check_ids(input_ids)
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids: speculative decoding takes one sequence, got batch {input_ids.shape[0]}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
+            return Speculation(input_ids, 0, 0)
+        return _speculate(self, input_ids, max_new_tokens, eos_token_id)
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
@@ -131,3 +169,59 @@ class CausalLM(nn.Module):
                 break
             logits = self(token[:, None].to(input_ids.dtype), cache)[:, -1]
         return out
+
+
+@dataclass
+class Speculation:
+    """What :meth:`CausalLM.generate_speculative` returns: the tokens and how drafting went."""
+
+    tokens: torch.Tensor
+    proposed: int
+    accepted: int
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+
+def _speculate(model: "CausalLM", input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> Speculation:
+    """Greedy self-speculative decoding with one drafted token per step.
+
+    Invariant at the top of the loop: the model's cache holds tokens ``x_0 .. x_(n-1)``,
+    ``pending`` is the greedy token ``x_n`` and ``draft`` the drafter's guess of ``x_(n+1)``
+    (the drafter has seen the pairs ``(h_t, x_(t+1))`` for ``t < n``). The model verifies
+    ``[x_n, draft]`` in one call: if its greedy choice after ``x_n`` is ``draft``, both are
+    kept and the second position gives ``x_(n+2)`` for free; otherwise the cache rolls back
+    to before the call and takes ``x_n`` alone. The drafter only ever sees verified pairs,
+    so its own cache never rolls back. The tokens equal plain greedy decoding's.
+    """
+    cache = model.new_cache()
+    logits, hidden = model(input_ids, cache, return_hidden=True)
+    pending = logits[:, -1].argmax(-1, keepdim=True)
+    tokens = torch.cat([input_ids[:, 1:], pending], dim=1)  # x_(t+1) for every prompt position t
+    draft = model.draft(hidden, tokens, cache)[:, -1].argmax(-1, keepdim=True)
+    out, proposed, accepted = [input_ids], 0, 0
+    produced = 0
+    while produced < max_new_tokens:
+        out.append(pending)
+        produced += 1
+        if produced == max_new_tokens or (eos_token_id is not None and int(pending) == eos_token_id):
+            break
+        snapshot = cache.snapshot()
+        logits, hidden = model(torch.cat([pending, draft], dim=1), cache, return_hidden=True)
+        choice = logits.argmax(-1)  # [1, 2]: greedy tokens after x_n and after the draft
+        proposed += 1
+        if int(choice[0, 0]) == int(draft):
+            accepted += 1
+            out.append(draft)
+            produced += 1
+            if produced == max_new_tokens or (eos_token_id is not None and int(draft) == eos_token_id):
+                break
+            pending = choice[:, 1:]
+            draft = model.draft(hidden, torch.cat([draft, pending], dim=1), cache)[:, -1].argmax(-1, keepdim=True)
+        else:
+            cache.restore(snapshot)
+            logits, hidden = model(pending, cache, return_hidden=True)
+            pending = logits[:, -1].argmax(-1, keepdim=True)
+            draft = model.draft(hidden, pending, cache)[:, -1].argmax(-1, keepdim=True)
+    return Speculation(torch.cat(out, dim=1), proposed, accepted)
