@@ -1,6 +1,6 @@
 """Command line.
 
-    python -m linattn demo                      the built-in specs, the oracles, a compiled KDA
+    python -m linattn demo [--model FOLDER]     the built-in specs, the oracles, a compiled KDA, generation
     python -m linattn show [SPEC ...]           built-in specs as recurrences
     python -m linattn source SPEC [--dtype ...] the generated Triton source
     python -m linattn inspect SPEC [--arch 90]  registers, spills, shared memory per kernel (no GPU needed)
@@ -22,7 +22,9 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="linattn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="show the built-in specs, check the references and a compiled KDA against the oracle")
+    demo_p = sub.add_parser("demo", help="show the built-in specs, check the references and a compiled KDA, generate with a model")
+    demo_p.add_argument("--model", metavar="FOLDER", help="a Hugging Face checkpoint folder (default: a tiny random Qwen3-Next)")
+    demo_p.add_argument("--new-tokens", type=int, default=8, help="tokens to generate")
     show = sub.add_parser("show", help="print built-in specs as recurrences")
     show.add_argument("names", nargs="*", help="spec names (default: all)")
     source = sub.add_parser("source", help="print the generated Triton source of a spec")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from . import demo
 
-            lines = demo.run()
+            lines = demo.run(args.model, args.new_tokens)
         elif args.command == "show":
             chosen = [specs.by_name(n) for n in args.names] or list(specs.BUILTIN.values())
             lines = [repr(s) for s in chosen]

@@ -1,4 +1,4 @@
-"""The demo: the built-in specs, the two reference forms agreeing, and a compiled KDA.
+"""The demo: the built-in specs, the two reference forms agreeing, a compiled KDA, a model.
 
 Returns its report as lines; ``python -m linattn demo`` prints them.
 """
@@ -73,10 +73,62 @@ def _compiled_kda() -> list[str]:
     return lines
 
 
-def run() -> list[str]:
-    """Show every built-in spec, check the reference forms, run a compiled KDA against the oracle."""
+#: the random Qwen3-Next the demo builds when no checkpoint folder is given
+TINY_QWEN3_NEXT = dict(
+    model_type="qwen3_next", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    linear_key_head_dim=16, linear_value_head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=64, full_attention_interval=4, partial_rotary_factor=0.5, mtp_num_hidden_layers=1,
+)
+
+
+def _model(folder: str | None, new_tokens: int) -> list[str]:
+    import models
+    from models.qwen3_next import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if folder is None:
+        torch.manual_seed(0)
+        model = Qwen3NextForCausalLM(Qwen3NextConfig.from_dict(TINY_QWEN3_NEXT))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        model = model.cast(torch.float32, device)
+        what = "a tiny random Qwen3-Next (4 layers: 3 Gated DeltaNet + 1 gated attention, 8 experts, 1 MTP layer)"
+    else:
+        model = models.from_pretrained(folder, device=device)
+        what = f"{type(model).__name__} from {folder}"
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1)).to(device)
+    lines = [f"model: {what}", f"  prompt: 2 sequences of 24 random token ids; {new_tokens} new tokens each"]
+    t0 = time.perf_counter()
+    greedy = model.generate(prompt, new_tokens)
+    ms = (time.perf_counter() - t0) * 1e3
+    lines.append(f"  greedy (prefill through the chunk kernels, then the step kernels), {ms:.0f} ms:")
+    lines += [f"    {row[24:].tolist()}" for row in greedy]
+    with torch.no_grad():
+        full = model(greedy[:, :-1])[:, 23:]
+        cache = model.new_cache()
+        steps = [model(prompt, cache)[:, -1:]]
+        steps += [model(greedy[:, i:i + 1], cache) for i in range(24, greedy.shape[1] - 1)]
+    lines.append(f"  prefill + decode vs one full forward: max |logit difference| {(torch.cat(steps, 1) - full).abs().max():.2e}")
+    sampled = model.generate(prompt, new_tokens, do_sample=True, temperature=0.8, top_p=0.9,
+                             generator=torch.Generator(device).manual_seed(0))
+    lines.append(f"  sampled (temperature 0.8, top-p 0.9): {sampled[0, 24:].tolist()}")
+    if hasattr(model, "mtp"):
+        spec = model.generate_speculative(prompt[:1], new_tokens)
+        same = torch.equal(spec.tokens, greedy[:1])
+        lines.append(f"  self-speculative decoding with the MTP layer: same tokens as greedy: {same}; "
+                     f"{spec.accepted}/{spec.proposed} drafts accepted")
+    return lines
+
+
+def run(model: str | None = None, new_tokens: int = 8) -> list[str]:
+    """Show every built-in spec, check the reference forms, run a compiled KDA against the oracle,
+    and generate with a model (a tiny random Qwen3-Next, or the checkpoint folder ``model``)."""
     lines = ["linattn built-in specs", ""]
     lines += [repr(spec) for spec in BUILTIN.values()]
     lines += ["", *_references(), "", *_compiled_kda()]
     lines.append("see the whole generated source with: python -m linattn source KIMI_KDA --K 64 --V 64")
+    lines += ["", *_model(model, new_tokens)]
     return lines
