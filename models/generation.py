@@ -58,8 +58,8 @@ class CausalLM(nn.Module):
     """A decoder-only LM over linattn ops: ``forward(input_ids, cache) -> logits``.
 
     Subclasses set ``config_class`` (with a ``from_dict`` accepting the checkpoint's
-    config) and may override :meth:`checkpoint_name` to map checkpoint tensor names and
-    :attr:`fp32_modules` to keep some modules in fp32.
+    config) and may override :meth:`checkpoint_name` / :meth:`adapt_checkpoint` to map
+    checkpoint tensors and :attr:`fp32_names` to keep some parameters in fp32.
     """
 
     config_class: ClassVar[Any]
@@ -67,12 +67,17 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    #: modules whose parameters stay fp32 whatever dtype the model is cast to (routers)
-    fp32_modules: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: name suffixes of parameters and buffers that stay fp32 whatever dtype the model is
+    #: cast to (routers, gate biases: what the checkpoints and transformers keep in fp32)
+    fp32_names: ClassVar[tuple[str, ...]] = ()
 
     def checkpoint_name(self, name: str) -> str | None:
         """The module's name for checkpoint tensor ``name`` (None: not used by this model)."""
         return name
+
+    def adapt_checkpoint(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors as this model loads them (e.g. a tied head filled in)."""
+        return tensors
 
     @classmethod
     def from_pretrained(
@@ -88,20 +93,19 @@ class CausalLM(nn.Module):
         """
         config = cls.config_class.from_dict(read_config(folder))
         dtype = dtype or getattr(config, "dtype", None) or torch.float32
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
         model = cls(config)
-        load_state(model, read_tensors(folder), rename=model.checkpoint_name)
+        load_state(model, model.adapt_checkpoint(read_tensors(folder)), rename=model.checkpoint_name)
         return model.cast(dtype, device)
 
     def cast(self, dtype: torch.dtype, device: torch.device | str | None = None) -> "CausalLM":
-        """Move to ``device`` and cast to ``dtype``, except :attr:`fp32_modules`; eval mode."""
+        """Move to ``device`` and cast to ``dtype``, except :attr:`fp32_names`; eval mode."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
         self.to(device=device)
-        keep = {id(p) for m in self.modules() if isinstance(m, self.fp32_modules) for p in m.parameters()}
-        keep |= {id(b) for m in self.modules() if isinstance(m, self.fp32_modules) for b in m.buffers()}
-        for t in list(self.parameters()) + list(self.buffers()):
-            if t.is_floating_point() and id(t) not in keep:
-                t.data = t.data.to(dtype)
+        with torch.no_grad():
+            for name, t in list(self.named_parameters()) + list(self.named_buffers()):
+                if t.is_floating_point():
+                    t.data = t.data.to(torch.float32 if name.endswith(self.fp32_names) and self.fp32_names else dtype)
         return self.eval()
 
     def new_cache(self) -> Cache:

@@ -501,7 +501,7 @@ class NemotronHForCausalLM(CausalLM):
     """Nemotron-H over linattn's fused Mamba-2 op, loading Hugging Face checkpoints."""
 
     config_class = NemotronHConfig
-    fp32_modules = (NemotronHTopkRouter,)  # router weights and correction bias stay fp32, as in the checkpoints
+    fp32_names = ("mixer.gate.weight", "mixer.gate.e_score_correction_bias")  # the MoE routers
 
     def __init__(self, config: NemotronHConfig) -> None:
         super().__init__()
