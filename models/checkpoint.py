@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-__all__ = ["read_config", "read_tensors", "load_state"]
+__all__ = ["read_config", "read_tensors", "load_state", "config_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,27 @@ def read_config(folder: str | Path) -> dict:
         raise ValueError(f"folder: no config.json in {str(folder)!r}")
     with path.open() as f:
         return json.load(f)
+
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+def config_dtype(config: dict) -> torch.dtype | None:
+    """The checkpoint's dtype from a config dict (``dtype``, or the older ``torch_dtype``), if given."""
+    given = {key: config[key] for key in ("dtype", "torch_dtype") if config.get(key) is not None}
+    found = set()
+    for key, value in given.items():
+        if isinstance(value, torch.dtype):
+            found.add(value)
+            continue
+        name = str(value).removeprefix("torch.")
+        if name not in _DTYPES:
+            raise ValueError(f"{key}: unsupported dtype {value!r} (expected one of {', '.join(_DTYPES)})")
+        found.add(_DTYPES[name])
+    if len(found) > 1:
+        raise ValueError(f"dtype: dtype and torch_dtype disagree: {given}")
+    return found.pop() if found else None
 
 
 def _shards(folder: Path) -> list[Path]:

@@ -23,21 +23,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import linattn
 from linattn.specs import KIMI_KDA
 
 from .cache import Cache, run_conv, run_recurrence
+from .checkpoint import config_dtype
 from .generation import CausalLM
-from .layers import GatedMLP, RMSNorm, activation, attention, dispatch_experts
+from .layers import BiasedRouter, GatedMLP, RMSNorm, activation, attention, dispatch_experts
 
 __all__ = ["KimiLinearConfig", "KimiLinearForCausalLM"]
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Parameters that stay fp32 whatever the model's dtype: the router (its scores pick the
 # experts, so rounding them changes the choice) and the decay bias.
@@ -169,11 +167,9 @@ class KimiLinearConfig:
             value = _pick(d, *spellings)
             if value is not None:
                 kw[name] = value
-        dtype = _pick(d, "dtype", "torch_dtype")
+        dtype = config_dtype(d)
         if dtype is not None:
-            if dtype not in _DTYPES:
-                raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
-            kw["dtype"] = _DTYPES[dtype]
+            kw["dtype"] = dtype
         if kw.get("num_key_value_heads") is None:
             kw["num_key_value_heads"] = d.get("num_attention_heads", cls.num_attention_heads)
         if kw.get("num_shared_experts") is None:
@@ -335,46 +331,19 @@ class Expert(nn.Module):
         return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
-class Router(nn.Module):
-    """Top-k expert choice: fp32 scores; the correction bias steers the choice, not the weights."""
-
-    def __init__(self, config: KimiLinearConfig) -> None:
-        super().__init__()
-        c = config
-        self.top_k, self.groups, self.topk_group = c.num_experts_per_token, c.num_expert_group, c.topk_group
-        # keeping every group is the plain top-k
-        self.grouped = c.use_grouped_topk and c.topk_group < c.num_expert_group
-        self.renormalize, self.scaling = c.moe_renormalize, c.routed_scaling_factor
-        self.func = c.moe_router_activation_func
-        self.weight = nn.Parameter(torch.zeros(c.num_experts, c.hidden_size))
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(c.num_experts))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights (fp32) and indices, both ``[N, top_k]``, for tokens ``x`` ``[N, hidden]``."""
-        logits = F.linear(x.float(), self.weight.float())
-        scores = logits.sigmoid() if self.func == "sigmoid" else logits.softmax(-1)
-        choice = scores + self.e_score_correction_bias.float()
-        if self.grouped:
-            N, E = choice.shape
-            by_group = choice.view(N, self.groups, E // self.groups)
-            group_scores = by_group.topk(2, dim=-1).values.sum(-1)
-            keep = torch.zeros_like(group_scores, dtype=torch.bool)
-            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
-            choice = choice.masked_fill(~keep[:, :, None].expand_as(by_group).reshape(N, E), float("-inf"))
-        indices = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if self.renormalize:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, indices
-
-
 class SparseMoE(nn.Module):
     """Routed experts plus always-on shared experts."""
 
     def __init__(self, config: KimiLinearConfig) -> None:
         super().__init__()
         c = config
-        self.gate = Router(c)
+        # keeping every group is the plain top-k
+        grouped = c.use_grouped_topk and c.topk_group < c.num_expert_group
+        self.gate = BiasedRouter(
+            c.hidden_size, c.num_experts, c.num_experts_per_token,
+            n_group=c.num_expert_group if grouped else 1, topk_group=c.topk_group if grouped else 1,
+            renormalize=c.moe_renormalize, scaling=c.routed_scaling_factor, scoring=c.moe_router_activation_func,
+        )
         self.experts = nn.ModuleList(
             Expert(c.hidden_size, c.moe_intermediate_size, c.hidden_act) for _ in range(c.num_experts)
         )

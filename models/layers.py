@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "GatedMLP", "activation", "attention", "dispatch_experts", "rotate_half_rope"]
+__all__ = ["RMSNorm", "GatedMLP", "BiasedRouter", "activation", "attention", "dispatch_experts", "rotate_half_rope"]
 
 
 def activation(name: str):
@@ -59,6 +59,58 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class BiasedRouter(nn.Module):
+    """DeepSeek-V3-style expert choice (Nemotron-H's and Kimi Linear's MoE).
+
+    Scores are ``sigmoid`` (or ``softmax``) of the fp32 router logits; the correction bias
+    ``e_score_correction_bias`` is added for the choice only. With ``topk_group < n_group``
+    the experts are split into ``n_group`` groups, each group scored by the sum of its two
+    best biased scores, and only the best ``topk_group`` groups stay eligible. The chosen
+    experts' unbiased scores are the weights, optionally renormalised to sum to one, times
+    ``scaling``. Weight and bias are meant to stay fp32 in a low-precision model.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        experts: int,
+        top_k: int,
+        *,
+        n_group: int = 1,
+        topk_group: int = 1,
+        renormalize: bool = True,
+        scaling: float = 1.0,
+        scoring: str = "sigmoid",
+    ) -> None:
+        super().__init__()
+        if scoring not in ("sigmoid", "softmax"):
+            raise ValueError(f"scoring: expected 'sigmoid' or 'softmax', got {scoring!r}")
+        if experts % n_group:
+            raise ValueError(f"n_group: {n_group} groups must divide {experts} experts")
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.renormalize, self.scaling, self.scoring = renormalize, scaling, scoring
+        self.weight = nn.Parameter(torch.zeros(experts, hidden))
+        self.register_buffer("e_score_correction_bias", torch.zeros(experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights (fp32) and expert indices, both ``[N, top_k]``, for tokens ``x`` ``[N, hidden]``."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(-1)
+        choice = scores + self.e_score_correction_bias.float()
+        if self.topk_group < self.n_group:
+            N, E = choice.shape
+            by_group = choice.view(N, self.n_group, E // self.n_group)
+            group_scores = by_group.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(E // self.n_group, dim=1), float("-inf"))
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, indices
 
 
 def dispatch_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:

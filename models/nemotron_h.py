@@ -38,8 +38,9 @@ from linattn.spec import Spec
 from linattn.specs import NEMOTRON_MAMBA2
 
 from .cache import Cache, run_conv, run_recurrence
+from .checkpoint import config_dtype
 from .generation import CausalLM
-from .layers import activation, attention, dispatch_experts
+from .layers import BiasedRouter, activation, attention, dispatch_experts
 
 __all__ = ["NemotronHConfig", "NemotronHForCausalLM"]
 
@@ -68,8 +69,6 @@ _RENAMED = {
     "mamba_chunk_size": "chunk_size",
     "num_local_experts": "n_routed_experts",
 }
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-           "float16": torch.float16, "half": torch.float16}
 
 
 def _number(value: Any, name: str) -> float:
@@ -235,14 +234,9 @@ class NemotronHConfig:
             if not isinstance(limit, (list, tuple)) or len(limit) != 2:
                 raise ValueError(f"time_step_limit: expected [low, high], got {limit!r}")
             kwargs["time_step_limit"] = tuple(_number(v, "time_step_limit") for v in limit)
-        dtype = d.get("dtype", d.get("torch_dtype"))
+        dtype = config_dtype(d)
         if dtype is not None:
-            if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
-                kwargs["dtype"] = _DTYPES[dtype.removeprefix("torch.")]
-            elif isinstance(dtype, torch.dtype):
-                kwargs["dtype"] = dtype
-            else:
-                raise ValueError(f"dtype: unsupported value {dtype!r}")
+            kwargs["dtype"] = dtype
         return cls(**kwargs)
 
     @staticmethod
@@ -407,44 +401,16 @@ class NemotronHMLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
-class NemotronHTopkRouter(nn.Module):
-    """Sigmoid scores in fp32; the correction bias only steers the (group-limited) choice.
-
-    Its weight and bias stay fp32 when the model is cast to a lower precision.
-    """
-
-    def __init__(self, config: NemotronHConfig) -> None:
-        super().__init__()
-        self.experts = config.n_routed_experts
-        self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
-        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
-        self.weight = nn.Parameter(torch.zeros(self.experts, config.hidden_size))
-        self.register_buffer("e_score_correction_bias", torch.zeros(self.experts))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routing weights (fp32) and expert indices, both ``[N, top_k]``, for tokens ``x`` ``[N, hidden]``."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        choice = scores + self.e_score_correction_bias.float()
-        if self.topk_group < self.n_group:
-            per_group = choice.view(-1, self.n_group, self.experts // self.n_group)
-            group_scores = per_group.topk(2, dim=-1).values.sum(-1)
-            chosen = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
-            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, chosen, True)
-            choice = choice.masked_fill(~keep.repeat_interleave(self.experts // self.n_group, dim=1), float("-inf"))
-        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices
-        weights = scores.gather(1, indices)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, indices
-
-
 class NemotronHMoE(nn.Module):
     """Routed squared-ReLU experts (optionally in a smaller latent width) plus a shared expert."""
 
     def __init__(self, config: NemotronHConfig, layer_idx: int) -> None:
         super().__init__()
         width = config.moe_latent_size or config.hidden_size
-        self.gate = NemotronHTopkRouter(config)
+        self.gate = BiasedRouter(
+            config.hidden_size, config.n_routed_experts, config.num_experts_per_tok, n_group=config.n_group,
+            topk_group=config.topk_group, renormalize=config.norm_topk_prob, scaling=config.routed_scaling_factor,
+        )
         self.experts = nn.ModuleList(
             NemotronHMLP(width, config.moe_intermediate_size, config.mlp_hidden_act, config.mlp_bias)
             for _ in range(config.n_routed_experts)

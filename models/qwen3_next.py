@@ -28,6 +28,7 @@ from linattn.op import CompiledOp
 from linattn.specs import QWEN3_NEXT_GDN
 
 from .cache import Cache, run_conv, run_recurrence
+from .checkpoint import config_dtype
 from .generation import CausalLM
 from .layers import GatedMLP, RMSNorm, attention, dispatch_experts, rotate_half_rope
 
@@ -37,18 +38,6 @@ log = logging.getLogger(__name__)
 
 LINEAR_ATTENTION = "linear_attention"
 FULL_ATTENTION = "full_attention"
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _dtype(value: Any, key: str) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    name = str(value).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ValueError(f"{key}: unsupported dtype {value!r}")
-    return _DTYPES[name]
-
 
 def _agree(key: str, *values: Any) -> Any:
     """The one value the config gives for ``key`` in its possibly several spellings."""
@@ -204,9 +193,9 @@ class Qwen3NextConfig:
         if d.get("mtp_use_dedicated_embeddings"):
             raise ValueError("mtp_use_dedicated_embeddings: an MTP module with its own embeddings is not implemented")
 
-        dtypes = [_dtype(d[key], key) for key in ("dtype", "torch_dtype") if d.get(key) is not None]
-        if dtypes:
-            kwargs["dtype"] = _agree("dtype", *dtypes)
+        dtype = config_dtype(d)
+        if dtype is not None:
+            kwargs["dtype"] = dtype
         return cls(**kwargs)
 
 

@@ -8,9 +8,21 @@ from linattn import gates
 from linattn.spec import Spec, term
 from linattn.testing import Inputs, random_inputs, rel_err
 
-__all__ = ["Inputs", "rel_err", "assert_close", "make_inputs", "random_spec", "ALL_BUILTIN"]
+__all__ = ["Inputs", "rel_err", "assert_close", "make_inputs", "random_spec", "ALL_BUILTIN", "max_rel", "token_ids"]
 
 make_inputs = random_inputs
+
+
+def max_rel(a, b) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude (logits)."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def token_ids(B: int, T: int, seed: int, vocab: int, low: int = 0):
+    """Random token ids ``[B, T]`` in ``[low, vocab)`` from a seeded generator."""
+    import torch
+
+    return torch.randint(low, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def assert_close(name: str, out, ref, tol: float) -> None:

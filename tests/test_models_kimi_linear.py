@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import max_rel, token_ids
 from hf_reference import build_reference, transformers
 from models.cache import STEP_TOKENS
 from models.kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
@@ -20,12 +21,6 @@ CONFIG = dict(
 )
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def _ids(B, T, seed=0):
-    return torch.randint(3, CONFIG["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def _hub_config(hf: dict) -> dict:
@@ -66,7 +61,7 @@ def model(checkpoint):
 @pytest.fixture(scope="module")
 def full(model):
     """Token ids [2, 70] (two chunks of 64 and more) and our fp32 logits for them."""
-    ids = _ids(2, 70)
+    ids = token_ids(2, 70, 0, CONFIG["vocab_size"], low=3)
     with torch.no_grad():
         return ids, model(ids)
 
@@ -77,13 +72,13 @@ def test_logits_match_transformers(checkpoint, full):
         expected = checkpoint[0](ids).logits
     assert got.shape == (2, 70, CONFIG["vocab_size"])
     for T in (40, 70):  # within the first chunk, and across the chunk boundary
-        rel = _rel(got[:, :T], expected[:, :T])
+        rel = max_rel(got[:, :T], expected[:, :T])
         assert rel <= 1e-4, (T, rel)
 
 
 def test_greedy_generate_matches_transformers(checkpoint, model):
     ref = checkpoint[0]
-    ids = _ids(2, 12, seed=1)
+    ids = token_ids(2, 12, 1, CONFIG["vocab_size"], low=3)
     with torch.no_grad():
         expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
                                 do_sample=False, eos_token_id=None, pad_token_id=None)
@@ -103,7 +98,7 @@ def test_prefill_then_decode_matches_full_forward(model, full):
             parts.append(model(ids[:, t:t + 1], cache))
         parts.append(model(ids[:, P + steps:], cache))  # a chunked continuation on a warm cache
     assert cache.seen == ids.shape[1]
-    rel = _rel(torch.cat(parts, 1), expected)
+    rel = max_rel(torch.cat(parts, 1), expected)
     assert rel <= 1e-4, rel
 
 
@@ -116,12 +111,12 @@ def test_hub_dialect_loads_the_same_model(checkpoint, model):
     other = KimiLinearForCausalLM.from_pretrained(hub)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, other.state_dict()[name]), name
-    ids = _ids(1, 8, seed=3)
+    ids = token_ids(1, 8, 3, CONFIG["vocab_size"], low=3)
     with torch.no_grad():
         assert torch.equal(other(ids), model(ids))
         # transformers reads the Hub form too, with the same weights
         hub_ref = transformers.KimiLinearForCausalLM.from_pretrained(hub).eval()
-        assert _rel(hub_ref(ids).logits, ref(ids).logits) <= 1e-6
+        assert max_rel(hub_ref(ids).logits, ref(ids).logits) <= 1e-6
 
 
 def test_config_aliases_and_validation(checkpoint):
@@ -182,11 +177,11 @@ def test_bf16_close_to_fp32(tmp_path):
     # the router and the decay bias keep fp32
     assert half.model.layers[1].block_sparse_moe.gate.weight.dtype == torch.float32
     assert half.model.layers[0].self_attn.dt_bias.dtype == torch.float32
-    ids = _ids(2, 40, seed=4)
+    ids = token_ids(2, 40, 4, CONFIG["vocab_size"], low=3)
     with torch.no_grad():
         got, expected = half(ids), ref(ids).logits
     assert got.dtype == torch.bfloat16
-    rel = _rel(got, expected)
+    rel = max_rel(got, expected)
     assert rel <= 5e-2, rel
 
 
@@ -198,11 +193,11 @@ def test_variants_match_transformers(tmp_path):
                   num_experts_per_token=3, num_shared_experts=2)
     ref = build_reference("KimiLinearConfig", "KimiLinearForCausalLM", tmp_path, **config)
     ours = KimiLinearForCausalLM.from_pretrained(tmp_path)
-    assert ours.model.layers[1].block_sparse_moe.gate.grouped
-    ids = _ids(1, 24, seed=5)
+    assert ours.model.layers[1].block_sparse_moe.gate.topk_group < ours.model.layers[1].block_sparse_moe.gate.n_group
+    ids = token_ids(1, 24, 5, CONFIG["vocab_size"], low=3)
     with torch.no_grad():
         expected = ref(ids).logits
-        rel = _rel(ours(ids), expected)
+        rel = max_rel(ours(ids), expected)
     assert rel <= 1e-4, rel
     # transformers keeps this model's head separate even when tied; a checkpoint without one ties it
     tensors = load_file(tmp_path / "model.safetensors")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import max_rel, token_ids
 from hf_reference import build_reference
 from models.cache import STEP_TOKENS
 from models.nemotron_h import NemotronHConfig, NemotronHForCausalLM
@@ -24,12 +25,6 @@ TINY = dict(
 PATTERN = "ME*M-*"
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def _ids(B: int, T: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def _reference(folder, **config):
@@ -49,7 +44,7 @@ def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("nemotron_h")
     ref = _reference(folder, **TINY)
     ours = NemotronHForCausalLM.from_pretrained(folder)
-    ids = _ids(2, 40, 1)
+    ids = token_ids(2, 40, 1, VOCAB)
     with torch.no_grad():
         logits = ours(ids)
     return folder, ref, ours, ids, logits
@@ -61,16 +56,16 @@ def test_logits_match_transformers(setup):
     with torch.no_grad():
         expected = ref(ids).logits
     assert logits.shape == (2, 40, VOCAB)
-    err = _rel(logits, expected)
+    err = max_rel(logits, expected)
     print(f"fp32 T=40 rel err {err:.2e}")
     assert err <= 1e-4
 
 
 def test_logits_across_a_chunk_boundary(setup):
     folder, ref, ours, *_ = setup
-    ids = _ids(1, 70, 2)
+    ids = token_ids(1, 70, 2, VOCAB)
     with torch.no_grad():
-        err = _rel(ours(ids), ref(ids).logits)
+        err = max_rel(ours(ids), ref(ids).logits)
     print(f"fp32 T=70 rel err {err:.2e}")
     assert err <= 1e-4
 
@@ -87,7 +82,7 @@ def test_greedy_generate_matches_transformers(setup):
 
 def test_prefill_then_decode_equals_full_forward(setup):
     folder, ref, ours, _, _ = setup
-    ids = _ids(2, 46, 3)
+    ids = token_ids(2, 46, 3, VOCAB)
     with torch.no_grad():
         full = ours(ids)
         cache = ours.new_cache()
@@ -99,7 +94,7 @@ def test_prefill_then_decode_equals_full_forward(setup):
         assert long.shape[1] > STEP_TOKENS
         parts.append(ours(long, cache))
     assert cache.seen == 46
-    err = _rel(torch.cat(parts, 1), full)
+    err = max_rel(torch.cat(parts, 1), full)
     print(f"prefill+decode vs full rel err {err:.2e}")
     assert err <= 1e-4
 
@@ -190,9 +185,9 @@ def test_latent_moe_and_group_limited_routing(tmp_path):
     ref = _reference(tmp_path, **config)
     ours = NemotronHForCausalLM.from_pretrained(tmp_path)
     assert ours.config.moe_latent_size == 24
-    ids = _ids(2, 24, 4)
+    ids = token_ids(2, 24, 4, VOCAB)
     with torch.no_grad():
-        err = _rel(ours(ids), ref(ids).logits)
+        err = max_rel(ours(ids), ref(ids).logits)
     print(f"latent MoE, group routing rel err {err:.2e}")
     assert err <= 1e-4
 
@@ -205,6 +200,6 @@ def test_bf16_smoke(setup):
     assert router.weight.dtype == torch.float32 and router.e_score_correction_bias.dtype == torch.float32
     with torch.no_grad():
         out = half(ids)
-    err = _rel(out, logits)
+    err = max_rel(out, logits)
     print(f"bf16 vs fp32 rel err {err:.2e}")
     assert err <= 5e-2

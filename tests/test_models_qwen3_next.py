@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from helpers import max_rel, token_ids
 from hf_reference import build_reference
 from models.cache import STEP_TOKENS
 from models.qwen3_next import Qwen3NextConfig, Qwen3NextForCausalLM
@@ -25,12 +26,6 @@ TINY = dict(
 )
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def _ids(B: int, T: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +33,7 @@ def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen3_next")
     ref = build_reference("Qwen3NextConfig", "Qwen3NextForCausalLM", folder, **TINY)
     ours = Qwen3NextForCausalLM.from_pretrained(folder)
-    ids = _ids(2, 40, 1)
+    ids = token_ids(2, 40, 1, VOCAB)
     with torch.no_grad():
         logits, hidden = ours(ids, return_hidden=True)
     return folder, ref, ours, ids, logits, hidden
@@ -50,17 +45,17 @@ def test_logits_match_transformers(setup):
         out = ref(ids)
         ref_hidden = ref.model(ids).last_hidden_state
     assert logits.shape == (2, 40, VOCAB)
-    err = _rel(logits, out.logits)
+    err = max_rel(logits, out.logits)
     print(f"fp32 T=40 rel err {err:.2e}")
     assert err <= 1e-4
-    assert _rel(hidden, ref_hidden) <= 1e-4
+    assert max_rel(hidden, ref_hidden) <= 1e-4
 
 
 def test_logits_across_a_chunk_boundary(setup):
     folder, ref, ours, *_ = setup
-    ids = _ids(1, 70, 2)
+    ids = token_ids(1, 70, 2, VOCAB)
     with torch.no_grad():
-        err = _rel(ours(ids), ref(ids).logits)
+        err = max_rel(ours(ids), ref(ids).logits)
     print(f"fp32 T=70 rel err {err:.2e}")
     assert err <= 1e-4
 
@@ -84,14 +79,14 @@ def test_prefill_then_decode_equals_full_forward(setup):
         for t in range(P, ids.shape[1]):
             parts.append(ours(ids[:, t:t + 1], cache))
     assert cache.seen == ids.shape[1]
-    assert _rel(torch.cat(parts, 1), logits) <= 1e-4
+    assert max_rel(torch.cat(parts, 1), logits) <= 1e-4
 
     # a continuation longer than STEP_TOKENS on a warm cache goes through the chunk kernels
-    longer = torch.cat([ids, _ids(2, STEP_TOKENS + 4, 3)], 1)
+    longer = torch.cat([ids, token_ids(2, STEP_TOKENS + 4, 3, VOCAB)], 1)
     with torch.no_grad():
         full = ours(longer)
         cont = ours(longer[:, ids.shape[1]:], cache)
-    assert _rel(cont, full[:, ids.shape[1]:]) <= 1e-4
+    assert max_rel(cont, full[:, ids.shape[1]:]) <= 1e-4
 
 
 def _hub_config(folder) -> dict:
@@ -198,6 +193,6 @@ def test_bf16_smoke(setup):
         out = model(ids)
         ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)(ids).logits
     assert out.dtype == torch.bfloat16
-    err, ref_err = _rel(out, logits), _rel(ref_bf16, logits)
-    print(f"bf16 rel err: ours {err:.2e}, transformers {ref_err:.2e}, ours vs theirs {_rel(out, ref_bf16):.2e}")
+    err, ref_err = max_rel(out, logits), max_rel(ref_bf16, logits)
+    print(f"bf16 rel err: ours {err:.2e}, transformers {ref_err:.2e}, ours vs theirs {max_rel(out, ref_bf16):.2e}")
     assert err <= max(5e-2, 1.5 * ref_err)
