@@ -166,3 +166,13 @@ def test_speculative_decoding_stops_at_eos(model):
     assert torch.equal(spec.tokens[0], plain[0, :first])
     with pytest.raises(ValueError, match="input_ids: speculative decoding takes one sequence"):
         model.generate_speculative(torch.cat([ids, ids]), 3)
+
+
+def test_sampled_generate(model):
+    ids = torch.cat([_ids(10, 5), _ids(10, 6)])
+    greedy = model.generate(ids, 6)
+    assert torch.equal(model.generate(ids, 6, do_sample=True, top_k=1, generator=torch.Generator().manual_seed(0)), greedy)
+    runs = [model.generate(ids, 6, do_sample=True, temperature=1.5, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.equal(runs[0], runs[1])  # a seeded generator reproduces the draw
+    assert runs[0].shape == (2, 16) and torch.equal(runs[0][:, :10], ids)
+    assert not torch.equal(runs[0], runs[2]) and not torch.equal(runs[0], greedy)  # (fixed seeds: deterministic)
