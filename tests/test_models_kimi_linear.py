@@ -21,8 +21,6 @@ CONFIG = dict(
 )
 
 
-
-
 def _hub_config(hf: dict) -> dict:
     """``hf`` (transformers' config.json) rewritten the way the Hub checkpoints spell it."""
     d = {k: v for k, v in hf.items() if k not in (

@@ -25,8 +25,6 @@ TINY = dict(
 PATTERN = "ME*M-*"
 
 
-
-
 def _reference(folder, **config):
     """A saved random reference whose routers' correction biases are non-zero too."""
     ref = build_reference("NemotronHConfig", "NemotronHForCausalLM", folder, **config)

@@ -26,8 +26,6 @@ TINY = dict(
 )
 
 
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen3_next")
