@@ -33,7 +33,8 @@ class Kernel:
     Parameter kinds: ``io`` (a tensor in the input dtype), ``f32``/``i32``/``i64``
     (tensors of that dtype), ``int`` and ``float`` (scalars), ``constexpr``.
     ``grid``: ``chunks`` (chunk, value head), ``chunks_k`` (chunk, value head, key block),
-    ``chunks_v`` (chunk, value head, V tile), ``seqs_v`` (sequence, value head, V tile).
+    ``chunks_v`` (chunk, value head, V tile), ``seqs_v`` (sequence, value head, V tile),
+    ``rows_qk`` (block of ``epilogue.NORM_ROWS`` tokens, q/k head).
     """
 
     name: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from .backward import backward_kernels
+from .epilogue import epilogue_kernels
 from .forward import Kernel, forward_kernels
 from .plan import Plan
 from .step import step_kernel
@@ -35,7 +36,8 @@ def generate(plan: Plan, backward: bool = False) -> Module:
     """
     kernels = forward_kernels(plan)
     if not backward:
-        kernels.append(step_kernel(plan))
+        # decoding, and the layer-side kernels of the backward (the core module differentiates the rest)
+        kernels += [step_kernel(plan), *epilogue_kernels(plan)]
     if backward:
         kernels = [k for k in kernels if k.name in ("wu_fwd", "state_fwd", "output_fwd")] + backward_kernels(plan)
     spec = plan.spec

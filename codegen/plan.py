@@ -15,7 +15,7 @@ from linattn.spec import Decay, Role, Spec
 __all__ = ["Options", "Plan", "make_plan", "core_spec", "DTYPES", "CODEGEN_VERSION"]
 
 #: Bump when the emitted source changes for the same plan (invalidates the disk cache).
-CODEGEN_VERSION = 2
+CODEGEN_VERSION = 3
 
 #: Input dtypes the kernels take, by short name.
 #: (fp64 runs everything in float64 and exists for gradient checks through the interpreter.)
@@ -114,7 +114,7 @@ class Plan:
     @property
     def beta_computed(self) -> bool:
         """β is a parameterization evaluated (once) by the gates stage, not an input."""
-        return self.beta and not (self.spec.beta.is_identity and self.spec.beta.operands[0].role is Role.TOKEN)
+        return beta_computed(self.spec)
 
     @property
     def NS(self) -> int:
@@ -191,6 +191,11 @@ def core_spec(spec: Spec) -> Spec:
         default_scale=spec.default_scale,
         name=f"{spec.name or 'spec'}_core",
     )
+
+
+def beta_computed(spec: Spec) -> bool:
+    """Whether ``spec``'s β is a parameterization the gates stage evaluates (not an input as is)."""
+    return spec.beta is not None and not (spec.beta.is_identity and spec.beta.operands[0].role is Role.TOKEN)
 
 
 def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:

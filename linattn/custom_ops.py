@@ -13,6 +13,8 @@ import hashlib
 
 import torch
 
+from codegen.plan import beta_computed
+
 from .inputs import check_call
 from .spec import Role
 
@@ -62,12 +64,14 @@ def _forward(
     cu_seqlens: torch.Tensor | None,
     scale: float,
     output_final_state: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = _REGISTRY[key]
     call = _call(op, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale)
     saved: dict = {}
     o, ht = op._forward(call, output_final_state, keep=saved)
     kept = [saved[n] if n in saved else _empty(q) for n in ("G", "Tm", "Aqk")]
+    # β is saved only where the gates stage computed it (a β operand is saved as an input)
+    kept.append(saved["beta"] if beta_computed(op.spec) else _empty(q))
     return o, (ht if ht is not None else _empty(q)), *kept
 
 
@@ -83,6 +87,7 @@ def _shapes(key, q, v, cu_seqlens, output_final_state):
     out["G"] = ((B * T, HV, K) if spec.decay.value == "channel" else (B * T, HV)) if spec.has_decay else (0,), acc
     out["Tm"] = ((B * T, HV, C) if spec.has_delta else (0,)), q.dtype
     out["Aqk"] = ((B * T, HV, C) if spec.decay.value == "channel" else (0,)), q.dtype
+    out["beta"] = ((B * T, HV) if beta_computed(op.spec) else (0,)), acc
     return out
 
 
@@ -108,12 +113,13 @@ def _backward(
     G: torch.Tensor,
     Tm: torch.Tensor,
     Aqk: torch.Tensor,
+    beta: torch.Tensor,
     do: torch.Tensor,
     dht: torch.Tensor | None,
 ) -> list[torch.Tensor]:
     op = _REGISTRY[key]
     call = _call(op, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale)
-    saved = {n: t for n, t in (("G", G), ("Tm", Tm), ("Aqk", Aqk)) if t.numel()}
+    saved = {n: t for n, t in (("G", G), ("Tm", Tm), ("Aqk", Aqk), ("beta", beta)) if t.numel()}
     grads = op._backward(call, saved, do, dht)
     names = [o.name for o in op.spec.operands if o.role is not Role.SCALAR]
     order = [("q", q), ("k", k), ("v", v), *zip(names, operands), ("z", z), ("D", D), ("initial_state", h0)]
@@ -121,26 +127,26 @@ def _backward(
 
 
 @_backward.register_fake
-def _(key, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale, G, Tm, Aqk, do, dht):
+def _(key, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale, G, Tm, Aqk, beta, do, dht):
     return [t.new_empty(t.shape) if t is not None else q.new_empty(0) for t in (q, k, v, *operands, z, D, h0)]
 
 
 def _setup(ctx, inputs, output):
     key, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale, _ = inputs
-    _, _, G, Tm, Aqk = output
+    _, _, G, Tm, Aqk, beta = output
     ctx.key, ctx.scalars, ctx.scale, ctx.n = key, scalars, scale, len(operands)
     ctx.has = (z is not None, D is not None, h0 is not None, cu_seqlens is not None)
-    ctx.save_for_backward(q, k, v, *operands, G, Tm, Aqk, *(t for t in (z, D, h0, cu_seqlens) if t is not None))
+    ctx.save_for_backward(q, k, v, *operands, G, Tm, Aqk, beta, *(t for t in (z, D, h0, cu_seqlens) if t is not None))
 
 
 def _backward_rule(ctx, do, dht, *_):
     saved = list(ctx.saved_tensors)
     n = ctx.n
-    q, k, v, operands, (G, Tm, Aqk) = saved[0], saved[1], saved[2], saved[3 : 3 + n], saved[3 + n : 6 + n]
-    rest = iter(saved[6 + n :])
+    q, k, v, operands, (G, Tm, Aqk, beta) = saved[0], saved[1], saved[2], saved[3 : 3 + n], saved[3 + n : 7 + n]
+    rest = iter(saved[7 + n :])
     z, D, h0, cu = (next(rest) if has else None for has in ctx.has)
     dht = dht if dht is not None and dht.numel() else None
-    grads = _backward(ctx.key, q, k, v, operands, ctx.scalars, z, D, h0, cu, ctx.scale, G, Tm, Aqk, do, dht)
+    grads = _backward(ctx.key, q, k, v, operands, ctx.scalars, z, D, h0, cu, ctx.scale, G, Tm, Aqk, beta, do, dht)
     dq, dk, dv, *rest_grads = grads
     dops, (dz, dD, dh0) = rest_grads[:n], rest_grads[n:]
     keep = lambda g, t: g if t is not None and g.numel() else None  # noqa: E731

@@ -54,6 +54,50 @@ def chunk_tables(cu_seqlens: torch.Tensor, n_chunks_max: int, C: int):
     return t0, length.to(torch.int32), off.to(torch.int32)
 
 
+#: chunk tables of equal-length batches by (B, T, C, device): they depend on nothing else,
+#: so a model calling the op layer after layer builds them once instead of launching ~25
+#: small torch kernels per call (launch overhead dominates short sequences and decoding)
+_UNIFORM_TABLES: dict[tuple, tuple] = {}
+_UNIFORM_TABLES_MAX = 64
+
+
+def uniform_tables(B: int, T: int, C: int, device: torch.device) -> tuple:
+    """``(cu_seqlens, chunk_t0, chunk_len, chunk_off)`` of B sequences of T tokens (cached)."""
+    key = (B, T, C, str(device))
+    tables = _UNIFORM_TABLES.get(key)
+    if tables is None:
+        cu = torch.arange(0, B + 1, device=device, dtype=torch.int32) * T
+        tables = (cu, *chunk_tables(cu, B * (-(-T // C)), C))
+        # tensors made while a CUDA graph is being captured belong to its memory pool
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if len(_UNIFORM_TABLES) >= _UNIFORM_TABLES_MAX:
+                _UNIFORM_TABLES.pop(next(iter(_UNIFORM_TABLES)))
+            _UNIFORM_TABLES[key] = tables
+    return tables
+
+
+#: chunk tables of packed batches, keyed by the cu_seqlens tensor itself: the layers of a
+#: model share one cu_seqlens per forward, so only the first layer builds them. The entry
+#: holds a reference to the tensor, so its memory cannot be reused by another one, and
+#: keys on its version counter, which any in-place write bumps.
+_PACKED_TABLES: dict[tuple, tuple] = {}
+_PACKED_TABLES_MAX = 8
+
+
+def packed_tables(cu_seqlens: torch.Tensor, n_chunks_max: int, C: int) -> tuple:
+    """:func:`chunk_tables` of ``cu_seqlens``, cached while the tensor is unchanged."""
+    key = (cu_seqlens.data_ptr(), cu_seqlens.numel(), cu_seqlens._version, str(cu_seqlens.device), n_chunks_max, C)
+    entry = _PACKED_TABLES.get(key)
+    if entry is not None:
+        return entry[1]
+    tables = chunk_tables(cu_seqlens, n_chunks_max, C)
+    if not (cu_seqlens.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if len(_PACKED_TABLES) >= _PACKED_TABLES_MAX:
+            _PACKED_TABLES.pop(next(iter(_PACKED_TABLES)))
+        _PACKED_TABLES[key] = (cu_seqlens, tables)
+    return tables
+
+
 class CompiledOp:
     """A spec compiled to chunkwise kernels. Call it like :func:`reference.chunkwise`."""
 
@@ -128,12 +172,12 @@ class CompiledOp:
         B, T, H, HV, K, V = call.B, call.T, call.H, call.HV, call.K, call.V
         TT = B * T
         if call.cu_seqlens is None:
-            cu = torch.arange(0, B + 1, device=q.device, dtype=torch.int32) * T
             n_chunks = B * (-(-T // C))
+            cu, chunk_t0, chunk_len, chunk_off = uniform_tables(B, T, C, q.device)
         else:
             cu = call.cu_seqlens
             n_chunks = -(-TT // C) + call.n_seqs
-        chunk_t0, chunk_len, chunk_off = chunk_tables(cu, n_chunks, C)
+            chunk_t0, chunk_len, chunk_off = packed_tables(cu, n_chunks, C)
         return {
             "q": q.reshape(TT, H, K).contiguous(),
             "k": k.reshape(TT, H, K).contiguous(),
@@ -173,6 +217,7 @@ class CompiledOp:
         grids = {
             "chunks": (n_chunks, HV),
             "chunks_k": (n_chunks, HV, plan.NKB),
+            "rows_qk": (-(-env.get("_TT", 0) // codegen.epilogue.NORM_ROWS), env["H"]),
             "chunks_v": (n_chunks, HV, plan.NV),
             "seqs_v": (N, HV, plan.NV),
         }
@@ -278,9 +323,7 @@ class CompiledOp:
             raise ValueError(f"state: {state.shape[0]} rows for {N} sequences (pass state_indices for a pool)")
         gen, mod = self.module(_DTYPE_NAMES[q.dtype], K, V)
         TT = call.B * call.T
-        cu = call.cu_seqlens if call.cu_seqlens is not None else (
-            torch.arange(0, call.B + 1, device=q.device, dtype=torch.int32) * call.T
-        )
+        cu = call.cu_seqlens if call.cu_seqlens is not None else uniform_tables(call.B, call.T, gen.plan.C, q.device)[0]
         env = {
             "q": q.reshape(TT, call.H, K).contiguous(), "k": k.reshape(TT, call.H, K).contiguous(),
             "v": v.reshape(TT, HV, V).contiguous(), "state": state, "state_idx": state_indices,
@@ -294,6 +337,38 @@ class CompiledOp:
         return env["o"].reshape(call.B, call.T, HV, V)
 
     # ------------------------------------------------------------------ backward
+    def _term_grads(self, call, gen, mod, env: dict) -> dict[str, torch.Tensor]:
+        """Gradients of the gate/β operands from ``dg``/``dbeta``: identity terms pass theirs
+        through; the others run the generated ``terms_bwd`` kernel (per-head operands come
+        back as per-chunk partial sums, finished here)."""
+        spec, plan, grads = self.spec, gen.plan, {}
+        shape = lambda n: call.operands[n].shape  # noqa: E731
+        if spec.has_decay and spec.gate is not None and spec.gate.is_identity:
+            _add(grads, spec.gate.operands[0].name, env["dg"].reshape(shape(spec.gate.operands[0].name)))
+        if plan.beta and not plan.beta_computed:
+            _add(grads, spec.beta.operands[0].name, env["dbeta"].reshape(shape(spec.beta.operands[0].name)))
+        terms = codegen.epilogue.derivative_terms(plan)
+        if not terms:
+            return grads
+        args = dict(env)
+        args.update(self._term_args(call))
+        outputs = {}
+        for o in {o.name: o for _, t in terms for o in t.operands}.values():
+            if o.role is Role.SCALAR:
+                continue
+            if o.role in (Role.HEAD, Role.HEAD_CHANNEL):
+                buf = codegen.epilogue.partial_name(o.name)
+                cols = (env["_n_chunks"], call.HV) + ((call.K,) if o.role is Role.HEAD_CHANNEL else ())
+            else:
+                buf = f"d_{o.name}"
+                cols = (env["_TT"], call.HV) + ((call.K,) if o.role is Role.TOKEN_CHANNEL else ())
+            args[buf] = outputs[o.name] = _alloc(cols, torch.float32, call.q.device)
+        self._launch(gen, mod, ["terms_bwd"], args, call.q.device)
+        for name, d in outputs.items():
+            role = next(o.role for o in spec.operands if o.name == name)
+            _add(grads, name, (d.sum(0) if role in (Role.HEAD, Role.HEAD_CHANNEL) else d).reshape(shape(name)))
+        return grads
+
     def core_module(self, dtype: str, K: int, V: int):
         """The module of the spec's core recurrence with its backward kernels (cached)."""
         key = ("bwd", dtype, K, V)
@@ -310,33 +385,33 @@ class CompiledOp:
 
         ``stages`` (a dict) receives the buffers of every backward stage, for tests.
         """
-        from .torch_terms import evaluate_term, finish_vjp, l2norm, l2norm_vjp, term_vjp
+        from .torch_terms import finish_vjp
 
         spec = self.spec
         q, k, v = call.q, call.k, call.v
         device = q.device
         B, T, H, HV, K, V = call.B, call.T, call.H, call.HV, call.K, call.V
         gen, mod = self.core_module(_DTYPE_NAMES[q.dtype], K, V)
+        # the layer-side kernels (q/k norm, the terms' derivatives) live in the spec's own module
+        fgen, fmod = self.module(_DTYPE_NAMES[q.dtype], K, V)
         plan = gen.plan
         C = plan.C
         f32 = _acc(q.dtype)
 
-        # ---- the layer-side terms (elementwise, cheap): recomputed, differentiated by hand
-        qn = l2norm(q.to(f32)) if spec.qk_l2norm else q
-        kn = l2norm(k.to(f32)) if spec.qk_l2norm else k
-        beta_t = None
-        if spec.beta is not None:
-            beta_t = evaluate_term(spec.beta, call.operands, (B, T, HV), f32)
-
-        core_call = type(call)(
-            plan.spec, qn.detach(), kn.detach(), v, {}, None, None, call.scale, call.initial_state, call.cu_seqlens
-        )
+        core_call = type(call)(plan.spec, q, k, v, {}, None, None, call.scale, call.initial_state, call.cu_seqlens)
         env = self._geometry(core_call, C)
         TT, n_chunks, N, io = env["_TT"], env["_n_chunks"], env["_N"], q.dtype
+        if spec.qk_l2norm:  # the core kernels take normalised q, k
+            env["qn"], env["kn"] = _alloc((TT, H, K), f32, device), _alloc((TT, H, K), f32, device)
+            env["TT"] = TT
+            self._launch(fgen, fmod, ["qknorm_fwd"], env, device)
+            raw_q, raw_k = env["q"], env["k"]
+            env["q"], env["k"] = env["qn"], env["kn"]
         if spec.has_decay:
             env["G"] = saved["G"]
-        if beta_t is not None:
-            env["beta"] = beta_t.detach().reshape(TT, HV).contiguous()
+        if plan.beta:  # computed β was kept by the forward; a β operand is the input itself
+            beta_t = saved["beta"] if "beta" in saved else call.operands[spec.beta.operands[0].name]
+            env["beta"] = beta_t.reshape(TT, HV).to(f32).contiguous()
         if plan.delta:
             env["Tm"] = saved["Tm"]
             env["W"] = _alloc((TT, HV, K), io, device)
@@ -389,24 +464,24 @@ class CompiledOp:
         dv = env["dv"] if plan.delta else env["dvn"] * (env["beta"][..., None] if plan.beta else 1.0)
         if plan.beta and not plan.delta:
             env["dbeta"] = (env["dvn"] * env["v"].to(f32)).sum(-1)
-        dq = env["dq"].reshape(B, T, H, HV // H, K).sum(3)
-        dk = env["dk"].reshape(B, T, H, HV // H, K).sum(3)
-        grads["q"] = l2norm_vjp(q.to(f32), dq) if spec.qk_l2norm else dq
-        grads["k"] = l2norm_vjp(k.to(f32), dk) if spec.qk_l2norm else dk
-        terms = []
-        if spec.gate is not None:
-            gshape = (B, T, HV, K) if plan.channel else (B, T, HV)
-            terms.append((spec.gate, env["dg"].reshape(gshape)))
-        if beta_t is not None:
-            terms.append((spec.beta, env["dbeta"].reshape(B, T, HV)))
-        for t, dt in terms:
-            for name, d in term_vjp(t, call.operands, dt).items():
-                grads[name] = grads[name] + d if name in grads else d
+        if spec.qk_l2norm:
+            env["q"], env["k"] = raw_q, raw_k
+            env["dq_out"], env["dk_out"] = _alloc((TT, H, K), f32, device), _alloc((TT, H, K), f32, device)
+            self._launch(fgen, fmod, ["qknorm_bwd"], env, device)
+            grads["q"], grads["k"] = env["dq_out"].reshape(B, T, H, K), env["dk_out"].reshape(B, T, H, K)
+        else:
+            grads["q"] = env["dq"].reshape(B, T, H, HV // H, K).sum(3)
+            grads["k"] = env["dk"].reshape(B, T, H, HV // H, K).sum(3)
+        grads.update(self._term_grads(call, fgen, fmod, env))
         dv = dv.reshape(B, T, HV, V)
         grads["v"] = grads["v"] + dv if "v" in grads else dv
         if call.initial_state is not None:
             grads["initial_state"] = env["dh0"]
         return grads
+
+
+def _add(grads: dict, name: str, d: torch.Tensor) -> None:
+    grads[name] = grads[name] + d if name in grads else d
 
 
 def compile(spec: Spec, **options) -> CompiledOp:  # noqa: A001 (the name users expect)

@@ -20,9 +20,7 @@ from .spec import OutputGate, Role, Skip, Spec, Term
 __all__ = [
     "evaluate_term",
     "evaluate_expr",
-    "term_vjp",
     "l2norm",
-    "l2norm_vjp",
     "prepare",
     "finish",
     "finish_vjp",
@@ -144,34 +142,6 @@ def finish(call: Call, o: torch.Tensor) -> torch.Tensor:
     if spec.output_gate is OutputGate.SILU:
         o = o * F.silu(call.z.to(o.dtype))
     return o
-
-
-def term_vjp(t: Term, values: dict, grad: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Gradients of ``t``'s tensor operands given the gradient of its value (shape of the
-    term's output), from the term's symbolic derivatives; each reduced over the axes the
-    operand is broadcast along."""
-    shape, dtype, channel = tuple(grad.shape), grad.dtype, grad.dim() == 4
-    roles = {o.name: o.role for o in t.operands}
-    out = {}
-    for o in t.operands:
-        if o.role is Role.SCALAR:
-            continue
-        d = grad * evaluate_expr(t.diff(o.name), roles, values, shape, dtype)
-        if o.role is Role.TOKEN and channel:
-            d = d.sum(-1)
-        elif o.role is Role.HEAD:
-            d = d.sum(dim=(0, 1, 3) if channel else (0, 1))
-        elif o.role is Role.HEAD_CHANNEL:
-            d = d.sum(dim=(0, 1))
-        out[o.name] = d
-    return out
-
-
-def l2norm_vjp(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """The gradient of :func:`l2norm` at ``x``: ``r (dy - y (y · dy))`` with ``y = x r``."""
-    r = torch.rsqrt((x * x).sum(-1, keepdim=True) + L2NORM_EPS)
-    y = x * r
-    return r * (dy - y * (y * dy).sum(-1, keepdim=True))
 
 
 def finish_vjp(call: Call, o: torch.Tensor, do: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,0 +1,197 @@
+"""Emitters of the backward's layer-side kernels: the q/k L2 norm and the gate/β terms.
+
+The core backward kernels differentiate the recurrence with respect to normalised q/k,
+``g`` and ``β``; what lies between those and the layer's own arguments is elementwise
+(an L2 norm per row, the spec's gate and β parameterizations). Run as torch ops it costs
+dozens of small launches per call; here it is three kernels:
+
+- ``qknorm_fwd``: q and k normalised (fp32), the inputs of the core backward kernels;
+- ``qknorm_bwd``: the gradients summed over each q/k head's value heads and taken back
+  through the norm, ``r (dy - y (y · dy))`` with ``y = x r``, ``r = 1 / |x|``;
+- ``terms_bwd``: every operand's gradient from the terms' symbolic derivatives,
+  ``Σ_terms d(term) · ∂term/∂operand``, summed over the axes an operand is broadcast
+  along. Per-token operands are written per token; per-head parameters are summed per
+  chunk program into a ``[chunks, HV(, K)]`` partial buffer (one torch sum finishes them:
+  deterministic, unlike atomics).
+
+The norm kernels take blocks of ``NORM_ROWS`` flattened tokens with whole rows; the terms
+kernel walks chunks through the same chunk table as the other kernels (its per-head
+partials are per chunk) and key channels in blocks of the backward kernels' width.
+"""
+from __future__ import annotations
+
+from linattn.spec import Role, Term
+
+from .exprs import to_triton
+from .forward import L2NORM_EPS, Kernel, _signature
+from .plan import Plan
+from .source import Source
+
+__all__ = ["epilogue_kernels", "derivative_terms", "partial_name"]
+
+
+def derivative_terms(plan: Plan) -> list[tuple[str, Term]]:
+    """``(gradient buffer, term)`` of each term the kernel differentiates (identity terms
+    need no kernel: their operand's gradient is the term's)."""
+    spec, out = plan.spec, []
+    if spec.has_decay and spec.gate is not None and not spec.gate.is_identity:
+        out.append(("dg", spec.gate))
+    if plan.beta_computed:
+        out.append(("dbeta", spec.beta))
+    return out
+
+
+def partial_name(name: str) -> str:
+    """The partial-sum buffer of per-head operand ``name``."""
+    return f"p_d{name}"
+
+
+def epilogue_kernels(plan: Plan) -> list:
+    kernels = []
+    if plan.spec.qk_l2norm:
+        kernels += [_emit_qknorm_fwd(plan), _emit_qknorm_bwd(plan)]
+    if derivative_terms(plan):
+        kernels.append(_emit_terms_bwd(plan))
+    return kernels
+
+
+def _chunk_rows(s: Source) -> None:
+    s("i_c = tl.program_id(0)", "i_h = tl.program_id(1)")
+    s("t0 = tl.load(chunk_t0 + i_c)", "L = tl.load(chunk_len + i_c)")
+    s("r = tl.arange(0, C)", "row_ok = r < L")
+
+
+# ============================================================================ q/k norm
+#: tokens per program of the norm kernels: whole rows of BK channels stay in registers
+#: ([16, BK] fp32 tiles: 16 registers a thread at BK = 128 with 4 warps)
+NORM_ROWS = 16
+
+
+def _row_block(s: Source) -> None:
+    """``NORM_ROWS`` flattened tokens of one q/k head, whole rows (the norm needs no chunk structure)."""
+    s("i_t = tl.program_id(0)", "i_h = tl.program_id(1)")
+    s(f"r = i_t * {NORM_ROWS} + tl.arange(0, {NORM_ROWS})", "ck = tl.arange(0, BK)")
+    s("m = (r < TT)[:, None] & (ck < K)[None, :]")
+    s("rows = r.to(tl.int64) * (H * K) + i_h * K  # 64-bit: B*T*H*K may pass 2^31")
+
+
+def _emit_qknorm_fwd(plan: Plan) -> Kernel:
+    params = [("q", "io"), ("k", "io"), ("qn", "f32"), ("kn", "f32"), ("TT", "int"), ("H", "int")]
+    s = Source()
+    with s.block(_signature("qknorm_fwd", params)):
+        s('"""q and k of a block of tokens of one q/k head, L2-normalised per row, in fp32."""')
+        _row_block(s)
+        for x in ("q", "k"):
+            s(f"b_x = tl.load({x} + rows[:, None] + ck[None, :], mask=m, other=0.0).to(tl.float32)")
+            s(f"rn = tl.rsqrt(tl.sum(b_x * b_x, 1) + {L2NORM_EPS})")
+            s(f"tl.store({x}n + rows[:, None] + ck[None, :], b_x * rn[:, None], mask=m)")
+    return Kernel("qknorm_fwd", tuple(params), "rows_qk", s.text(), 4)
+
+
+def _emit_qknorm_bwd(plan: Plan) -> Kernel:
+    params = [("q", "io"), ("k", "io"), ("dq", "f32"), ("dk", "f32"), ("dq_out", "f32"), ("dk_out", "f32"),
+              ("TT", "int"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
+    s = Source()
+    with s.block(_signature("qknorm_bwd", params)):
+        s('"""dq, dk of a block of tokens of one q/k head: summed over the value heads it serves,'
+          ' then back through the norm."""')
+        _row_block(s)
+        s("drows = r.to(tl.int64) * (HV * K) + i_h * GROUP * K  # the head's first value head")
+        for x in ("q", "k"):
+            s(f"b_dy = tl.zeros([{NORM_ROWS}, BK], dtype=tl.float32)")
+            with s.block("for g in range(GROUP):"):
+                s(f"b_dy += tl.load(d{x} + drows[:, None] + g * K + ck[None, :], mask=m, other=0.0)")
+            s(f"b_x = tl.load({x} + rows[:, None] + ck[None, :], mask=m, other=0.0).to(tl.float32)")
+            s(f"rn = tl.rsqrt(tl.sum(b_x * b_x, 1) + {L2NORM_EPS})")
+            s("c3 = rn * rn * rn * tl.sum(b_x * b_dy, 1)  # r³ (x · dy)")
+            s(f"tl.store(d{x}_out + rows[:, None] + ck[None, :], rn[:, None] * b_dy - b_x * c3[:, None], mask=m)")
+    return Kernel("qknorm_bwd", tuple(params), "rows_qk", s.text(), 4)
+
+
+# ============================================================================ terms
+def _emit_terms_bwd(plan: Plan) -> Kernel:
+    spec, terms = plan.spec, derivative_terms(plan)
+    channel = plan.channel
+    used = {o.name: o for _, t in terms for o in t.operands}
+    grads = [o for o in used.values() if o.role is not Role.SCALAR]
+    params = []
+    for o in used.values():
+        params.append((f"s_{o.name}", "float") if o.role is Role.SCALAR else (f"x_{o.name}", "io"))
+    params += [(buf, "f32") for buf, _ in terms]
+    for o in grads:
+        params.append((partial_name(o.name) if o.role in (Role.HEAD, Role.HEAD_CHANNEL) else f"d_{o.name}", "f32"))
+    params += [("chunk_t0", "i64"), ("chunk_len", "i32"), ("HV", "int")]
+
+    def name(ctx: str, b: int = 0):
+        """Operand variables in a context: ``row`` ([C]) or ``tile`` ([C, KB], key block b)."""
+
+        def f(n: str) -> str:
+            role = used[n].role
+            if role is Role.SCALAR:
+                return f"s_{n}"
+            if role is Role.HEAD:
+                return f"o_{n}"
+            if role is Role.TOKEN:
+                return f"o_{n}[:, None]" if ctx == "tile" else f"o_{n}"
+            if role is Role.TOKEN_CHANNEL:
+                return f"o_{n}_{b}"
+            return f"o_{n}_{b}[None, :]"  # HEAD_CHANNEL, tile context only
+
+        return f
+
+    s = Source()
+    with s.block(_signature("terms_bwd", params)):
+        s('"""Gradients of the gate/β terms\' operands for one (chunk, value head); per-head ones as chunk partials."""')
+        _chunk_rows(s)
+        s("base = t0 * HV + i_h")
+        for o in used.values():
+            if o.role is Role.TOKEN:
+                s(f"o_{o.name} = tl.load(x_{o.name} + base + r * HV, mask=row_ok, other=0.0).to(tl.float32)")
+            elif o.role is Role.HEAD:
+                s(f"o_{o.name} = tl.load(x_{o.name} + i_h).to(tl.float32)")
+        # accumulators of per-token (row) and per-head (scalar) gradients
+        for o in grads:
+            if o.role is Role.TOKEN:
+                s(f"acc_{o.name} = tl.zeros([C], dtype=tl.float32)")
+            elif o.role is Role.HEAD:
+                s(f"acc_{o.name} = tl.zeros([C], dtype=tl.float32)")
+        # per-token terms (β, a scalar gate): [C] rows
+        for buf, t in terms:
+            if channel and buf == "dg":
+                continue
+            s(f"b_{buf} = tl.load({buf} + base + r * HV, mask=row_ok, other=0.0)")
+            for o in t.operands:
+                if o.role is Role.SCALAR:
+                    continue
+                s(f"acc_{o.name} += tl.where(row_ok, b_{buf} * ({to_triton(t.diff(o.name), name('row'))}), 0.0)")
+        # a channel gate: [C, KB] tiles, key block by key block
+        if channel and any(buf == "dg" for buf, _ in terms):
+            # key blocks of the backward's width: a gate's derivatives hold several [C, kb] tiles
+            gate, kb = spec.gate, plan.KBB
+            for b in range(plan.BK // kb):
+                s(f"ck = {b * kb} + tl.arange(0, {kb})", "ck_ok = ck < K", "m = row_ok[:, None] & ck_ok[None, :]")
+                for o in gate.operands:
+                    if o.role is Role.TOKEN_CHANNEL:
+                        s(
+                            f"o_{o.name}_{b} = tl.load(x_{o.name} + base * K + r[:, None] * (HV * K) + ck[None, :], "
+                            "mask=m, other=0.0).to(tl.float32)"
+                        )
+                    elif o.role is Role.HEAD_CHANNEL:
+                        s(f"o_{o.name}_{b} = tl.load(x_{o.name} + i_h * K + ck, mask=ck_ok, other=0.0).to(tl.float32)")
+                s("b_dg = tl.load(dg + base * K + r[:, None] * (HV * K) + ck[None, :], mask=m, other=0.0)")
+                for o in gate.operands:
+                    if o.role is Role.SCALAR:
+                        continue
+                    d = f"tl.where(m, b_dg * ({to_triton(gate.diff(o.name), name('tile', b))}), 0.0)"
+                    if o.role is Role.TOKEN_CHANNEL:
+                        s(f"tl.store(d_{o.name} + base * K + r[:, None] * (HV * K) + ck[None, :], {d}, mask=m)")
+                    elif o.role is Role.HEAD_CHANNEL:
+                        s(f"tl.store({partial_name(o.name)} + (i_c * HV + i_h) * K + ck, tl.sum({d}, 0), mask=ck_ok)")
+                    else:  # per token or per head: summed over the channels
+                        s(f"acc_{o.name} += tl.sum({d}, 1)")
+        for o in grads:
+            if o.role is Role.TOKEN:
+                s(f"tl.store(d_{o.name} + base + r * HV, acc_{o.name}, mask=row_ok)")
+            elif o.role is Role.HEAD:
+                s(f"tl.store({partial_name(o.name)} + i_c * HV + i_h, tl.sum(acc_{o.name}, 0))")
+    return Kernel("terms_bwd", tuple(params), "chunks", s.text(), 4)

@@ -1,0 +1,38 @@
+"""Launch counts of a call: the generated kernels and nothing else where it can be helped.
+
+Launch overhead dominates short sequences and decoding on a GPU; these counts are what a
+profile of a call would list (counted on the CPU: the launches are the same).
+"""
+import pytest
+
+from bench.launches import count_spec
+from linattn import specs
+from linattn.spec import Role
+
+
+@pytest.mark.parametrize("spec", [specs.GDN, specs.QWEN3_NEXT_GDN, specs.NEMOTRON_MAMBA2, specs.KIMI_KDA],
+                         ids=lambda s: s.name)
+def test_launches(spec):
+    import codegen
+
+    plan = codegen.make_plan(spec, "fp32", 16, 16, codegen.Options())
+    counts = count_spec(spec, B=2, T=20, varlen=True)
+    fixed = count_spec(spec, B=2, T=20)
+    # forward: one launch per stage; the chunk tables of an equal-length batch are cached
+    assert (fixed["forward"].triton, fixed["forward"].torch) == (len(plan.stages), 0), fixed["forward"].torch_ops
+    # a packed batch builds its tables once per cu_seqlens tensor (the first layer of a model)
+    assert counts["forward, new cu_seqlens"].torch > 0
+    assert (counts["forward"].triton, counts["forward"].torch) == (len(plan.stages), 0)
+    # decoding: the step kernel alone
+    assert (fixed["step"].triton, fixed["step"].torch) == (1, 0)
+    # backward: the layer-side terms and norms run as generated kernels; what stays in torch
+    # is a sum per per-head parameter (its chunk partials), the sums over a q/k head's value
+    # heads where no norm kernel takes them, and the D skip and β of a recurrence without the
+    # delta rule (dv = β dvn, dβ = Σ dvn v) — before the kernels, QWEN3_NEXT_GDN's took 60
+    per_head = sum(o.role in (Role.HEAD, Role.HEAD_CHANNEL) for o in spec.operands)
+    budget = per_head + (0 if spec.qk_l2norm else 2)
+    if spec.skip.value != "none":
+        budget += 5  # D's gradient (mul, sum), v's share (mul), the two dv parts added
+    if spec.beta is not None and not spec.has_delta:
+        budget += 4  # dv = β dvn (mul), dβ (mul, sum), dt's two shares added
+    assert fixed["backward"].torch <= budget, fixed["backward"].torch_ops
