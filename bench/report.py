@@ -31,6 +31,26 @@ def load(paths: list[Path]) -> tuple[list[dict], dict]:
     return rows, run
 
 
+def codegen_markdown(paths: list[Path]) -> str:
+    """The code-generation times (bench/test_codegen.py) of the given runs, in ms."""
+    out = ["# Code generation time (Triton's own JIT excluded)", "",
+           "| spec | cold median | cold max (first in process) | cached median | cached max |",
+           "| --- | --- | --- | --- | --- |"]
+    table: dict[str, dict[str, dict]] = defaultdict(dict)
+    for p in paths:
+        for b in json.loads(p.read_text()).get("benchmarks", []):
+            info = b.get("extra_info", {})
+            if "codegen" in info:
+                table[info["spec"]][info["codegen"]] = b["stats"]
+    for spec, phases in table.items():
+        cells = []
+        for phase in ("cold", "cached"):
+            st = phases.get(phase)
+            cells += [f"{st['median'] * 1e3:.1f}", f"{st['max'] * 1e3:.1f}"] if st else ["–", "–"]
+        out.append(f"| {spec} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def _fmt(x: float, spec: str) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -137,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark JSON files of one run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--aot", action="store_true", help="append the sm_90 resource table of every built-in op's kernels")
+    parser.add_argument("--codegen", type=Path, metavar="MD", help="write the code-generation table (bench/test_codegen.py) here instead")
     args = parser.parse_args(argv)
+    if args.codegen:
+        args.codegen.write_text(codegen_markdown(args.json))
+        print(args.codegen)  # noqa: T201
+        return 0
     rows, run = load(args.json)
     if not rows:
         parser.error("no benchmark rows with extra_info in the given files")
