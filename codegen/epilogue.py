@@ -149,11 +149,9 @@ def _emit_terms_bwd(plan: Plan) -> Kernel:
                 s(f"o_{o.name} = tl.load(x_{o.name} + base + r * HV, mask=row_ok, other=0.0).to(tl.float32)")
             elif o.role is Role.HEAD:
                 s(f"o_{o.name} = tl.load(x_{o.name} + i_h).to(tl.float32)")
-        # accumulators of per-token (row) and per-head (scalar) gradients
+        # per-row accumulators of per-token and per-head gradients (a head's are summed at the end)
         for o in grads:
-            if o.role is Role.TOKEN:
-                s(f"acc_{o.name} = tl.zeros([C], dtype=tl.float32)")
-            elif o.role is Role.HEAD:
+            if o.role in (Role.TOKEN, Role.HEAD):
                 s(f"acc_{o.name} = tl.zeros([C], dtype=tl.float32)")
         # per-token terms (β, a scalar gate): [C] rows
         for buf, t in terms:
