@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
-__all__ = ["read_config", "read_tensors", "load_state", "config_dtype"]
+__all__ = ["CheckpointTensors", "read_config", "read_tensors", "load_state", "config_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +69,59 @@ def _shards(folder: Path) -> list[Path]:
     return shards
 
 
-def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors shards (memory-mapped), by name."""
-    tensors: dict[str, torch.Tensor] = {}
+class CheckpointTensors(Mapping):
+    """The tensors of a folder's safetensors shards by name, read one at a time on access.
+
+    Only the shards' headers are read up front, so loading a model converts and places
+    one tensor at a time instead of holding the whole checkpoint in host memory.
+    """
+
+    def __init__(self, where: dict[str, Path], aliases: dict[str, str] | None = None) -> None:
+        self._where = where
+        self._aliases = dict(aliases or {})
+        self._open: dict[Path, Any] = {}
+
+    def _handle(self, path: Path):
+        if path not in self._open:
+            self._open[path] = safe_open(str(path), framework="pt")
+        return self._open[path]
+
+    def _source(self, name: str) -> tuple[Path, str]:
+        real = self._aliases.get(name, name)
+        return self._where[real], real
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, real = self._source(name)
+        return self._handle(path).get_tensor(real)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the shard's header (nothing is read)."""
+        path, real = self._source(name)
+        return tuple(self._handle(path).get_slice(real).get_shape())
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._where
+        yield from self._aliases
+
+    def __len__(self) -> int:
+        return len(self._where) + len(self._aliases)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where or name in self._aliases
+
+    def with_alias(self, name: str, existing: str) -> "CheckpointTensors":
+        """The same tensors plus ``name`` standing for ``existing`` (e.g. a tied head)."""
+        return CheckpointTensors(self._where, {**self._aliases, name: existing})
+
+
+def read_tensors(folder: str | Path) -> CheckpointTensors:
+    """The folder's safetensors tensors by name (read lazily, see :class:`CheckpointTensors`)."""
+    where: dict[str, Path] = {}
     for shard in _shards(_folder(folder)):
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():
-                tensors[name] = f.get_tensor(name)
-    return tensors
+                where[name] = shard
+    return CheckpointTensors(where)
 
 
 def _listing(names: Iterable[str], limit: int = 20) -> str:
@@ -84,34 +130,46 @@ def _listing(names: Iterable[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+def _shape(tensors: Mapping, name: str) -> tuple[int, ...]:
+    return tensors.shape(name) if isinstance(tensors, CheckpointTensors) else tuple(tensors[name].shape)
+
+
 def load_state(
     module: torch.nn.Module,
-    tensors: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
     *,
     rename: Callable[[str], str | None] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    fp32_names: tuple[str, ...] = (),
 ) -> None:
-    """Copy ``tensors`` into ``module``'s parameters and persistent buffers, strictly.
+    """Put ``tensors`` into ``module``'s parameters and persistent buffers, strictly.
 
     ``rename`` maps a checkpoint name to the module's name (or None to drop a tensor the
-    model deliberately does not use). Tensors are cast to each parameter's dtype; shapes
-    must agree exactly.
+    model deliberately does not use). Shapes must agree exactly. Each tensor is converted
+    to ``dtype`` (default: the parameter's own; fp32 for names ending in ``fp32_names``)
+    on ``device`` (default: the parameter's own) and assigned, so a module built on the
+    meta device loads without ever being materialised at random.
     """
-    own = dict(module.state_dict())
-    unknown, wrong_shape, filled = [], [], set()
-    for name, tensor in tensors.items():
+    own = dict(module.state_dict(keep_vars=True))
+    unknown, wrong_shape, state = [], [], {}
+    for name in tensors:
         target = rename(name) if rename is not None else name
         if target is None:
             continue
         if target not in own:
             unknown.append(name)
             continue
-        if tuple(own[target].shape) != tuple(tensor.shape):
-            wrong_shape.append(f"{name}: checkpoint {list(tensor.shape)}, model {list(own[target].shape)}")
+        shape = _shape(tensors, name)
+        if tuple(own[target].shape) != shape:
+            wrong_shape.append(f"{name}: checkpoint {list(shape)}, model {list(own[target].shape)}")
             continue
-        with torch.no_grad():
-            own[target].copy_(tensor.to(own[target].dtype))
-        filled.add(target)
-    missing = set(own) - filled
+        param = own[target]
+        to = torch.float32 if fp32_names and target.endswith(fp32_names) else (dtype or param.dtype)
+        place = device if device is not None else (param.device if param.device.type != "meta" else "cpu")
+        tensor = tensors[name]
+        state[target] = tensor.to(device=place, dtype=to if tensor.is_floating_point() else tensor.dtype)
+    missing = set(own) - set(state)
     problems = []
     if unknown:
         problems.append(f"{len(unknown)} unknown checkpoint tensors: {_listing(unknown)}")
@@ -121,4 +179,8 @@ def load_state(
         problems.append(f"{len(wrong_shape)} shape mismatches: {_listing(wrong_shape)}")
     if problems:
         raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
-    log.info("loaded %d tensors into %s", len(filled), type(module).__name__)
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise ValueError(f"checkpoint does not match the model: {len(left)} tensors not in any checkpoint: {_listing(left)}")
+    log.info("loaded %d tensors into %s", len(state), type(module).__name__)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .cache import Cache
-from .checkpoint import load_state, read_config, read_tensors
+from .checkpoint import CheckpointTensors, load_state, read_config, read_tensors
 
 __all__ = ["CausalLM", "Speculation", "sample_next"]
 
@@ -75,7 +75,7 @@ class CausalLM(nn.Module):
         """The module's name for checkpoint tensor ``name`` (None: not used by this model)."""
         return name
 
-    def adapt_checkpoint(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def adapt_checkpoint(self, tensors: CheckpointTensors) -> CheckpointTensors:
         """The checkpoint's tensors as this model loads them (e.g. a tied head filled in)."""
         return tensors
 
@@ -90,12 +90,19 @@ class CausalLM(nn.Module):
         """Build the model from ``folder``'s ``config.json`` and load its safetensors strictly.
 
         ``dtype`` defaults to the checkpoint's own (``dtype``/``torch_dtype`` in the config).
+        The model is built on the meta device and each tensor converted and placed as it is
+        read, so memory holds the model once, in ``dtype``, on ``device``.
         """
         config = cls.config_class.from_dict(read_config(folder))
         dtype = dtype or getattr(config, "dtype", None) or torch.float32
-        model = cls(config)
-        load_state(model, model.adapt_checkpoint(read_tensors(folder)), rename=model.checkpoint_name)
-        return model.cast(dtype, device)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
+            model = cls(config)
+        tensors = model.adapt_checkpoint(read_tensors(folder))
+        load_state(model, tensors, rename=model.checkpoint_name, dtype=dtype, device=device or "cpu",
+                   fp32_names=model.fp32_names)
+        return model.eval()
 
     def cast(self, dtype: torch.dtype, device: torch.device | str | None = None) -> "CausalLM":
         """Move to ``device`` and cast to ``dtype``, except :attr:`fp32_names`; eval mode."""

@@ -29,7 +29,7 @@ import linattn
 from linattn.specs import KIMI_KDA
 
 from .cache import Cache, run_conv, run_recurrence
-from .checkpoint import config_dtype
+from .checkpoint import CheckpointTensors, config_dtype
 from .generation import CausalLM
 from .layers import BiasedRouter, GatedMLP, RMSNorm, activation, attention, dispatch_experts
 
@@ -406,11 +406,11 @@ class KimiLinearForCausalLM(CausalLM):
 
     fp32_names = _FP32_PARAMS
 
-    def adapt_checkpoint(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def adapt_checkpoint(self, tensors: CheckpointTensors) -> CheckpointTensors:
         """With ``tie_word_embeddings`` a checkpoint without ``lm_head.weight`` reuses the
         embeddings; one that has it keeps its own head (as transformers does)."""
         if self.config.tie_word_embeddings and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
-            tensors = {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}
+            tensors = tensors.with_alias("lm_head.weight", "model.embed_tokens.weight")
         return tensors
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:

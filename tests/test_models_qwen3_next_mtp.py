@@ -176,3 +176,13 @@ def test_sampled_generate(model):
     assert torch.equal(runs[0], runs[1])  # a seeded generator reproduces the draw
     assert runs[0].shape == (2, 16) and torch.equal(runs[0][:, :10], ids)
     assert not torch.equal(runs[0], runs[2]) and not torch.equal(runs[0], greedy)  # (fixed seeds: deterministic)
+
+
+def test_loading_places_every_tensor_in_the_requested_dtype(checkpoint):
+    folder, tensors = checkpoint
+    model = from_pretrained(folder, dtype=torch.bfloat16)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        assert t.device.type == "cpu" and t.dtype == torch.bfloat16, name
+        torch.testing.assert_close(t.float(), tensors[name].bfloat16().float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dtype"):
+        from_pretrained(folder, dtype=torch.int32)
