@@ -186,3 +186,19 @@ def test_loading_places_every_tensor_in_the_requested_dtype(checkpoint):
         torch.testing.assert_close(t.float(), tensors[name].bfloat16().float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="dtype"):
         from_pretrained(folder, dtype=torch.int32)
+
+
+def test_bad_arguments_name_themselves(model, checkpoint, tmp_path):
+    ids = _ids(5, 7)
+    for bad, match in [(ids[0], "input_ids"), (ids.float(), "input_ids"), (ids[:, :0], "input_ids")]:
+        with pytest.raises(ValueError, match=match):
+            model.generate(bad, 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(ids, -1)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(ids, 2, do_sample=True, temperature=0.0)
+    folder, tensors = checkpoint
+    with pytest.raises(ValueError, match="model_type: 'llama'"):
+        from_pretrained(_save(tmp_path / "llama", {}, {**TINY, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="no model_type"):
+        from_pretrained(_save(tmp_path / "untyped", {"x": torch.zeros(1)}, {k: v for k, v in TINY.items() if k != "model_type"}))
