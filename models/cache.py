@@ -21,14 +21,51 @@ STEP_TOKENS = 16
 
 
 class Cache:
-    """Per-layer states, keyed by a layer's name, and the number of tokens seen so far."""
+    """Per-layer states, keyed by a layer's name, and the number of tokens seen so far.
+
+    ``seen`` is an int, or a ``[B]`` tensor when the sequences of a batch have different
+    lengths (a :meth:`merge` of caches prefilled one prompt at a time); then the key/value
+    caches are padded after each sequence's own keys and ``pad_mask`` marks the real ones.
+    """
 
     def __init__(self) -> None:
-        self.seen = 0
+        self.seen: int | torch.Tensor = 0
         self.conv: dict[str, torch.Tensor] = {}
         self.recurrent: dict[str, torch.Tensor] = {}
         self.keys: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
+        self.pad_mask: torch.Tensor | None = None
+
+    def key_mask(self, keys: int) -> torch.Tensor | None:
+        """``[B, keys]`` bool, True for real keys (None: no padding). Keys past the merge are all real."""
+        if self.pad_mask is None:
+            return None
+        extra = keys - self.pad_mask.shape[1]
+        ones = self.pad_mask.new_ones(self.pad_mask.shape[0], extra)
+        return torch.cat([self.pad_mask, ones], dim=1)
+
+    @staticmethod
+    def merge(caches: list["Cache"]) -> "Cache":
+        """One batch cache from caches of single sequences (of any lengths), in order."""
+        if not caches:
+            raise ValueError("caches: nothing to merge")
+        first = caches[0]
+        out = Cache()
+        for field in ("conv", "recurrent"):
+            for name in getattr(first, field):
+                getattr(out, field)[name] = torch.cat([getattr(c, field)[name] for c in caches], dim=0)
+        lengths = [c.seen for c in caches]
+        out.seen = torch.tensor(lengths, dtype=torch.long)
+        for name in first.keys:
+            longest = max(c.keys[name].shape[1] for c in caches)
+            pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, 0, 0, longest - t.shape[1]))  # noqa: E731
+            out.keys[name] = torch.cat([pad(c.keys[name]) for c in caches], dim=0)
+            out.values[name] = torch.cat([pad(c.values[name]) for c in caches], dim=0)
+            if out.pad_mask is None:
+                out.pad_mask = torch.arange(longest)[None, :] < torch.tensor([c.keys[name].shape[1] for c in caches])[:, None]
+                out.pad_mask = out.pad_mask.to(out.keys[name].device)
+        out.seen = out.seen.to(next(iter(out.keys.values())).device) if out.keys else out.seen
+        return out
 
     def extend(self, name: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k, v`` ``[B, T, H, D]`` to layer ``name``'s cache; return all of it."""
@@ -45,6 +82,7 @@ class Cache:
         copy.conv = {n: t.clone() for n, t in self.conv.items()}
         copy.recurrent = {n: t.clone() for n, t in self.recurrent.items()}
         copy.keys, copy.values = dict(self.keys), dict(self.values)
+        copy.pad_mask = self.pad_mask
         return copy
 
     def restore(self, snapshot: "Cache") -> None:
@@ -52,6 +90,7 @@ class Cache:
         self.seen = snapshot.seen
         self.conv, self.recurrent = snapshot.conv, snapshot.recurrent
         self.keys, self.values = snapshot.keys, snapshot.values
+        self.pad_mask = snapshot.pad_mask
 
 
 def run_conv(

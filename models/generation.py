@@ -124,6 +124,26 @@ class CausalLM(nn.Module):
         module implement this; it continues the drafter's own state in ``cache``)."""
         raise ValueError(f"{type(self).__name__} has no multi-token-prediction module to draft with")
 
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[Cache, torch.Tensor]:
+        """A cache holding the prompts and the logits after each ``[B, vocab]``."""
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask: expected a tensor of input_ids' shape {list(input_ids.shape)}")
+            mask = attention_mask.to(torch.long)
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("attention_mask: expected zeros (padding) and ones (tokens)")
+            if bool((mask[:, 1:] < mask[:, :-1]).any()) or not bool(mask[:, -1].all()):
+                raise ValueError("attention_mask: expected left padding (zeros before each prompt's tokens)")
+            if not bool(mask.all()):
+                T = input_ids.shape[1]
+                caches, logits = [], []
+                for row, length in zip(input_ids, mask.sum(1).tolist()):
+                    caches.append(self.new_cache())
+                    logits.append(self(row[None, T - length:], caches[-1])[:, -1])
+                return Cache.merge(caches), torch.cat(logits, dim=0)
+        cache = self.new_cache()
+        return cache, self(input_ids, cache)[:, -1]
+
     @torch.no_grad()
     def generate_speculative(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None) -> Speculation:
         """Greedy decoding that drafts one token ahead with :meth:`draft` and verifies it.
@@ -158,17 +178,21 @@ class CausalLM(nn.Module):
         top_p: float | None = None,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Prompt ``[B, T]`` followed by up to ``max_new_tokens`` new tokens ``[B, T + n]``.
 
+        Prompts of different lengths come left-padded with an ``attention_mask`` (1: token,
+        0: padding), as tokenizers give them: each prompt is prefilled on its own and the
+        caches are merged for batched decoding, so padding never enters a recurrent state.
         A sequence that emits ``eos_token_id`` repeats it until every sequence has; the
         loop stops early once all have.
         """
         self._check_ids(input_ids)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
-        cache = self.new_cache()
-        out, logits = input_ids, self(input_ids, cache)[:, -1]
+        cache, logits = self._prefill(input_ids, attention_mask)
+        out = input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for i in range(max_new_tokens):
             token = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)

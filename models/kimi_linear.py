@@ -313,7 +313,7 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_nope, k_shared[:, :, None, :].expand(B, T, H, self.rope)], dim=-1)
         if cache is not None:
             k, v = cache.extend(self.name, k, v)
-        o = attention(q, k, v, self.scale)
+        o = attention(q, k, v, self.scale, cache.key_mask(k.shape[1]) if cache is not None else None)
         return self.o_proj(o.reshape(B, T, H * self.v_dim))
 
 

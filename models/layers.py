@@ -150,12 +150,15 @@ def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal attention of ``q`` ``[B, Tq, H, D]`` over ``k, v`` ``[B, Tk, Hkv, D(v)]``.
 
     The queries are the last ``Tq`` of the ``Tk`` positions (a decode step sees the whole
-    cache); ``H`` must be a multiple of ``Hkv`` (grouped-query attention). Runs
-    ``scaled_dot_product_attention``; returns ``[B, Tq, H, Dv]``.
+    cache); ``H`` must be a multiple of ``Hkv`` (grouped-query attention); ``key_mask``
+    ``[B, Tk]`` (True: attend) hides padding. Runs ``scaled_dot_product_attention``;
+    returns ``[B, Tq, H, Dv]``.
     """
     Tq, Tk = q.shape[1], k.shape[1]
     H, Hkv = q.shape[2], k.shape[2]
@@ -165,9 +168,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
-    if Tq == Tk:
+    if Tq == Tk and key_mask is None:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        if key_mask is not None:
+            mask = mask[None, None] & key_mask[:, None, None, :]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return o.transpose(1, 2)

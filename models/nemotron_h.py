@@ -384,7 +384,7 @@ class NemotronHAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.extend(f"{self.layer_idx}.attn", k, v)
-        o = attention(q, k, v, scale=self.head_dim**-0.5)
+        o = attention(q, k, v, self.head_dim**-0.5, cache.key_mask(k.shape[1]) if cache is not None else None)
         return self.o_proj(o.reshape(B, T, self.heads * self.head_dim))
 
 

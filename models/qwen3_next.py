@@ -307,7 +307,8 @@ class GatedAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.kv_heads, D)
         if cache is not None:
             k, v = cache.extend(self.name, k, v)
-        o = attention(q, k, v, D**-0.5).reshape(B, T, self.heads * D)
+        mask = cache.key_mask(k.shape[1]) if cache is not None else None
+        o = attention(q, k, v, D**-0.5, mask).reshape(B, T, self.heads * D)
         return self.o_proj(o * torch.sigmoid(gate.reshape(B, T, self.heads * D)))
 
 
@@ -381,12 +382,20 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.dim, self.theta = config.rotary_dim, config.rope_theta
 
-    def forward(self, offset: int, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, offset: int | torch.Tensor, length: int, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[1 or B, length, rotary_dim]`` of positions ``offset ..``; a ``[B]``
+        ``offset`` gives each sequence its own (a batch of prompts of different lengths)."""
         exponents = torch.arange(0, self.dim, 2, dtype=torch.float32, device=like.device) / self.dim
         inv_freq = 1.0 / (self.theta ** exponents)
-        positions = torch.arange(offset, offset + length, device=like.device, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)[None]
+        steps = torch.arange(length, device=like.device, dtype=torch.float32)
+        if isinstance(offset, torch.Tensor):
+            positions = offset.to(like.device, torch.float32)[:, None] + steps[None, :]
+        else:
+            positions = (offset + steps)[None, :]
+        freqs = positions[..., None] * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(like.dtype), emb.sin().to(like.dtype)
 
 
