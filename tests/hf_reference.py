@@ -40,3 +40,31 @@ def build_reference(config_class: str, model_class: str, folder: Path, seed: int
             p.add_(torch.randn_like(p) * spread)
     model.save_pretrained(folder)
     return model
+
+
+def gradient_errors(
+    ours: torch.nn.Module, ref: torch.nn.Module, ids: torch.Tensor, their_name=lambda name: name
+) -> dict[str, float]:
+    """Relative errors (max |diff| / max |ref|) of the gradients of a next-token loss, for
+    every parameter both models hold (``their_name`` maps our name to transformers' in-memory
+    one) with as many elements (transformers keeps its experts fused in memory, so those are
+    left to the logits tests)."""
+    losses = []
+    for model in (ours, ref):
+        model.zero_grad(set_to_none=True)
+        out = model(ids)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    theirs = dict(ref.named_parameters())
+    errors = {}
+    for name, p in ours.named_parameters():
+        q = theirs.get(their_name(name))
+        if q is None or q.numel() != p.numel() or q.grad is None:
+            continue
+        assert p.grad is not None, f"{name}: no gradient"
+        d = p.grad.reshape(q.shape) - q.grad
+        errors[name] = (d.abs().max() / q.grad.abs().max().clamp_min(1e-30)).item()
+    return errors

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from helpers import max_rel, token_ids
-from hf_reference import build_reference
+from hf_reference import build_reference, gradient_errors
 from models.cache import STEP_TOKENS
 from models.qwen3_next import Qwen3NextConfig, Qwen3NextForCausalLM
 
@@ -194,3 +194,14 @@ def test_bf16_smoke(setup):
     err, ref_err = max_rel(out, logits), max_rel(ref_bf16, logits)
     print(f"bf16 rel err: ours {err:.2e}, transformers {ref_err:.2e}, ours vs theirs {max_rel(out, ref_bf16):.2e}")
     assert err <= max(5e-2, 1.5 * ref_err)
+
+
+def test_gradients_match_transformers(setup):
+    """Training through the model: a next-token loss's parameter gradients equal transformers'."""
+    folder, ref, ours_loaded, *_ = setup
+    ours = type(ours_loaded).from_pretrained(folder)
+    errors = gradient_errors(ours, ref, token_ids(2, 30, 7, VOCAB))
+    assert len(errors) >= 10 and any(".A_log" in n for n in errors)
+    worst = max(errors, key=errors.get)
+    print(f"{len(errors)} parameters; worst gradient rel err {errors[worst]:.2e} ({worst})")
+    assert errors[worst] <= 1e-3, worst
