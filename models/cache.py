@@ -1,9 +1,14 @@
-"""The decode cache of a hybrid model, and the two ways a layer runs with it.
+"""The decode cache of a hybrid model, and the ways a layer runs with it.
 
 A hybrid keeps three kinds of state between calls: the last ``W - 1`` inputs of each
 short convolution, the fp32 matrix state of each recurrence and the keys and values of
 each attention layer. Linear layers prefill through the chunk kernels (which return the
 final state) and decode through the step kernels (which update it in place).
+
+A call may also carry packed sequences (``cu_seqlens``, batch 1): the cache then holds
+them for the call in progress (a transient one when the caller keeps no cache), the
+convolutions and recurrences keep the sequences apart, attention is block-diagonal, and
+a prefill leaves one state row and one padded key/value row per sequence.
 """
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ import torch
 from linattn.op import CompiledOp
 
 from .conv import causal_conv1d, causal_conv1d_update
+from .layers import attention
 
-__all__ = ["Cache", "run_conv", "run_recurrence", "STEP_TOKENS"]
+__all__ = ["Cache", "attend", "run_conv", "run_recurrence", "STEP_TOKENS"]
 
 #: Continuations up to this many tokens per sequence run through the step kernel; longer
 #: ones (a second prompt on a warm cache) through the chunk kernels from the cached state.
@@ -28,13 +34,27 @@ class Cache:
     caches are padded after each sequence's own keys and ``pad_mask`` marks the real ones.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, store: bool = True) -> None:
         self.seen: int | torch.Tensor = 0
         self.conv: dict[str, torch.Tensor] = {}
         self.recurrent: dict[str, torch.Tensor] = {}
         self.keys: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
         self.pad_mask: torch.Tensor | None = None
+        #: False: a transient context carrying packed sequences through one call, keeping nothing
+        self.store = store
+        #: the packed sequences of the call in progress (int32 ``[N + 1]``), else None
+        self.cu_seqlens: torch.Tensor | None = None
+
+    def empty(self) -> bool:
+        return not (self.conv or self.recurrent or self.keys)
+
+    def packed_positions(self) -> torch.Tensor:
+        """Each packed token's position in its own sequence ``[1, total]`` (the call's ``cu_seqlens``)."""
+        cu = self.cu_seqlens.long()
+        lengths = cu[1:] - cu[:-1]
+        starts = torch.repeat_interleave(cu[:-1], lengths)
+        return (torch.arange(int(cu[-1]), device=cu.device) - starts)[None]
 
     def key_mask(self, keys: int) -> torch.Tensor | None:
         """``[B, keys]`` bool, True for real keys (None: no padding). Keys past the merge are all real."""
@@ -104,9 +124,12 @@ def run_conv(
     """The causal conv of ``x`` ``[B, T, D]``, continuing and updating ``cache`` if given."""
     if cache is None:
         return causal_conv1d(x, weight, bias, activation)[0]
+    cu = cache.cu_seqlens
+    if not cache.store:
+        return causal_conv1d(x, weight, bias, activation, cu_seqlens=cu)[0]
     state = cache.conv.get(name)
     if state is None:
-        y, cache.conv[name] = causal_conv1d(x, weight, bias, activation, output_final_state=True)
+        y, cache.conv[name] = causal_conv1d(x, weight, bias, activation, output_final_state=True, cu_seqlens=cu)
         return y
     return causal_conv1d_update(x, state, weight, bias, activation)
 
@@ -123,8 +146,38 @@ def run_recurrence(
     """``op``'s output for ``q, k, v``, continuing and updating ``cache``'s state if given."""
     if cache is None:
         return op(q, k, v, **kwargs)[0]
+    if cache.cu_seqlens is not None:
+        kwargs["cu_seqlens"] = cache.cu_seqlens
+    if not cache.store:
+        return op(q, k, v, **kwargs)[0]
     state = cache.recurrent.get(name)
     if state is not None and q.shape[1] <= STEP_TOKENS:
         return op.step(q, k, v, state, **kwargs)
     o, cache.recurrent[name] = op(q, k, v, initial_state=state, output_final_state=True, **kwargs)
     return o
+
+
+def attend(name: str, cache: Cache | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of ``q`` over ``k, v`` and layer ``name``'s cached keys and values.
+
+    Packed sequences attend within themselves; a prefill with them stores each
+    sequence's keys and values as one padded row.
+    """
+    if cache is None:
+        return attention(q, k, v, scale)
+    cu = cache.cu_seqlens
+    if cu is not None:
+        segments = torch.repeat_interleave(
+            torch.arange(cu.numel() - 1, device=q.device), (cu[1:] - cu[:-1]).long()
+        )[None]
+        o = attention(q, k, v, scale, segments=segments)
+        if cache.store:
+            lengths = (cu[1:] - cu[:-1]).tolist()
+            pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, 0, 0, max(lengths) - t.shape[0]))  # noqa: E731
+            cache.keys[name] = torch.stack([pad(t) for t in k[0].split(lengths)])
+            cache.values[name] = torch.stack([pad(t) for t in v[0].split(lengths)])
+            if cache.pad_mask is None:
+                cache.pad_mask = torch.arange(max(lengths), device=q.device)[None, :] < (cu[1:] - cu[:-1])[:, None]
+        return o
+    k, v = cache.extend(name, k, v)
+    return attention(q, k, v, scale, cache.key_mask(k.shape[1]))

@@ -64,7 +64,11 @@ class CausalLM(nn.Module):
 
     config_class: ClassVar[Any]
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:  # pragma: no cover
+    def forward(
+        self, input_ids: torch.Tensor, cache: Cache | None = None, *, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:  # pragma: no cover
+        """Logits ``[B, T, vocab]``; ``cache`` continues earlier calls; ``cu_seqlens``
+        packs sequences into batch 1 (training on packed data, or a batched prefill)."""
         raise NotImplementedError
 
     #: name suffixes of parameters and buffers that stay fp32 whatever dtype the model is
@@ -135,12 +139,13 @@ class CausalLM(nn.Module):
             if bool((mask[:, 1:] < mask[:, :-1]).any()) or not bool(mask[:, -1].all()):
                 raise ValueError("attention_mask: expected left padding (zeros before each prompt's tokens)")
             if not bool(mask.all()):
-                T = input_ids.shape[1]
-                caches, logits = [], []
-                for row, length in zip(input_ids, mask.sum(1).tolist()):
-                    caches.append(self.new_cache())
-                    logits.append(self(row[None, T - length:], caches[-1])[:, -1])
-                return Cache.merge(caches), torch.cat(logits, dim=0)
+                # one prefill of the prompts packed without their padding
+                lengths = mask.sum(1)
+                cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=input_ids.device)
+                cu[1:] = torch.cumsum(lengths, 0)
+                cache = self.new_cache()
+                logits = self(input_ids[mask.bool()][None], cache, cu_seqlens=cu)
+                return cache, logits[0, cu[1:].long() - 1]
         cache = self.new_cache()
         return cache, self(input_ids, cache)[:, -1]
 
@@ -159,6 +164,41 @@ class CausalLM(nn.Module):
         if max_new_tokens == 0:
             return Speculation(input_ids, 0, 0)
         return _speculate(self, input_ids, max_new_tokens, eos_token_id)
+
+    def _begin(
+        self, input_ids: torch.Tensor, cache: Cache | None, cu_seqlens: torch.Tensor | None
+    ) -> Cache | None:
+        """Check a call's arguments; its cache context (a transient one for packed sequences without a cache)."""
+        self._check_ids(input_ids)
+        if cache is not None and not isinstance(cache, Cache):
+            raise ValueError(f"cache: expected a models.Cache, got {type(cache).__name__}")
+        if cu_seqlens is None:
+            return cache
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError("cu_seqlens: expected a 1-D int32/int64 tensor [sequences + 1]")
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"cu_seqlens: packed sequences need batch 1, got {input_ids.shape[0]}")
+        if cu_seqlens.device.type == "cpu":  # a host read of a CUDA tensor would synchronise
+            cu = cu_seqlens.tolist()
+            if len(cu) < 2 or cu[0] != 0 or cu[-1] != input_ids.shape[1] or any(b <= a for a, b in zip(cu, cu[1:])):
+                raise ValueError(f"cu_seqlens: expected 0 = c_0 < c_1 < ... = {input_ids.shape[1]} tokens, got {cu}")
+        if cache is not None and not cache.empty():
+            raise ValueError("cu_seqlens: packed sequences start a cache (a prefill); they cannot continue one")
+        ctx = cache if cache is not None else Cache(store=False)
+        ctx.cu_seqlens = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
+        return ctx
+
+    @staticmethod
+    def _end(ctx: Cache | None, tokens: int) -> None:
+        """Close a call: the cache has seen ``tokens`` more tokens (each packed sequence, its own)."""
+        if ctx is None:
+            return
+        if ctx.cu_seqlens is not None:
+            cu = ctx.cu_seqlens.long()
+            ctx.seen = cu[1:] - cu[:-1]
+            ctx.cu_seqlens = None
+        else:
+            ctx.seen += tokens
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
@@ -183,8 +223,9 @@ class CausalLM(nn.Module):
         """Prompt ``[B, T]`` followed by up to ``max_new_tokens`` new tokens ``[B, T + n]``.
 
         Prompts of different lengths come left-padded with an ``attention_mask`` (1: token,
-        0: padding), as tokenizers give them: each prompt is prefilled on its own and the
-        caches are merged for batched decoding, so padding never enters a recurrent state.
+        0: padding), as tokenizers give them: they are prefilled packed without their
+        padding (one call, ``cu_seqlens``) and decoded as a batch, so padding never enters
+        a recurrent state.
         A sequence that emits ``eos_token_id`` repeats it until every sequence has; the
         loop stops early once all have.
         """

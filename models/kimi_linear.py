@@ -28,10 +28,10 @@ from torch import nn
 import linattn
 from linattn.specs import KIMI_KDA
 
-from .cache import Cache, run_conv, run_recurrence
+from .cache import Cache, attend, run_conv, run_recurrence
 from .checkpoint import CheckpointTensors, config_dtype
 from .generation import CausalLM
-from .layers import BiasedRouter, GatedMLP, RMSNorm, activation, attention, dispatch_experts
+from .layers import BiasedRouter, GatedMLP, RMSNorm, activation, dispatch_experts
 
 __all__ = ["KimiLinearConfig", "KimiLinearForCausalLM"]
 
@@ -311,9 +311,7 @@ class MultiHeadLatentAttention(nn.Module):
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, T, H, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_shared[:, :, None, :].expand(B, T, H, self.rope)], dim=-1)
-        if cache is not None:
-            k, v = cache.extend(self.name, k, v)
-        o = attention(q, k, v, self.scale, cache.key_mask(k.shape[1]) if cache is not None else None)
+        o = attend(self.name, cache, q, k, v, self.scale)
         return self.o_proj(o.reshape(B, T, H * self.v_dim))
 
 
@@ -413,16 +411,16 @@ class KimiLinearForCausalLM(CausalLM):
             tensors = tensors.with_alias("lm_head.weight", "model.embed_tokens.weight")
         return tensors
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """Logits ``[B, T, vocab]``; with ``cache`` the tokens continue the cached ones."""
-        self._check_ids(input_ids)
-        if cache is not None and not isinstance(cache, Cache):
-            raise ValueError(f"cache: expected a models.cache.Cache, got {type(cache).__name__}")
+    def forward(
+        self, input_ids: torch.Tensor, cache: Cache | None = None, *, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits ``[B, T, vocab]``; with ``cache`` the tokens continue the cached ones;
+        ``cu_seqlens`` packs sequences into batch 1."""
+        ctx = self._begin(input_ids, cache, cu_seqlens)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, cache)
+            x = layer(x, ctx)
         x = self.model.norm(x)
         logits = self.lm_head(x)
-        if cache is not None:
-            cache.seen += input_ids.shape[1]
+        self._end(ctx, input_ids.shape[1])
         return logits

@@ -151,14 +151,20 @@ def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of ``q`` ``[B, Tq, H, D]`` over ``k, v`` ``[B, Tk, Hkv, D(v)]``.
 
     The queries are the last ``Tq`` of the ``Tk`` positions (a decode step sees the whole
     cache); ``H`` must be a multiple of ``Hkv`` (grouped-query attention); ``key_mask``
-    ``[B, Tk]`` (True: attend) hides padding. Runs ``scaled_dot_product_attention``;
-    returns ``[B, Tq, H, Dv]``.
+    ``[B, Tk]`` (True: attend) hides padding; ``segments`` ``[B, T]`` (sequence index of
+    each packed token, Tq = Tk) keeps packed sequences apart. Runs
+    ``scaled_dot_product_attention``; returns ``[B, Tq, H, Dv]``.
     """
     Tq, Tk = q.shape[1], k.shape[1]
     H, Hkv = q.shape[2], k.shape[2]
@@ -168,11 +174,13 @@ def attention(
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
-    if Tq == Tk and key_mask is None:
+    if Tq == Tk and key_mask is None and segments is None:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
         if key_mask is not None:
             mask = mask[None, None] & key_mask[:, None, None, :]
+        if segments is not None:
+            mask = mask & (segments[:, None, :, None] == segments[:, None, None, :])
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return o.transpose(1, 2)

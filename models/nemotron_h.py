@@ -37,10 +37,10 @@ from linattn.op import CompiledOp
 from linattn.spec import Spec
 from linattn.specs import NEMOTRON_MAMBA2
 
-from .cache import Cache, run_conv, run_recurrence
+from .cache import Cache, attend, run_conv, run_recurrence
 from .checkpoint import config_dtype
 from .generation import CausalLM
-from .layers import BiasedRouter, activation, attention, dispatch_experts
+from .layers import BiasedRouter, activation, dispatch_experts
 
 __all__ = ["NemotronHConfig", "NemotronHForCausalLM"]
 
@@ -382,9 +382,7 @@ class NemotronHAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        if cache is not None:
-            k, v = cache.extend(f"{self.layer_idx}.attn", k, v)
-        o = attention(q, k, v, self.head_dim**-0.5, cache.key_mask(k.shape[1]) if cache is not None else None)
+        o = attend(f"{self.layer_idx}.attn", cache, q, k, v, self.head_dim**-0.5)
         return self.o_proj(o.reshape(B, T, self.heads * self.head_dim))
 
 
@@ -478,17 +476,19 @@ class NemotronHForCausalLM(CausalLM):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """Logits ``[B, T, vocab]`` (fp32) of ``input_ids`` ``[B, T]``, continuing ``cache`` if given."""
-        self._check_ids(input_ids)
+    def forward(
+        self, input_ids: torch.Tensor, cache: Cache | None = None, *, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` (fp32) of ``input_ids`` ``[B, T]``, continuing ``cache`` if
+        given; ``cu_seqlens`` packs sequences into batch 1."""
+        ctx = self._begin(input_ids, cache, cu_seqlens)
         h = self.backbone.embeddings(input_ids)
         for layer in self.backbone.layers:
-            h = layer(h, cache)
+            h = layer(h, ctx)
         h = self.backbone.norm_f(h)
         head = self.backbone.embeddings.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(h.to(head.dtype), head).float()
-        if cache is not None:
-            cache.seen += input_ids.shape[1]
+        self._end(ctx, input_ids.shape[1])
         return logits
 
     @staticmethod

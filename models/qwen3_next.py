@@ -27,10 +27,10 @@ import linattn
 from linattn.op import CompiledOp
 from linattn.specs import QWEN3_NEXT_GDN
 
-from .cache import Cache, run_conv, run_recurrence
+from .cache import Cache, attend, run_conv, run_recurrence
 from .checkpoint import config_dtype
 from .generation import CausalLM
-from .layers import GatedMLP, RMSNorm, attention, dispatch_experts, rotate_half_rope
+from .layers import GatedMLP, RMSNorm, dispatch_experts, rotate_half_rope
 
 __all__ = ["Qwen3NextConfig", "Qwen3NextForCausalLM", "Qwen3NextDecoderLayer", "Qwen3NextMTP"]
 
@@ -305,10 +305,7 @@ class GatedAttention(nn.Module):
         q = rotate_half_rope(self.q_norm(q), *rope)
         k = rotate_half_rope(self.k_norm(self.k_proj(x).view(B, T, self.kv_heads, D)), *rope)
         v = self.v_proj(x).view(B, T, self.kv_heads, D)
-        if cache is not None:
-            k, v = cache.extend(self.name, k, v)
-        mask = cache.key_mask(k.shape[1]) if cache is not None else None
-        o = attention(q, k, v, D**-0.5, mask).reshape(B, T, self.heads * D)
+        o = attend(self.name, cache, q, k, v, D**-0.5).reshape(B, T, self.heads * D)
         return self.o_proj(o * torch.sigmoid(gate.reshape(B, T, self.heads * D)))
 
 
@@ -387,14 +384,18 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[1 or B, length, rotary_dim]`` of positions ``offset ..``; a ``[B]``
         ``offset`` gives each sequence its own (a batch of prompts of different lengths)."""
-        exponents = torch.arange(0, self.dim, 2, dtype=torch.float32, device=like.device) / self.dim
-        inv_freq = 1.0 / (self.theta ** exponents)
         steps = torch.arange(length, device=like.device, dtype=torch.float32)
         if isinstance(offset, torch.Tensor):
             positions = offset.to(like.device, torch.float32)[:, None] + steps[None, :]
         else:
             positions = (offset + steps)[None, :]
-        freqs = positions[..., None] * inv_freq
+        return self.at(positions, like)
+
+    def at(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of explicit ``positions`` ``[B or 1, T]``."""
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float32, device=like.device) / self.dim
+        inv_freq = 1.0 / (self.theta ** exponents)
+        freqs = positions.to(like.device, torch.float32)[..., None] * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(like.dtype), emb.sin().to(like.dtype)
 
@@ -414,8 +415,10 @@ class Qwen3NextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        offset = cache.seen if cache is not None else 0
-        rope = self.rotary_emb(offset, input_ids.shape[1], x)
+        if cache is not None and cache.cu_seqlens is not None:
+            rope = self.rotary_emb.at(cache.packed_positions(), x)
+        else:
+            rope = self.rotary_emb(cache.seen if cache is not None else 0, input_ids.shape[1], x)
         for layer in self.layers:
             x = layer(x, rope, cache)
         return self.norm(x)
@@ -470,18 +473,23 @@ class Qwen3NextForCausalLM(CausalLM):
             self.mtp = Qwen3NextMTP(config)
 
     def forward(
-        self, input_ids: torch.Tensor, cache: Cache | None = None, *, return_hidden: bool = False
+        self,
+        input_ids: torch.Tensor,
+        cache: Cache | None = None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[B, T, vocab]`` of the tokens after ``cache.seen`` earlier ones.
+        """Logits ``[B, T, vocab]`` of the tokens after ``cache.seen`` earlier ones
+        (``cu_seqlens``: sequences packed into batch 1, each from position 0).
 
         With ``return_hidden`` also the final-norm hidden states ``[B, T, hidden]`` (what a
         multi-token-prediction head continues from).
         """
-        self._check_ids(input_ids)
-        hidden = self.model(input_ids, cache)
+        ctx = self._begin(input_ids, cache, cu_seqlens)
+        hidden = self.model(input_ids, ctx)
         logits = F.linear(hidden, self._head())
-        if cache is not None:
-            cache.seen += input_ids.shape[1]
+        self._end(ctx, input_ids.shape[1])
         return (logits, hidden) if return_hidden else logits
 
     def _head(self) -> torch.Tensor:

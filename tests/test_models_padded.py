@@ -1,7 +1,8 @@
-"""Batched generation from prompts of different lengths (left padding), every family.
+"""Prompts of different lengths, every family: packed sequences (``cu_seqlens``) and
+batched generation from left-padded prompts (prefilled packed, decoded as a batch).
 
-Each prompt is prefilled alone and the caches merged, so a batch must generate exactly
-what each prompt generates on its own; the padding tokens must not matter at all.
+A batch must generate exactly what each prompt generates on its own; the padding tokens
+must not matter at all; packed logits equal separate calls'.
 """
 import pytest
 import torch
@@ -83,3 +84,26 @@ def test_attention_mask_errors():
             model.generate(ids, 2, attention_mask=mask)
     same = model.generate(ids, 3, attention_mask=torch.ones(2, 5, dtype=torch.long))
     assert torch.equal(same, model.generate(ids, 3))
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_packed_sequences_equal_separate_calls(family):
+    """``cu_seqlens`` packs sequences into batch 1: every token's logits as if alone (training on packed data)."""
+    model = _model(family)
+    g = torch.Generator().manual_seed(2)
+    lengths = [7, 1, 12]
+    seqs = [torch.randint(0, 97, (1, L), generator=g) for L in lengths]
+    cu = torch.tensor([0, 7, 8, 20], dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(torch.cat(seqs, dim=1), cu_seqlens=cu)
+        for i, x in enumerate(seqs):
+            torch.testing.assert_close(packed[0, cu[i]:cu[i + 1]], model(x)[0], rtol=1e-4, atol=1e-4)
+    for bad, match in [(torch.tensor([0, 7, 20]), "cu_seqlens: expected 0 = c_0"), (cu.float(), "int32/int64")]:
+        with pytest.raises(ValueError, match=match):
+            model(torch.cat(seqs, dim=1)[:, :19] if bad.numel() == 3 else torch.cat(seqs, dim=1), cu_seqlens=bad)
+    with pytest.raises(ValueError, match="batch 1"):
+        model(torch.zeros(2, 20, dtype=torch.long), cu_seqlens=cu)
+    cache = model.new_cache()
+    model(seqs[0], cache)
+    with pytest.raises(ValueError, match="cannot continue"):
+        model(torch.cat(seqs, dim=1), cache, cu_seqlens=cu)
