@@ -8,7 +8,7 @@ from linattn import gates
 from linattn.spec import Spec, term
 from linattn.testing import Inputs, random_inputs, rel_err
 
-__all__ = ["Inputs", "rel_err", "assert_close", "make_inputs", "random_spec", "ALL_BUILTIN", "max_rel", "token_ids"]
+__all__ = ["Inputs", "rel_err", "assert_close", "make_inputs", "random_spec", "ALL_BUILTIN", "max_rel", "token_ids", "TINY_MODELS", "tiny_model"]
 
 make_inputs = random_inputs
 
@@ -83,3 +83,39 @@ def random_spec(seed: int) -> Spec:
 
 
 ALL_BUILTIN = list(linattn.specs.BUILTIN.values())
+
+
+#: tiny configs of each model family (transformers' dialect), for tests that need no reference
+TINY_MODELS = {
+    "nemotron_h": dict(
+        vocab_size=97, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, n_routed_experts=4, moe_intermediate_size=32,
+        moe_shared_expert_intermediate_size=48, num_experts_per_tok=2, hybrid_override_pattern="M*E-",
+    ),
+    "qwen3_next": dict(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+        linear_num_value_heads=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
+        num_experts_per_tok=2, full_attention_interval=2, partial_rotary_factor=0.5,
+    ),
+    "kimi_linear": dict(
+        vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        v_head_dim=16, qk_nope_head_dim=16, num_experts=4, num_experts_per_token=2, linear_head_dim=16,
+        linear_num_heads=2, layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
+    ),
+}
+
+
+def tiny_model(family: str):
+    """A random tiny model of ``family`` (our classes, weights spread so that logits discriminate)."""
+    import models
+    import torch
+
+    cls = models.model_class(family)
+    torch.manual_seed(0)
+    model = cls(cls.config_class.from_dict(TINY_MODELS[family]))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()

@@ -6,7 +6,7 @@ import linattn
 from linattn import specs
 from reference import recurrent
 
-from helpers import ALL_BUILTIN, assert_close, make_inputs
+from helpers import ALL_BUILTIN, TINY_MODELS, assert_close, make_inputs, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -59,44 +59,9 @@ def test_varlen_and_step_on_gpu():
     assert_close("step state", state.cpu(), ref_s, 1e-2)
 
 
-# tiny random models of each family (our own classes: transformers need not be installed)
-_TINY_MODELS = {
-    "nemotron_h": dict(
-        vocab_size=97, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
-        ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, n_routed_experts=4, moe_intermediate_size=32,
-        moe_shared_expert_intermediate_size=48, num_experts_per_tok=2, hybrid_override_pattern="ME*M-*",
-    ),
-    "qwen3_next": dict(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
-        linear_num_value_heads=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
-        num_experts_per_tok=2, full_attention_interval=2, partial_rotary_factor=0.5,
-    ),
-    "kimi_linear": dict(
-        vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
-        v_head_dim=16, qk_nope_head_dim=16, num_experts=4, num_experts_per_token=2, linear_head_dim=16,
-        linear_num_heads=2, layer_types=["linear_attention", "full_attention"] * 2,
-        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
-    ),
-}
-
-
-def _tiny_model(family: str):
-    import models
-
-    cls = models.model_class(family)
-    torch.manual_seed(0)
-    model = cls(cls.config_class.from_dict(_TINY_MODELS[family]))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
 def _model_checks(family: str, device: str) -> None:
     """The model on ``device`` against itself on the CPU (the interpreter), and prefill + decode there."""
-    model = _tiny_model(family)
+    model = tiny_model(family)
     ids = torch.randint(0, 97, (2, 90), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         cpu = model(ids)
@@ -112,6 +77,6 @@ def _model_checks(family: str, device: str) -> None:
         assert out.shape == (2, 30) and out.device.type == ids.device.type
 
 
-@pytest.mark.parametrize("family", sorted(_TINY_MODELS))
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
 def test_models_on_gpu(family):
     _model_checks(family, "cuda")

@@ -7,39 +7,8 @@ must not matter at all; packed logits equal separate calls'.
 import pytest
 import torch
 
-import models
+from helpers import TINY_MODELS as TINY, tiny_model as _model
 from models.cache import Cache
-
-TINY = {
-    "nemotron_h": dict(
-        vocab_size=97, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
-        ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, n_routed_experts=4, moe_intermediate_size=32,
-        moe_shared_expert_intermediate_size=48, num_experts_per_tok=2, hybrid_override_pattern="M*E",
-    ),
-    "qwen3_next": dict(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
-        linear_num_value_heads=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
-        num_experts_per_tok=2, full_attention_interval=2, partial_rotary_factor=0.5,
-    ),
-    "kimi_linear": dict(
-        vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
-        v_head_dim=16, qk_nope_head_dim=16, num_experts=4, num_experts_per_token=2, linear_head_dim=16,
-        linear_num_heads=2, layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
-    ),
-}
-
-
-def _model(family: str):
-    cls = models.model_class(family)
-    torch.manual_seed(0)
-    model = cls(cls.config_class.from_dict(TINY[family]))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
 
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_left_padded_batch_generates_each_prompt_alone(family):
