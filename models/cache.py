@@ -30,8 +30,9 @@ class Cache:
     """Per-layer states, keyed by a layer's name, and the number of tokens seen so far.
 
     ``seen`` is an int, or a ``[B]`` tensor when the sequences of a batch have different
-    lengths (a :meth:`merge` of caches prefilled one prompt at a time); then the key/value
-    caches are padded after each sequence's own keys and ``pad_mask`` marks the real ones.
+    lengths (a prefill of packed sequences, or a :meth:`merge` of single-sequence caches);
+    then the key/value caches are padded after each sequence's own keys and ``pad_mask``
+    marks the real ones.
     """
 
     def __init__(self, store: bool = True) -> None:
@@ -74,7 +75,7 @@ class Cache:
         for field in ("conv", "recurrent"):
             for name in getattr(first, field):
                 getattr(out, field)[name] = torch.cat([getattr(c, field)[name] for c in caches], dim=0)
-        lengths = [c.seen for c in caches]
+        lengths = [int(c.seen) for c in caches]
         out.seen = torch.tensor(lengths, dtype=torch.long)
         for name in first.keys:
             longest = max(c.keys[name].shape[1] for c in caches)
@@ -98,7 +99,7 @@ class Cache:
     def snapshot(self) -> "Cache":
         """A copy to roll back to (states are cloned; key/value tensors are never mutated)."""
         copy = Cache()
-        copy.seen = self.seen
+        copy.seen = self.seen.clone() if isinstance(self.seen, torch.Tensor) else self.seen
         copy.conv = {n: t.clone() for n, t in self.conv.items()}
         copy.recurrent = {n: t.clone() for n, t in self.recurrent.items()}
         copy.keys, copy.values = dict(self.keys), dict(self.values)

@@ -198,7 +198,7 @@ class CausalLM(nn.Module):
             ctx.seen = cu[1:] - cu[:-1]
             ctx.cu_seqlens = None
         else:
-            ctx.seen += tokens
+            ctx.seen = ctx.seen + tokens  # never in place: a snapshot may share the tensor
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
