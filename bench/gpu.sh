@@ -16,6 +16,6 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 FLA_DISABLE_BACKEND_DISPATCH=1 LINATTN_BENCH_OUT=$OUT
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/$dev.gpu.txt" 2>&1
-timeout 120 python3 -m pytest -q -x tests/test_cuda.py 2>&1 | tee "$OUT/$dev.tests.log"
-timeout 330 python3 -m pytest bench -q -p no:cacheprovider --benchmark-json="$OUT/$dev.json" 2>&1 | tee "$OUT/$dev.bench.log"
+timeout 200 python3 -m pytest -q -x tests/test_cuda.py 2>&1 | tee "$OUT/$dev.tests.log"
+timeout 300 python3 -m pytest bench -q -p no:cacheprovider --benchmark-json="$OUT/$dev.json" 2>&1 | tee "$OUT/$dev.bench.log"
 python3 -m bench.report "$OUT/$dev.json" --out "$OUT"
