@@ -26,6 +26,15 @@ __all__ = ["Cache", "attend", "run_conv", "run_recurrence", "STEP_TOKENS"]
 STEP_TOKENS = 16
 
 
+def _padded_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences ``[L_i, ...]`` as one ``[N, max L, ...]`` tensor padded after each, and the
+    ``[N, max L]`` mask of their real positions."""
+    longest = max(r.shape[0] for r in rows)
+    padded = torch.stack([torch.nn.functional.pad(r, (0, 0) * (r.dim() - 1) + (0, longest - r.shape[0])) for r in rows])
+    lengths = torch.tensor([r.shape[0] for r in rows], device=padded.device)
+    return padded, torch.arange(longest, device=padded.device)[None, :] < lengths[:, None]
+
+
 class Cache:
     """Per-layer states, keyed by a layer's name, and the number of tokens seen so far.
 
@@ -75,16 +84,10 @@ class Cache:
         for field in ("conv", "recurrent"):
             for name in getattr(first, field):
                 getattr(out, field)[name] = torch.cat([getattr(c, field)[name] for c in caches], dim=0)
-        lengths = [int(c.seen) for c in caches]
-        out.seen = torch.tensor(lengths, dtype=torch.long)
+        out.seen = torch.tensor([int(c.seen) for c in caches], dtype=torch.long)
         for name in first.keys:
-            longest = max(c.keys[name].shape[1] for c in caches)
-            pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, 0, 0, longest - t.shape[1]))  # noqa: E731
-            out.keys[name] = torch.cat([pad(c.keys[name]) for c in caches], dim=0)
-            out.values[name] = torch.cat([pad(c.values[name]) for c in caches], dim=0)
-            if out.pad_mask is None:
-                out.pad_mask = torch.arange(longest)[None, :] < torch.tensor([c.keys[name].shape[1] for c in caches])[:, None]
-                out.pad_mask = out.pad_mask.to(out.keys[name].device)
+            out.keys[name], out.pad_mask = _padded_rows([c.keys[name][0] for c in caches])
+            out.values[name], _ = _padded_rows([c.values[name][0] for c in caches])
         out.seen = out.seen.to(next(iter(out.keys.values())).device) if out.keys else out.seen
         return out
 
@@ -174,11 +177,8 @@ def attend(name: str, cache: Cache | None, q: torch.Tensor, k: torch.Tensor, v: 
         o = attention(q, k, v, scale, segments=segments)
         if cache.store:
             lengths = (cu[1:] - cu[:-1]).tolist()
-            pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, 0, 0, max(lengths) - t.shape[0]))  # noqa: E731
-            cache.keys[name] = torch.stack([pad(t) for t in k[0].split(lengths)])
-            cache.values[name] = torch.stack([pad(t) for t in v[0].split(lengths)])
-            if cache.pad_mask is None:
-                cache.pad_mask = torch.arange(max(lengths), device=q.device)[None, :] < (cu[1:] - cu[:-1])[:, None]
+            cache.keys[name], cache.pad_mask = _padded_rows(list(k[0].split(lengths)))
+            cache.values[name], _ = _padded_rows(list(v[0].split(lengths)))
         return o
     k, v = cache.extend(name, k, v)
     return attention(q, k, v, scale, cache.key_mask(k.shape[1]))
