@@ -6,10 +6,13 @@ dt_bias)``, ``β = sigmoid(b)``, Mamba's ``dt = softplus(dt + dt_bias)``). They 
 as sympy expressions because the backward needs their derivatives and because one
 expression tree can be printed both as torch calls (reference, torch path) and as Triton
 source (codegen). This module defines the few functions such expressions may use, with
-their derivatives, and the tree walk that evaluates them.
+their derivatives and signs (sympy assumptions: ``softplus(x).is_positive`` for a real
+``x``, which is how a spec tells a gate that cannot decay), and the tree walk that
+evaluates them.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,7 +24,28 @@ __all__ = ["softplus", "sigmoid", "clamp", "inside", "FUNCTIONS", "check_support
 SOFTPLUS_THRESHOLD = 20.0
 
 
-class softplus(sp.Function):
+def _all_real(args) -> bool:
+    return all(a.is_real for a in args)
+
+
+class _RealFunction(sp.Function):
+    """A function that is real and finite where all its arguments are real."""
+
+    def _eval_is_extended_real(self) -> bool | None:
+        return True if _all_real(self.args) else None
+
+    def _eval_is_finite(self) -> bool | None:
+        return True if _all_real(self.args) else None
+
+
+class _PositiveFunction(_RealFunction):
+    """A function that is positive where its argument is real."""
+
+    def _eval_is_extended_positive(self) -> bool | None:
+        return True if _all_real(self.args) else None
+
+
+class softplus(_PositiveFunction):
     """``log(1 + exp(x))``; evaluated as the identity above ``SOFTPLUS_THRESHOLD``."""
 
     nargs = 1
@@ -30,7 +54,7 @@ class softplus(sp.Function):
         return sigmoid(self.args[0])
 
 
-class sigmoid(sp.Function):
+class sigmoid(_PositiveFunction):
     """``1 / (1 + exp(-x))``."""
 
     nargs = 1
@@ -40,19 +64,61 @@ class sigmoid(sp.Function):
         return s * (1 - s)
 
 
-class inside(sp.Function):
+class inside(_RealFunction):
     """1 where ``lo <= x <= hi``, else 0: the derivative of :class:`clamp`."""
 
     nargs = 3
+
+    def _eval_is_extended_nonnegative(self) -> bool | None:
+        return True if _all_real(self.args) else None
 
     def fdiff(self, argindex: int = 1) -> sp.Expr:
         return sp.S.Zero
 
 
-class clamp(sp.Function):
-    """``min(max(x, lo), hi)``. The bounds are runtime constants: no gradient flows to them."""
+class clamp(_RealFunction):
+    """``min(max(x, lo), hi)``. The bounds are runtime constants: no gradient flows to them.
+
+    Its sign follows from the bounds': in ``[lo, hi]`` when ``lo <= hi``, else ``hi``.
+    """
 
     nargs = 3
+
+    def _eval_is_extended_positive(self) -> bool | None:
+        _, lo, hi = self.args
+        if _all_real(self.args):
+            if lo.is_extended_positive and hi.is_extended_positive:
+                return True
+            if hi.is_extended_nonpositive:
+                return False
+        return None
+
+    def _eval_is_extended_nonnegative(self) -> bool | None:
+        _, lo, hi = self.args
+        if _all_real(self.args):
+            if lo.is_extended_nonnegative and hi.is_extended_nonnegative:
+                return True
+            if hi.is_extended_negative:
+                return False
+        return None
+
+    def _eval_is_extended_negative(self) -> bool | None:
+        _, lo, hi = self.args
+        if _all_real(self.args):
+            if hi.is_extended_negative:
+                return True
+            if lo.is_extended_nonnegative and hi.is_extended_nonnegative:
+                return False
+        return None
+
+    def _eval_is_extended_nonpositive(self) -> bool | None:
+        _, lo, hi = self.args
+        if _all_real(self.args):
+            if hi.is_extended_nonpositive:
+                return True
+            if lo.is_extended_positive and hi.is_extended_positive:
+                return False
+        return None
 
     def fdiff(self, argindex: int = 1) -> sp.Expr:
         if argindex == 1:
@@ -76,6 +142,11 @@ _FUNCTION_NODES = (sp.exp, sp.log, softplus, sigmoid, clamp, inside)
 def check_supported(expr: sp.Expr) -> None:
     """Raise ValueError if ``expr`` uses anything the evaluators cannot print."""
     for node in sp.preorder_traversal(expr):
+        if node.is_Atom and node.is_number and (
+            not node.is_finite or (node.is_extended_real and not math.isfinite(float(node)))
+        ):
+            shown = float(node) if node.is_extended_real else node
+            raise ValueError(f"non-finite constant {shown} in expression {expr}")
         if isinstance(node, (sp.Symbol, sp.Number, sp.Add, sp.Mul, sp.Pow)):
             continue
         if isinstance(node, sp.Function) and node.func in _FUNCTION_NODES:

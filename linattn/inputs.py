@@ -6,6 +6,7 @@ same arguments; a bad one is reported here by name, before any kernel sees it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -94,9 +95,31 @@ def _shape(name: str, x: torch.Tensor, expected: tuple[int, ...], what: str) -> 
         raise ValueError(f"{name}: expected shape {list(expected)} ({what}), got {list(x.shape)}")
 
 
+def _check_operand(name: str, role: Role, x: object, shapes: dict[Role, tuple[int, ...]], device: torch.device):
+    """A term's operand, checked against its role; a wrong one's error lists every role's shape."""
+
+    def fail(problem: str) -> ValueError:
+        given = list(x.shape) if isinstance(x, torch.Tensor) else None
+        other = [r.value for r, shape in shapes.items() if list(shape) == given and r is not role]
+        hint = f"; a {given} tensor fits role {other[0]!r} ({name}={other[0]!r} in the term)" if other else ""
+        return ValueError(f"{name}: {problem}{hint} (roles: {Role.summary()})")
+
+    if role is Role.SCALAR:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise fail(f"expected a Python number, got {type(x).__name__}; its role is 'scalar'")
+        return float(x)
+    if not isinstance(x, torch.Tensor):
+        raise fail(f"expected a torch.Tensor, got {type(x).__name__}; its role {role.value!r} takes {role.shape}")
+    x = _float_tensor(name, x, device)
+    if tuple(x.shape) != shapes[role]:
+        expected = list(shapes[role])
+        raise fail(f"expected shape {expected} ({role.shape}) for its role {role.value!r}, got {list(x.shape)}")
+    return x
+
+
 def _check_cu_seqlens(cu: torch.Tensor, B: int, T: int, check_values: bool) -> None:
-    if cu.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens: expected dtype torch.int32, got {cu.dtype}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens: expected dtype torch.int32 or torch.int64, got {cu.dtype}")
     if cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(f"cu_seqlens: expected a 1-D tensor [N + 1] with N >= 1, got shape {list(cu.shape)}")
     if B != 1:
@@ -125,11 +148,14 @@ def check_call(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     check_values: bool = True,
+    warn_layout: bool = False,
 ) -> Call:
     """Validate a call against ``spec``; raise ValueError naming the first bad argument.
 
     ``check_values`` also inspects ``cu_seqlens`` values (a host read; the kernels' CUDA
-    path turns it off to avoid a device synchronisation).
+    path turns it off to avoid a device synchronisation). ``warn_layout`` warns (a
+    UserWarning, as fla does) when q, without ``cu_seqlens``, has fewer tokens than heads:
+    likely head-first ``[B, H, T, K]`` input. Off by default: a decode step has T = 1.
     """
     q = _tensor("q", q)
     device = q.device
@@ -161,24 +187,8 @@ def check_call(
     missing = sorted(set(expected) - set(operands))
     if missing:
         raise ValueError(f"missing argument(s) {missing} required by spec {spec.name or spec}")
-    shapes = {
-        Role.TOKEN: ((B, T, HV), "[B, T, HV]"),
-        Role.TOKEN_CHANNEL: ((B, T, HV, K), "[B, T, HV, K]"),
-        Role.HEAD: ((HV,), "[HV]"),
-        Role.HEAD_CHANNEL: ((HV, K), "[HV, K]"),
-    }
-    values: dict[str, torch.Tensor | float] = {}
-    for name, op in expected.items():
-        x = operands[name]
-        if op.role is Role.SCALAR:
-            if isinstance(x, bool) or not isinstance(x, (int, float)):
-                raise ValueError(f"{name}: expected a Python number, got {type(x).__name__}")
-            values[name] = float(x)
-            continue
-        x = _float_tensor(name, x, device)
-        shape, what = shapes[op.role]
-        _shape(name, x, shape, what)
-        values[name] = x
+    shapes = {Role.TOKEN: (B, T, HV), Role.TOKEN_CHANNEL: (B, T, HV, K), Role.HEAD: (HV,), Role.HEAD_CHANNEL: (HV, K)}
+    values = {name: _check_operand(name, op.role, operands[name], shapes, device) for name, op in expected.items()}
 
     # ---- layer-side terms
     if spec.output_gate is OutputGate.SILU:
@@ -207,6 +217,13 @@ def check_call(
         if cu_seqlens.device != device:
             raise ValueError(f"cu_seqlens: on {cu_seqlens.device}, but q is on {device}")
         _check_cu_seqlens(cu_seqlens, B, T, check_values)
+    elif warn_layout and T < H:
+        warnings.warn(
+            f"q: the layout is [B, T, H, K], but q has T={T} < H={H}: did you pass [B, H, T, K]? "
+            "(head-first input needs .transpose(1, 2))",
+            UserWarning,
+            stacklevel=3,
+        )
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None:
         initial_state = _float_tensor("initial_state", initial_state, device)

@@ -17,7 +17,10 @@ parameters) are given at call time.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import keyword
 import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -36,6 +39,7 @@ __all__ = [
     "Spec",
     "term",
     "RESERVED_NAMES",
+    "ROLE_SHAPES",
 ]
 
 
@@ -107,6 +111,33 @@ class Role(_Choice):
     def per_token(self) -> bool:
         return self in (Role.TOKEN, Role.TOKEN_CHANNEL)
 
+    @property
+    def shape(self) -> str:
+        """The operand's shape at call time, in words."""
+        return ROLE_SHAPES[self]
+
+    @classmethod
+    def summary(cls) -> str:
+        """Every role with its shape, for messages."""
+        return ", ".join(f"{r.value} {r.shape}" for r in cls)
+
+    @classmethod
+    def coerce(cls, value: object, what: str) -> Role:
+        try:
+            return super().coerce(value, what)
+        except ValueError as err:
+            raise ValueError(f"{err} (the roles' shapes: {cls.summary()})") from None
+
+
+#: What each role's operand is at call time.
+ROLE_SHAPES = {
+    Role.TOKEN: "[B, T, HV]",
+    Role.TOKEN_CHANNEL: "[B, T, HV, K]",
+    Role.HEAD: "[HV]",
+    Role.HEAD_CHANNEL: "[HV, K]",
+    Role.SCALAR: "(a Python number)",
+}
+
 
 #: Argument names of a call; operands of terms may not take them.
 RESERVED_NAMES = frozenset(
@@ -122,8 +153,8 @@ class Operand:
     role: Role
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.isidentifier():
-            raise ValueError(f"operand name must be a Python identifier; got {self.name!r}")
+        if not isinstance(self.name, str) or not self.name.isidentifier() or keyword.iskeyword(self.name):
+            raise ValueError(f"operand name must be a Python identifier (not a keyword); got {self.name!r}")
         if self.name in RESERVED_NAMES:
             raise ValueError(f"operand name {self.name!r} is reserved for a call argument")
         object.__setattr__(self, "role", Role.coerce(self.role, f"role of operand {self.name!r}"))
@@ -184,19 +215,79 @@ class Term:
         return f"term({str(self)!r}, {ops})"
 
 
+#: What the text of a term may hold: numbers, ASCII names, operators, parentheses and commas.
+#: (ASCII only: Python folds other identifiers, so "ｅｘｅｃ" would be evaluated as "exec".)
+_TOKEN = re.compile(
+    r"\s+|(?P<number>(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|\*\*|[-+*/(),]"
+)
+
+
+def _names(text: str) -> tuple[set[str], set[str]]:
+    """The names ``text`` uses as values and as functions; ValueError for any other character."""
+    values: set[str] = set()
+    calls: set[str] = set()
+    pos = 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            hint = "; use ** for powers" if text[pos] == "^" else ""
+            raise ValueError(
+                f"cannot parse term {text!r}: unexpected {text[pos]!r} at position {pos}{hint} "
+                "(a term holds operand names, numbers, + - * / **, parentheses, commas and known functions)"
+            )
+        if m["name"] and keyword.iskeyword(m["name"]):
+            raise ValueError(f"cannot parse term {text!r}: Python keyword {m['name']!r} at position {pos}")
+        if m["name"]:
+            (calls if text[m.end():].lstrip().startswith("(") else values).add(m["name"])
+        pos = m.end()
+    return values, calls
+
+
 def term(text: str, **roles: Role | str) -> Term:
     """Parse a term from text, declaring each operand's role by keyword.
+
+    The text holds the operands, numbers, ``+ - * / **``, parentheses and the functions of
+    :data:`linattn.expr.FUNCTIONS`; anything else (an unknown name included) is a ValueError
+    that quotes the text. Roles and their shapes at call time: ``token`` ``[B, T, HV]``,
+    ``token_channel`` ``[B, T, HV, K]``, ``head`` ``[HV]``, ``head_channel`` ``[HV, K]``,
+    ``scalar`` (a Python number).
 
     >>> term("-exp(A_log) * softplus(a + dt_bias)", a="token", A_log="head", dt_bias="head")
     term('-exp(A_log)*softplus(a + dt_bias)', A_log=head, a=token, dt_bias=head)
     """
+    if not isinstance(text, str):
+        raise ValueError(f"term text must be a str; got {type(text).__name__} {text!r}")
+    if not text.strip():
+        raise ValueError(f"cannot parse term {text!r}: it is empty")
+    # Only declared operands and known functions reach sympify (which evaluates the text).
+    values, calls = _names(text)
+    undeclared = sorted(values - set(roles) - set(_expr.FUNCTIONS))
+    if undeclared:
+        example = ", ".join(f"{n}='token'" for n in undeclared)
+        raise ValueError(
+            f"term {text!r} uses undeclared operand(s) {undeclared}; declare each with its role, e.g. {example} "
+            f"(roles: {Role.summary()})"
+        )
+    unknown = sorted(calls - set(_expr.FUNCTIONS) - set(roles))
+    if unknown:
+        close = [m for n in unknown for m in difflib.get_close_matches(n, _expr.FUNCTIONS, 1)]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"term {text!r} calls unknown function(s) {unknown}{hint} (known functions: {', '.join(_expr.FUNCTIONS)})"
+        )
     local = dict(_expr.FUNCTIONS)
     local.update({name: sp.Symbol(name, real=True) for name in roles})
     try:
         parsed = sp.sympify(text, locals=local)
-    except (sp.SympifyError, SyntaxError, TypeError) as err:
-        raise ValueError(f"cannot parse term {text!r}: {err}") from None
-    return Term(parsed, tuple(Operand(n, r) for n, r in roles.items()))
+    except Exception as err:  # sympify raises many types (SyntaxError, TokenError, TypeError for arity, ...)
+        err = getattr(err, "base_exc", None) or err  # the parser's error inside a SympifyError
+        raise ValueError(f"cannot parse term {text!r}: {type(err).__name__}: {err}") from None
+    if not isinstance(parsed, sp.Expr):
+        raise ValueError(f"cannot parse term {text!r}: not one expression (got {type(parsed).__name__})")
+    try:
+        return Term(parsed, tuple(Operand(n, r) for n, r in roles.items()))
+    except ValueError as err:
+        raise ValueError(f"term {text!r}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -207,6 +298,7 @@ class Spec:
         decay: ``"none" | "scalar" | "channel"``.
         correction: ``"none" | "delta"``.
         gate: the log-decay ``g <= 0``; default (for a decaying spec) the input ``g`` itself.
+            A term that can only be ``>= 0`` (``softplus(a)``, ``exp(x)``) is a ValueError.
         beta: ``False`` (no write strength), ``True`` (the input ``beta``) or a term.
         qk_l2norm: L2-normalise q and k per head before the recurrence.
         skip: ``o += D ⊙ v`` with ``D`` per head (``"head"``) or per head and channel.
@@ -246,6 +338,11 @@ class Spec:
                 setf("gate", Term.identity("g", role))
             elif not isinstance(self.gate, Term):
                 raise ValueError(f"gate must be a Term (see linattn.term); got {self.gate!r}")
+            if self.gate.expr.is_nonnegative:
+                raise ValueError(
+                    f"gate {self.gate} is >= 0 for every input, so exp(gate) >= 1 never decays the state: the gate "
+                    f"is the log of the decay and must be <= 0; did you mean -({self.gate})?"
+                )
             if self.decay is Decay.SCALAR and self.gate.per_channel:
                 chan = [o.name for o in self.gate.operands if o.role.per_channel]
                 raise ValueError(

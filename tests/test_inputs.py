@@ -1,4 +1,6 @@
 """Bad arguments are ValueErrors that name the argument, before any computation."""
+import warnings
+
 import pytest
 import torch
 
@@ -62,7 +64,11 @@ def test_bad_arguments(fn, changes, message):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(cu_seqlens=torch.tensor([0, 2, 6])), "cu_seqlens: expected dtype torch.int32, got torch.int64"),
+        (
+            dict(cu_seqlens=torch.tensor([0.0, 2.0, 6.0])),
+            "cu_seqlens: expected dtype torch.int32 or torch.int64, got torch.float32",
+        ),
+        (dict(cu_seqlens=torch.tensor([0, 2, 6], dtype=torch.int16)), "expected dtype torch.int32 or torch.int64"),
         (dict(cu_seqlens=torch.tensor([[0, 6]], dtype=torch.int32)), r"cu_seqlens: expected a 1-D tensor \[N \+ 1\]"),
         (dict(cu_seqlens=torch.tensor([1, 6], dtype=torch.int32)), "cu_seqlens: must start at 0"),
         (dict(cu_seqlens=torch.tensor([0, 4, 4, 6], dtype=torch.int32)), "cu_seqlens: must be strictly increasing"),
@@ -91,3 +97,61 @@ def test_device_mismatch_is_named():
     meta = torch.zeros(x.kwargs["g"].shape, dtype=torch.float64, device="meta")
     with pytest.raises(ValueError, match="g: on meta, but q is on cpu"):
         _call(specs.GDN, x, g=meta)
+
+
+def _check(spec, x, **changes):
+    kw = {n: t for n, t in x.kwargs.items() if n != "initial_state"}
+    kw.update(changes)
+    return linattn.inputs.check_call(spec, x.q, x.k, x.v, kw, initial_state=x.kwargs.get("initial_state"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_cu_seqlens_int32_and_int64_pass(dtype):
+    x = make_inputs(specs.GDN, B=1, T=6, H=1, K=4, V=4)
+    cu = torch.tensor([0, 2, 6], dtype=dtype)
+    operands = {"g": x.kwargs["g"], "beta": x.kwargs["beta"]}
+    call = linattn.inputs.check_call(specs.GDN, x.q, x.k, x.v, operands, cu_seqlens=cu)
+    assert call.cu_seqlens is cu and call.n_seqs == 2 and call.segments() == [(0, 0, 2), (0, 2, 6)]
+    with pytest.raises(ValueError, match="cu_seqlens: must be strictly increasing"):
+        bad = torch.tensor([0, 3, 3, 6], dtype=dtype)
+        linattn.inputs.check_call(specs.GDN, x.q, x.k, x.v, operands, cu_seqlens=bad)
+
+
+def test_operand_shape_error_names_the_role_and_lists_the_roles():
+    """A gate operand declared 'token' but given per channel: the message says what to write."""
+    from linattn import Spec, term
+
+    spec = Spec(decay="channel", gate=term("-exp(A_log) * softplus(a)", a="token", A_log="head"))
+    x = make_inputs(specs.KIMI_KDA, B=1, T=6, H=1, HV=2, K=4, V=3)
+    ok = make_inputs(spec, B=1, T=6, H=1, HV=2, K=4, V=3)
+    assert _check(spec, ok).operands["a"].shape == (1, 6, 2)  # one gate for every channel is legal
+    with pytest.raises(ValueError) as info:
+        _check(spec, ok, a=x.kwargs["a"])
+    msg = str(info.value)
+    assert msg.startswith("a: expected shape [1, 6, 2] ([B, T, HV]) for its role 'token', got [1, 6, 2, 4]")
+    assert "fits role 'token_channel' (a='token_channel' in the term)" in msg
+    assert "token [B, T, HV], token_channel [B, T, HV, K], head [HV], head_channel [HV, K], scalar" in msg
+    message = r"A_log: expected shape \[2\] \(\[HV\]\) for its role 'head'.*head_channel \[HV, K\]"
+    with pytest.raises(ValueError, match=message):
+        _check(spec, ok, A_log=torch.zeros(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"a: expected a torch.Tensor, got float; its role 'token' takes \[B, T, HV\]"):
+        _check(spec, ok, a=1.0)
+
+
+def _layout_call(T, H, **kwargs):
+    x = make_inputs(specs.GDN, B=1, T=T, H=H, K=4, V=4)
+    kw = {"g": x.kwargs["g"], "beta": x.kwargs["beta"]}
+    return linattn.inputs.check_call(specs.GDN, x.q, x.k, x.v, kw, **kwargs)
+
+
+def test_head_first_layout_warning():
+    message = r"layout is \[B, T, H, K\], but q has T=3 < H=8: did you pass \[B, H, T, K\]\?"
+    with pytest.warns(UserWarning, match=message):
+        _layout_call(3, 8, warn_layout=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _layout_call(3, 8)  # off by default (a decode step has T = 1)
+        _layout_call(1, 8)
+        _layout_call(8, 8, warn_layout=True)
+        _layout_call(9, 4, warn_layout=True)
+        _layout_call(3, 8, warn_layout=True, cu_seqlens=torch.tensor([0, 1, 3], dtype=torch.int32))

@@ -105,7 +105,7 @@ def test_invalid_specs(kwargs, message):
         ("-exp(A_log * ", dict(A_log="head"), "cannot parse term"),
         ("a + c", dict(a="token"), r"undeclared operand\(s\) \['c'\]"),
         ("a", dict(a="token", c="head"), r"operand\(s\) \['c'\] do not appear"),
-        ("sin(a)", dict(a="token"), "unsupported construct"),
+        ("sin(a)", dict(a="token"), r"unknown function\(s\) \['sin'\].*known functions: exp, log, sqrt, softplus"),
         ("q * 2", dict(q="token"), "operand name 'q' is reserved"),
         ("a", dict(a="per_batch"), "role of operand 'a' must be one of"),
         ("lo * 2", dict(lo="scalar"), "reads no per-token or per-head operand"),
@@ -114,6 +114,142 @@ def test_invalid_specs(kwargs, message):
 def test_invalid_terms(text, roles, message):
     with pytest.raises(ValueError, match=message):
         term(text, **roles)
+
+
+MALFORMED = [
+    "exp(a",
+    "a +* b",
+    "a b",
+    "",
+    "   ",
+    "a**",
+    "lambda: a",
+    "a; b",
+    "__import__('os')",
+    "__import__('os').system('echo pwned')",
+    "a = 1",
+    "softplus(a, b)",
+    "clamp(a)",
+    "unknownfn(a)",
+    "1/0",
+    "a + 0/0",
+    "a * 1e400",
+    "a[0]",
+    "import os",
+    "a if b else a",
+    "a.real",
+    "a ^ 2",
+    "2a",
+    "a, b",
+    "exp",
+    "a(b)",
+    "(a + b))",
+    "a + c",
+    "'a'",
+    "a @ b",
+    "\uff45\uff58\uff45\uff43(a)",  # fullwidth "exec": Python's parser folds it to exec
+]
+
+
+@pytest.mark.parametrize("text", MALFORMED)
+def test_malformed_terms_are_value_errors_quoting_the_text(text):
+    with pytest.raises(ValueError) as info:
+        term(text, a="token", b="head")
+    assert type(info.value) is ValueError and repr(text) in str(info.value)
+
+
+def test_term_text_is_not_evaluated(monkeypatch):
+    """Nothing but declared operands and known functions reaches sympify (which evaluates text)."""
+    calls = []
+    monkeypatch.setattr(sp, "sympify", lambda *a, **k: calls.append(a))
+    for text in ["__import__('os').system('true')", "exec", "a.__class__", "getattr(a, 'x')", "open"]:
+        with pytest.raises(ValueError, match="cannot parse term|undeclared operand|unknown function"):
+            term(text, a="token")
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("sin(a)", r"known functions: exp, log, sqrt, softplus, sigmoid, clamp"),
+        ("softpuls(a)", "did you mean softplus"),
+        ("a + c", r"undeclared operand\(s\) \['c'\].*c='token'"),
+        ("a ^ 2", r"use \*\* for powers"),
+    ],
+)
+def test_term_errors_say_what_is_allowed(text, message):
+    with pytest.raises(ValueError, match=message):
+        term(text, a="token")
+
+
+@pytest.mark.parametrize(
+    "text, roles",
+    [
+        ("softplus(a)", dict(a="token")),
+        ("exp(x)", dict(x="token")),
+        ("sigmoid(b)", dict(b="token")),
+        ("a**2", dict(a="token")),
+        ("softplus(a) + exp(A_log)", dict(a="token", A_log="head")),
+        ("exp(A_log) * softplus(a + dt_bias)", dict(a="token", A_log="head", dt_bias="head")),
+        ("clamp(softplus(a), 0.001, 10)", dict(a="token")),
+        ("sqrt(1 + a**2)", dict(a="token")),
+    ],
+)
+@pytest.mark.parametrize("decay", ["scalar", "channel"])
+def test_gate_that_cannot_decay_is_rejected(text, roles, decay):
+    t = term(text, **roles)
+    shown = re.escape(str(t))
+    with pytest.raises(ValueError, match=rf"gate {shown} is >= 0 .*did you mean -\({shown}\)\?"):
+        Spec(decay=decay, gate=t)
+    Spec(decay=decay, gate=term(f"-({text})", **roles))  # what was meant
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        term("g", g="token"),
+        term("g + g_gamma", g="token", g_gamma="head"),
+        term("-exp(A_log) * softplus(a + dt_bias)", a="token", A_log="head", dt_bias="head"),
+        term("A * dt", A="head", dt="token"),  # Mamba-2: A < 0 is the caller's
+        term("lower_bound * sigmoid(a)", lower_bound="scalar", a="token"),
+        term("-sigmoid(b)", b="token"),
+        term("log(sigmoid(b))", b="token"),
+        term("clamp(g, lo, hi)", g="token", lo="scalar", hi="scalar"),
+        term("clamp(g, -10, 0)", g="token"),
+    ],
+    ids=str,
+)
+def test_gates_of_undecided_or_negative_sign_are_accepted(t):
+    Spec(decay="scalar", gate=t)
+
+
+def test_builtin_gates_still_build():
+    for s in specs.BUILTIN.values():
+        if s.gate is not None:
+            assert Spec(decay=s.decay, gate=s.gate) is not None
+    for channel in (False, True):
+        Spec(decay="channel", gate=gates.softplus_gate(channel))
+        Spec(decay="channel", gate=gates.lower_bound_gate(channel))
+    for kw in (dict(), dict(limit=True), dict(softplus=False, bias=False)):
+        Spec(decay="scalar", gate=gates.mamba_gate(**kw))
+
+
+def test_sign_of_the_custom_functions():
+    a, lo, hi = sp.symbols("a lo hi", real=True)
+    ex = linattn.expr
+    assert ex.softplus(a).is_positive and ex.sigmoid(a).is_positive and ex.softplus(a).is_real
+    assert ex.softplus(sp.Symbol("z")).is_positive is None  # complex argument: unknown
+    assert (-sp.exp(a) * ex.softplus(a)).is_negative
+    assert ex.clamp(a, 1, 2).is_positive and ex.clamp(a, 0, 2).is_nonnegative and ex.clamp(a, 0, 2).is_positive is None
+    assert ex.clamp(a, -2, -1).is_negative and ex.clamp(a, -2, 0).is_nonpositive and ex.clamp(a, 3, -1).is_negative
+    assert ex.clamp(a, lo, hi).is_real and ex.clamp(a, lo, hi).is_nonnegative is None
+    assert ex.inside(a, lo, hi).is_nonnegative and ex.inside(a, lo, hi).is_real
+
+
+def test_unknown_role_lists_the_roles_and_shapes():
+    with pytest.raises(ValueError, match=r"'token', 'token_channel', 'head', 'head_channel', 'scalar'; got 'channel'.*"
+                                         r"token_channel \[B, T, HV, K\]"):
+        term("-exp(a)", a="channel")
 
 
 PARAMETERIZATIONS = [
