@@ -18,7 +18,7 @@ from .module import Module
 
 __all__ = ["KernelReport", "compile_module", "inspect_spec", "format_reports"]
 
-_PTR = {"f32": "*fp32", "i32": "*i32", "i64": "*i64"}
+_PTR = {"f32": "*fp32", "i32": "*i32", "i64": "*i64", "idx": "*i32"}
 _IO = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 _SCALAR = {"int": "i32", "float": "fp32"}
 
@@ -103,10 +103,12 @@ def compile_module(module: Module, py_module, arch: int = 90) -> list[KernelRepo
         for name, kind in kern.params:
             if kind == "constexpr":
                 signature[name] = "constexpr"
-                # flags: the most demanding variant (initial and final state); MMA: the input dtype
-                constexprs[name] = _MMA[plan.dtype]() if name == "MMA" else True
+                # flags: the most demanding variant (initial and final state); MMA: the plan's product dtype
+                constexprs[name] = _MMA[plan.mma]() if name == "MMA" else True
             elif kind == "io":
                 signature[name] = _IO[plan.dtype]
+            elif kind == "st":
+                signature[name] = _IO[plan.store]
             elif kind in _PTR:
                 signature[name] = _PTR[kind]
             else:

@@ -92,7 +92,7 @@ class _B(_Emitter):
 
 
 def _delta_param(plan: Plan) -> list[tuple[str, str]]:
-    return [("vnew", "io")] if plan.delta else ([("v", "io")] + ([("beta", "f32")] if plan.beta else []))
+    return [("vnew", "st")] if plan.delta else ([("v", "io")] + ([("beta", "f32")] if plan.beta else []))
 
 
 def _load_delta(e: _B, s: Source, var: str, rows: str, ok: str) -> None:
@@ -127,7 +127,7 @@ def _causal_A(e: _B, s: Source) -> None:
 # ============================================================================ 1. dvl
 def _emit_dvl(plan: Plan) -> Kernel:
     e = _B(plan)
-    params = [("q", "io"), ("k", "io")] if not plan.aqk_stored else [("Aqk", "io")]
+    params = [("q", "io"), ("k", "io")] if not plan.aqk_stored else [("Aqk", "st")]
     if plan.scalar:
         params.append(("G", "f32"))
     params += [("dO", "io"), ("dvl", "f32"), ("scale", "float"), *_CHUNK, ("MMA", "constexpr")]
@@ -152,9 +152,9 @@ def _emit_dstate(plan: Plan) -> Kernel:
     if plan.spec.has_decay:
         params.append(("G", "f32"))
     if plan.delta:
-        params.append(("W", "io"))
+        params.append(("W", "st"))
     params += [("dO", "io"), ("dvl", "f32"), ("dvn", "f32"), ("dh", "f32"), ("dht", "f32"), ("dh0", "f32")]
-    params += [("scale", "float"), ("cu_seqlens", "i32"), ("chunk_off", "i32"), ("H", "int"), ("HV", "int")]
+    params += [("scale", "float"), ("cu_seqlens", "idx"), ("chunk_off", "i32"), ("TT", "int"), ("H", "int"), ("HV", "int")]
     params += [("GROUP", "int"), ("HAS_DHT", "constexpr"), ("STORE_DH0", "constexpr"), ("MMA", "constexpr")]
     bases = [n for n, _ in params if n in e.LAYOUT]
     s = Source()
@@ -225,7 +225,7 @@ def _emit_dqk(plan: Plan) -> Kernel:
     if plan.spec.has_decay:
         params.append(("G", "f32"))
     params += _delta_param(plan)
-    params += [("hs", "io"), ("dh", "f32"), ("dO", "io"), ("dvn", "f32"), ("dq", "f32"), ("dk", "f32")]
+    params += [("hs", "st"), ("dh", "f32"), ("dO", "io"), ("dvn", "f32"), ("dq", "f32"), ("dk", "f32")]
     if plan.delta:
         params.append(("dW", "f32"))
     if plan.spec.has_decay:
@@ -309,7 +309,7 @@ def _emit_dwy(plan: Plan) -> Kernel:
         params.append(("G", "f32"))
     if plan.beta:
         params.append(("beta", "f32"))
-    params += [("Tm", "io"), ("dW", "f32"), ("dvn", "f32"), ("dk", "f32"), ("dv", "f32")]
+    params += [("Tm", "st"), ("dW", "f32"), ("dvn", "f32"), ("dk", "f32"), ("dv", "f32")]
     if plan.beta:
         params.append(("dbeta", "f32"))
     if plan.spec.has_decay:

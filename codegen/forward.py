@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from linattn.spec import OutputGate, Role, Skip
 
 from .exprs import to_triton
-from .plan import Plan
+from .plan import GATE_FLOOR, Plan
 from .source import Source
 
 __all__ = ["Kernel", "forward_kernels"]
@@ -30,8 +30,10 @@ __all__ = ["Kernel", "forward_kernels"]
 class Kernel:
     """One emitted kernel: its name, parameters (name, kind), launch grid and source.
 
-    Parameter kinds: ``io`` (a tensor in the input dtype), ``f32``/``i32``/``i64``
-    (tensors of that dtype), ``int`` and ``float`` (scalars), ``constexpr``.
+    Parameter kinds: ``io`` (a tensor in the input dtype), ``st`` (a stored intermediate,
+    in the plan's :data:`~codegen.plan.STORE_DTYPE`), ``f32``/``i32``/``i64`` (tensors of
+    that dtype), ``idx`` (an int32 or int64 index tensor), ``int`` and ``float`` (scalars),
+    ``constexpr``.
     ``grid``: ``chunks`` (chunk, value head), ``chunks_k`` (chunk, value head, key block),
     ``chunks_v`` (chunk, value head, V tile), ``seqs_v`` (sequence, value head, V tile),
     ``rows_qk`` (block of ``epilogue.NORM_ROWS`` tokens, q/k head).
@@ -55,8 +57,9 @@ class _Emitter:
 
     def __init__(self, plan: Plan, kb: int | None = None) -> None:
         self.p = plan
-        self.dt = {"bf16": "tl.bfloat16", "fp16": "tl.float16", "fp32": "tl.float32", "fp64": "tl.float64"}[plan.dtype]
-        self.prec = f', input_precision="{plan.precision}"' if plan.dtype == "fp32" else ""
+        # products round their operands to the plan's product dtype (see codegen.plan.MMA_DTYPE)
+        self.dt = {"bf16": "tl.bfloat16", "fp16": "tl.float16", "fp32": "tl.float32", "fp64": "tl.float64"}[plan.mma]
+        self.prec = f', input_precision="{plan.mma_precision}"' if plan.mma_precision else ""
         self.kb = kb or plan.KB  # this kernel's key block
         self.blocks = range(plan.BK // self.kb)
 
@@ -74,6 +77,23 @@ class _Emitter:
     def dot32(a: str, b: str) -> str:
         """An exact fp32 product (the triangular solve)."""
         return f'tl.dot({a}, {b}, input_precision="ieee")'
+
+    def causal_dot(self, s: Source, var: str, lower: str, rows: str, row: str = "r", exact: bool = False) -> None:
+        """``var = lower @ rows`` where ``lower`` mixes tokens causally (zero above the diagonal,
+        by select) and ``rows`` holds one token per row (``row``: the rows' index vector).
+
+        A non-finite value in ``rows`` at token t would reach every earlier row through
+        ``0 · inf`` or ``0 · NaN``. So the rows from t on enter the product as 0, and the
+        product's rows from t on come back as NaN: the recurrence's outputs there depend on
+        the bad value, the earlier ones never. (A [rows, rows] select finds "a bad row at or
+        before"; a scan over rows costs the solve its registers.)
+        """
+        s(f"x_rows = {rows}")
+        s("x_bad = tl.max(tl.where(tl.abs(x_rows) < float('inf'), 0, 1), 1)  # rows holding inf or NaN")
+        s(f"x_bad = tl.max(tl.where({row}[None, :] <= {row}[:, None], x_bad[None, :], 0), 1)  # one at or before")
+        clean = "tl.where(x_bad[:, None] == 0, x_rows, 0.0)"
+        s(f"{var} = {self.dot32(lower, clean) if exact else self.dot(lower, clean)}")
+        s(f"{var} = tl.where(x_bad[:, None] > 0, float('nan'), {var})")
 
     # ------------------------------------------------------------------ prologues
     def chunk_prologue(self, s: Source, v_tile: bool = False) -> None:
@@ -118,13 +138,21 @@ class _Emitter:
     def sequence_prologue(self, s: Source) -> None:
         """A (sequence, value head, V tile) program of a sequential pass: its bounds and state tiles' offsets."""
         s("i_n = tl.program_id(0)", "i_h = tl.program_id(1)", "i_v = tl.program_id(2)", "i_hk = i_h // GROUP")
-        s("bos = tl.load(cu_seqlens + i_n).to(tl.int64)", "eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)")
+        self.sequence_bounds(s)
         s("first = tl.load(chunk_off + i_n)  # global index of the sequence's first chunk")
-        s("NT = tl.cdiv(eos - bos, C)", "rb = tl.arange(0, RB)")
+        s("NT = tl.load(chunk_off + i_n + 1) - first  # its chunks (the table never exceeds the grid)")
+        s("rb = tl.arange(0, RB)")
         self.key_blocks(s)
         s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
         for b in self.blocks:
             s(f"s_mask{b} = ck_ok{b}[:, None] & cv_ok[None, :]", f"s_off{b} = ck{b}[:, None] * V + cv[None, :]")
+
+    @staticmethod
+    def sequence_bounds(s: Source) -> None:
+        """Tokens ``[bos, eos)`` of sequence ``i_n``, clamped into ``[0, TT)``: a bad ``cu_seqlens``
+        on the GPU (reported asynchronously) never sends a program outside the tensors."""
+        s("bos = tl.minimum(tl.maximum(tl.load(cu_seqlens + i_n).to(tl.int64), 0), TT)")
+        s("eos = tl.minimum(tl.maximum(tl.load(cu_seqlens + i_n + 1).to(tl.int64), bos), TT)")
 
     def state_tiles(self, s: Source, var: str, flag: str, ptr: str) -> None:
         """The key blocks ``{var}b`` of a [K, BV] state tile: loaded from ``ptr`` if ``flag``, else zeros."""
@@ -276,6 +304,7 @@ def _emit_gates(plan: Plan) -> Kernel:
         if spec.has_decay:
             shape, mask = ("[C, KB]", "row_ok[:, None] & ck_ok[None, :]") if plan.channel else ("[C]", "row_ok")
             s(f"b_g = {to_triton(spec.gate.expr, name(plan.channel))} + tl.zeros({shape}, dtype=tl.float32)")
+            s(f"b_g = tl.where(b_g < {GATE_FLOOR}, {GATE_FLOOR}, b_g)  # exp(g) = 0 below: an exact reset, finite G")
             s(f"b_g = tl.where({mask}, b_g, 0.0)")
             s("b_G = tl.cumsum(b_g, 0)")
             if plan.channel:
@@ -301,9 +330,9 @@ def _emit_intra(plan: Plan) -> Kernel:
     if plan.delta and plan.beta:
         params.append(("beta", _beta_kind(plan)))
     if plan.delta:
-        params.append(("Tm", "io"))
+        params.append(("Tm", "st"))
     if plan.aqk_stored:
-        params += [("Aqk", "io"), ("scale", "float")]
+        params += [("Aqk", "st"), ("scale", "float")]
     params += [("chunk_t0", "i64"), ("chunk_len", "i32"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
     params.append(("MMA", "constexpr"))
 
@@ -399,22 +428,23 @@ def _emit_intra(plan: Plan) -> Kernel:
                             s(f"{f} = {f} * tl.exp(b_G{i}[:, None] - b_Gj[None, :])")
                         else:
                             s(f"{f} = {f} * tl.exp(tl.where({strict}, b_G{i}[:, None] - b_G{i}[None, :], 0.0))")
-                    if j == i:
-                        s(f"{f} = tl.where({strict}, {f}, 0.0)")
                     if l2:
                         s(f"{f} = {f} * rk{i}[:, None] * rk{j}[None, :]")
                     if plan.beta:
                         if j == 0:
                             e.load_beta(s, f"b_b{i}", f"r{i}", f"ok{i}")
                         s(f"{f} = {f} * b_b{i}[:, None]")
+                    if j == i:  # the select comes last: a later token's column scale is never multiplied in
+                        s(f"{f} = tl.where({strict}, {f}, 0.0)")
                 if plan.aqk_stored:
                     f = f"b_Q{i}{j}"
+                    scale = f" * rq{i}[:, None] * rk{j}[None, :]" if l2 else ""
+                    s(f"{f} = {f} * scale{scale}")
                     if j == i:
                         s(f"{f} = tl.where({causal}, {f}, 0.0)")
-                    scale = f" * rq{i}[:, None] * rk{j}[None, :]" if l2 else ""
                     s(
                         f"tl.store(p_Aqk + r{i}[:, None] * (HV * C) + ({j * BC} + ri)[None, :], "
-                        f"({f} * scale{scale}).to(Aqk.dtype.element_ty), mask=ok{i}[:, None])"
+                        f"{f}.to(Aqk.dtype.element_ty), mask=ok{i}[:, None])"
                     )
 
             if plan.delta:
@@ -428,7 +458,8 @@ def _emit_intra(plan: Plan) -> Kernel:
                 for j in range(i - 1, -1, -1):
                     # T_ij = -T_ii · sum_{j <= m < i} A_im T_mj
                     terms = " + ".join(e.dot32(f"b_A{i}{m}", f"b_T{m}{j}") for m in range(j, i))
-                    s(f"b_T{i}{j} = -{e.dot32(f'b_T{i}{i}', f'({terms})')}")
+                    e.causal_dot(s, f"b_T{i}{j}", f"b_T{i}{i}", f"({terms})", row="ri", exact=True)
+                    s(f"b_T{i}{j} = -b_T{i}{j}")
                 for j in range(i + 1):
                     s(
                         f"tl.store(p_Tm + r{i}[:, None] * (HV * C) + ({j * BC} + ri)[None, :], "
@@ -446,7 +477,7 @@ def _emit_wu(plan: Plan) -> Kernel:
         params.append(("G", "f32"))
     if plan.beta:
         params.append(("beta", _beta_kind(plan)))
-    params += [("Tm", "io"), ("W", "io"), ("U", "io")]
+    params += [("Tm", "st"), ("W", "st"), ("U", "st")]
     params += [("chunk_t0", "i64"), ("chunk_len", "i32"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
     params.append(("MMA", "constexpr"))
     s = Source()
@@ -478,7 +509,7 @@ def _emit_wu(plan: Plan) -> Kernel:
             if plan.channel:
                 e.load_G(s, "b_Gb", "r", "row_ok", b)
                 kg = "b_k * tl.exp(b_Gb)"
-            s(f"b_w = {e.dot('b_T', kg + scale)}")
+            e.causal_dot(s, "b_w", "b_T", kg + scale)
             s(
                 f"tl.store(p_W + r[:, None] * (HV * K) + ck{b}[None, :], b_w.to(W.dtype.element_ty), "
                 f"mask=row_ok[:, None] & ck_ok{b}[None, :])"
@@ -487,7 +518,8 @@ def _emit_wu(plan: Plan) -> Kernel:
         with s.block("for i_v in tl.static_range(NV):"):
             s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
             e.load_v(s, "b_v", "v", "r", "row_ok")
-            e.store_v(s, "U", e.dot("b_T", "b_v" + vb), "r", "row_ok")
+            e.causal_dot(s, "b_u", "b_T", "b_v" + vb)
+            e.store_v(s, "U", "b_u", "r", "row_ok")
     return Kernel("wu_fwd", tuple(params), "chunks", s.text(), plan.warps_wu)
 
 
@@ -498,13 +530,13 @@ def _emit_state(plan: Plan) -> Kernel:
     if plan.spec.has_decay:
         params.append(("G", "f32"))
     if plan.delta:
-        params += [("W", "io"), ("U", "io"), ("vnew", "io")]
+        params += [("W", "st"), ("U", "st"), ("vnew", "st")]
     else:
         params.append(("v", "io"))
         if plan.beta:
             params.append(("beta", _beta_kind(plan)))
-    params += [("hs", "io"), ("h0", "f32"), ("ht", "f32"), ("cu_seqlens", "i32"), ("chunk_off", "i32")]
-    params += [("H", "int"), ("HV", "int"), ("GROUP", "int"), ("HAS_H0", "constexpr"), ("STORE_HT", "constexpr")]
+    params += [("hs", "st"), ("h0", "f32"), ("ht", "f32"), ("cu_seqlens", "idx"), ("chunk_off", "i32")]
+    params += [("TT", "int"), ("H", "int"), ("HV", "int"), ("GROUP", "int"), ("HAS_H0", "constexpr"), ("STORE_HT", "constexpr")]
     params.append(("MMA", "constexpr"))
     state_bases = [n for n, _ in params if n in ("k", "G", "v", "beta", "W", "U", "vnew")]
     s = Source()
@@ -585,9 +617,9 @@ def _emit_output(plan: Plan) -> Kernel:
     if spec.has_decay:
         params.append(("G", "f32"))
     if plan.aqk_stored:
-        params.append(("Aqk", "io"))
+        params.append(("Aqk", "st"))
     if plan.delta:
-        params.append(("vnew", "io"))
+        params.append(("vnew", "st"))
     need_v = not plan.delta or spec.skip is not Skip.NONE
     if need_v:
         params.append(("v", "io"))
@@ -597,7 +629,7 @@ def _emit_output(plan: Plan) -> Kernel:
         params.append(("D", "io"))
     if spec.output_gate is OutputGate.SILU:
         params.append(("z", "io"))
-    params += [("hs", "io"), ("o", "io"), ("scale", "float")]
+    params += [("hs", "st"), ("o", "io"), ("scale", "float")]
     params += [("chunk_t0", "i64"), ("chunk_len", "i32"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
     params.append(("MMA", "constexpr"))
     s = Source()
@@ -662,7 +694,8 @@ def _emit_output(plan: Plan) -> Kernel:
             s("b_d = b_v * b_b[:, None]")
         else:
             s("b_d = b_v")
-        s(f"b_o += {e.dot('b_A', 'b_d')}")
+        e.causal_dot(s, "b_ad", "b_A", "b_d")
+        s("b_o += b_ad")
         if spec.skip is Skip.HEAD:
             s("b_o += tl.load(D + i_h).to(tl.float32) * b_v")
         elif spec.skip is Skip.CHANNEL:

@@ -12,14 +12,26 @@ from dataclasses import dataclass, fields
 
 from linattn.spec import Decay, Role, Spec
 
-__all__ = ["Options", "Plan", "make_plan", "core_spec", "DTYPES", "CODEGEN_VERSION"]
+__all__ = ["Options", "Plan", "make_plan", "core_spec", "DTYPES", "STORE_DTYPE", "MMA_DTYPE", "GATE_FLOOR", "CODEGEN_VERSION"]
 
 #: Bump when the emitted source changes for the same plan (invalidates the disk cache).
-CODEGEN_VERSION = 3
+CODEGEN_VERSION = 4
 
 #: Input dtypes the kernels take, by short name.
 #: (fp64 runs everything in float64 and exists for gradient checks through the interpreter.)
 DTYPES = ("bf16", "fp16", "fp32", "fp64")
+
+#: The dtype of the stored intermediates (chunk start states, WY factors, Δ, T, Aqk) and of
+#: the matrix-product operands, by input dtype: the one place these choices live. fp16's
+#: range (65504) is too small for a state that sums many tokens (it overflowed after ~128
+#: tokens at |o| ~ 1e3), so fp16 inputs keep intermediates in fp32 and multiply in tf32
+#: (the same 10-bit mantissa as fp16, fp32's range); bf16 has fp32's range already.
+STORE_DTYPE = {"bf16": "bf16", "fp16": "fp32", "fp32": "fp32", "fp64": "fp64"}
+MMA_DTYPE = {"bf16": "bf16", "fp16": "fp32", "fp32": "fp32", "fp64": "fp64"}
+
+#: A per-token log-decay below this is an exact reset: exp(GATE_FLOOR) is 0 in fp32, so the
+#: gates stage clamps g there (a full reset g = -inf then never meets -inf - (-inf)).
+GATE_FLOOR = -128.0
 
 
 def _pow2_at_least(n: int, floor: int = 16) -> int:
@@ -115,6 +127,23 @@ class Plan:
     def beta_computed(self) -> bool:
         """β is a parameterization evaluated (once) by the gates stage, not an input."""
         return beta_computed(self.spec)
+
+    @property
+    def store(self) -> str:
+        """The dtype of stored intermediates (see :data:`STORE_DTYPE`)."""
+        return STORE_DTYPE[self.dtype]
+
+    @property
+    def mma(self) -> str:
+        """The operand dtype of matrix products (see :data:`MMA_DTYPE`)."""
+        return MMA_DTYPE[self.dtype]
+
+    @property
+    def mma_precision(self) -> str | None:
+        """``input_precision`` of fp32 products: tf32 for fp16 inputs, the option for fp32."""
+        if self.dtype == "fp16":
+            return "tf32"
+        return self.precision if self.dtype == "fp32" else None
 
     @property
     def NS(self) -> int:

@@ -26,19 +26,26 @@ def step_kernel(plan: Plan) -> Kernel:
         params.append(("D", "io"))
     if spec.output_gate is OutputGate.SILU:
         params.append(("z", "io"))
-    params += [("state", "f32"), ("state_idx", "i32"), ("o", "io"), ("cu_seqlens", "i32"), ("scale", "float")]
-    params += [("H", "int"), ("HV", "int"), ("GROUP", "int"), ("HAS_IDX", "constexpr")]
+    params += [("state", "f32"), ("state_idx", "idx"), ("pool_err", "i32"), ("o", "io"), ("cu_seqlens", "idx")]
+    params += [("scale", "float"), ("NSLOT", "int"), ("TT", "int"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
+    params.append(("HAS_IDX", "constexpr"))
     ops = {o.name: o for o in spec.operands}
     s = Source()
     with s.block(_signature("step_fwd", params)):
         s('"""Decode: run one sequence\'s new tokens through the recurrence on its state, in place."""')
         s("i_n = tl.program_id(0)", "i_h = tl.program_id(1)", "i_v = tl.program_id(2)", "i_hk = i_h // GROUP")
-        s("bos = tl.load(cu_seqlens + i_n).to(tl.int64)", "eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)")
+        e.sequence_bounds(s)
         s("if HAS_IDX:", "    slot = tl.load(state_idx + i_n).to(tl.int64)", "else:", "    slot = i_n.to(tl.int64)")
+        s("# the pool's contract: slot -1 skips the sequence (zero outputs, no state touched); a slot")
+        s("# outside the pool is never read or written, and is reported through pool_err")
+        s("live = (slot >= 0) & (slot < NSLOT)")
+        s("if (slot != -1) & (live == 0):", "    tl.store(pool_err, 1)")
+        s("slot = tl.where(live, slot, 0)")
         e.key_blocks(s)
         s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
         for b in e.blocks:
-            s(f"s_mask{b} = ck_ok{b}[:, None] & cv_ok[None, :]", f"s_off{b} = ck{b}[:, None] * V + cv[None, :]")
+            s(f"s_mask{b} = (ck{b} < tl.where(live, K, 0))[:, None] & cv_ok[None, :]")
+            s(f"s_off{b} = ck{b}[:, None] * V + cv[None, :]")
             s(f"b_S{b} = tl.load(state + (slot * HV + i_h) * K * V + s_off{b}, mask=s_mask{b}, other=0.0).to(tl.float32)")
         for o in ops.values():  # per-head parameters: loaded once
             if o.role is Role.HEAD:
@@ -100,6 +107,7 @@ def step_kernel(plan: Plan) -> Kernel:
             if spec.output_gate is OutputGate.SILU:
                 s("b_z = tl.load(z + p_h * V + cv, mask=cv_ok, other=0.0).to(tl.float32)")
                 s("b_o = b_o * b_z / (1.0 + tl.exp(-b_z))")
+            s("b_o = tl.where(live, b_o, 0.0)")
             s("tl.store(o + p_h * V + cv, b_o.to(o.dtype.element_ty), mask=cv_ok)")
         for b in e.blocks:
             s(f"tl.store(state + (slot * HV + i_h) * K * V + s_off{b}, b_S{b}, mask=s_mask{b})")

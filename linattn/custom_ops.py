@@ -76,6 +76,8 @@ def _forward(
 
 
 def _shapes(key, q, v, cu_seqlens, output_final_state):
+    from .op import store_dtype
+
     op = _REGISTRY[key]
     B, T, _, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -85,8 +87,9 @@ def _shapes(key, q, v, cu_seqlens, output_final_state):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = {"o": ((B, T, HV, V), q.dtype), "ht": ((N, HV, K, V) if output_final_state else (0,), acc)}
     out["G"] = ((B * T, HV, K) if spec.decay.value == "channel" else (B * T, HV)) if spec.has_decay else (0,), acc
-    out["Tm"] = ((B * T, HV, C) if spec.has_delta else (0,)), q.dtype
-    out["Aqk"] = ((B * T, HV, C) if spec.decay.value == "channel" else (0,)), q.dtype
+    st = store_dtype(q.dtype)
+    out["Tm"] = ((B * T, HV, C) if spec.has_delta else (0,)), st
+    out["Aqk"] = ((B * T, HV, C) if spec.decay.value == "channel" else (0,)), st
     out["beta"] = ((B * T, HV) if beta_computed(op.spec) else (0,)), acc
     return out
 

@@ -6,6 +6,8 @@ regenerated or recompiled when they change.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import threading
 
@@ -35,66 +37,80 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def chunk_tables(cu_seqlens: torch.Tensor, n_chunks_max: int, C: int):
-    """The (sequence, chunk) grid of a packed batch, built on the device without a host read.
-
-    Program ``p`` of a chunk-parallel kernel handles chunk ``p`` in sequence order; the
-    grid is an upper bound (``ceil(total / C) + N``), spare programs get length 0.
-    Returns ``chunk_t0`` (int64 first token), ``chunk_len`` (int32) and ``chunk_off``
-    (int32 ``[N + 1]``: index of each sequence's first chunk).
-    """
-    cu = cu_seqlens.to(torch.int64)
-    lens = cu[1:] - cu[:-1]
-    off = torch.zeros_like(cu)
-    off[1:] = torch.cumsum((lens + C - 1) // C, 0)
-    p = torch.arange(n_chunks_max, device=cu.device)
-    seq = torch.searchsorted(off[1:], p, right=True).clamp_(max=lens.numel() - 1)
-    t0 = cu[seq] + (p - off[seq]) * C
-    length = torch.where(p < off[-1], torch.clamp(cu[seq + 1] - t0, max=C), 0)
-    return t0, length.to(torch.int32), off.to(torch.int32)
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
 
-#: chunk tables of equal-length batches by (B, T, C, device): they depend on nothing else,
-#: so a model calling the op layer after layer builds them once instead of launching ~25
-#: small torch kernels per call (launch overhead dominates short sequences and decoding)
+def _store(plan: Plan) -> torch.dtype:
+    """The torch dtype of the plan's stored intermediates (``codegen.plan.STORE_DTYPE``)."""
+    return _TORCH_DTYPES[plan.store]
+
+
+def store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of the stored intermediates for inputs of ``dtype`` (fake shapes use it)."""
+    return _TORCH_DTYPES[codegen.plan.STORE_DTYPE[_DTYPE_NAMES[dtype]]]
+
+
+#: ``cu_seqlens`` of equal-length batches by (B, T, device): a function of those alone, made
+#: by us and never handed out, so it cannot go stale
+_UNIFORM_CU: dict[tuple, torch.Tensor] = {}
+#: the chunk tables of equal-length batches by (B, T, C, device), for the same reason
 _UNIFORM_TABLES: dict[tuple, tuple] = {}
-_UNIFORM_TABLES_MAX = 64
+_UNIFORM_MAX = 64
 
 
-def uniform_tables(B: int, T: int, C: int, device: torch.device) -> tuple:
+def _capturing(device: torch.device) -> bool:
+    """Tensors made while a CUDA graph is being captured belong to its memory pool: never cache them."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _remember(cache: dict, key: tuple, value, device: torch.device):
+    if not _capturing(device):
+        if len(cache) >= _UNIFORM_MAX:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
+    return value
+
+
+def uniform_cu(B: int, T: int, device: torch.device) -> torch.Tensor:
+    """``cu_seqlens`` (int32) of B sequences of T tokens (cached)."""
+    key = (B, T, str(device))
+    cu = _UNIFORM_CU.get(key)
+    if cu is None:
+        cu = _remember(_UNIFORM_CU, key, torch.arange(0, B + 1, device=device, dtype=torch.int32) * T, device)
+    return cu
+
+
+def chunk_tables(gen, mod, cu_seqlens: torch.Tensor, TT: int, n_chunks: int, check: bool) -> tuple:
+    """``(chunk_t0, chunk_len, chunk_off)`` of a packed batch: one launch of the generated
+    ``chunk_table`` kernel (see :mod:`codegen.table`), on every call, without a host read.
+
+    ``check``: on CUDA, also assert on the device that ``cu_seqlens`` is valid (the error
+    surfaces at the next synchronisation; the kernels never leave the tensors meanwhile).
+    """
+    device = cu_seqlens.device
+    N = cu_seqlens.numel() - 1
+    env = {
+        "cu_seqlens": cu_seqlens,
+        "chunk_t0": _alloc((n_chunks,), torch.int64, device),
+        "chunk_len": _alloc((n_chunks,), torch.int32, device),
+        "chunk_off": _alloc((N + 1,), torch.int32, device),
+        "cu_ok": _alloc((1,), torch.int32, device),
+        "N": N, "TT": TT, "NCH": n_chunks, "_n_chunks": n_chunks,
+    }
+    CompiledOp._launch(gen, mod, ["chunk_table"], env, device)
+    if check and device.type == "cuda":
+        torch._assert_async(env["cu_ok"], "cu_seqlens: must start at 0, end at the packed length and increase")
+    return env["chunk_t0"], env["chunk_len"], env["chunk_off"]
+
+
+def uniform_tables(gen, mod, B: int, T: int, device: torch.device) -> tuple:
     """``(cu_seqlens, chunk_t0, chunk_len, chunk_off)`` of B sequences of T tokens (cached)."""
+    C = gen.plan.C
     key = (B, T, C, str(device))
     tables = _UNIFORM_TABLES.get(key)
     if tables is None:
-        cu = torch.arange(0, B + 1, device=device, dtype=torch.int32) * T
-        tables = (cu, *chunk_tables(cu, B * (-(-T // C)), C))
-        # tensors made while a CUDA graph is being captured belong to its memory pool
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            if len(_UNIFORM_TABLES) >= _UNIFORM_TABLES_MAX:
-                _UNIFORM_TABLES.pop(next(iter(_UNIFORM_TABLES)))
-            _UNIFORM_TABLES[key] = tables
-    return tables
-
-
-#: chunk tables of packed batches, keyed by the cu_seqlens tensor itself: the layers of a
-#: model share one cu_seqlens per forward, so only the first layer builds them. The entry
-#: holds a reference to the tensor, so its memory cannot be reused by another one, and
-#: keys on its version counter, which any in-place write bumps.
-_PACKED_TABLES: dict[tuple, tuple] = {}
-_PACKED_TABLES_MAX = 8
-
-
-def packed_tables(cu_seqlens: torch.Tensor, n_chunks_max: int, C: int) -> tuple:
-    """:func:`chunk_tables` of ``cu_seqlens``, cached while the tensor is unchanged."""
-    key = (cu_seqlens.data_ptr(), cu_seqlens.numel(), cu_seqlens._version, str(cu_seqlens.device), n_chunks_max, C)
-    entry = _PACKED_TABLES.get(key)
-    if entry is not None:
-        return entry[1]
-    tables = chunk_tables(cu_seqlens, n_chunks_max, C)
-    if not (cu_seqlens.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        if len(_PACKED_TABLES) >= _PACKED_TABLES_MAX:
-            _PACKED_TABLES.pop(next(iter(_PACKED_TABLES)))
-        _PACKED_TABLES[key] = (cu_seqlens, tables)
+        cu = uniform_cu(B, T, device)
+        tables = _remember(_UNIFORM_TABLES, key, (cu, *chunk_tables(gen, mod, cu, B * T, B * (-(-T // C)), False)), device)
     return tables
 
 
@@ -152,7 +168,7 @@ class CompiledOp:
         check_values = isinstance(q, torch.Tensor) and q.device.type == "cpu" and not torch.compiler.is_compiling()
         call = check_call(
             self.spec, q, k, v, operands, z=z, D=D, scale=scale, initial_state=initial_state,
-            cu_seqlens=cu_seqlens, check_values=check_values,
+            cu_seqlens=cu_seqlens, check_values=check_values, warn_layout=True,
         )
         if q.dtype not in _DTYPE_NAMES:
             raise ValueError(f"q: compiled kernels take bf16, fp16 or fp32 inputs, got {q.dtype}")
@@ -166,18 +182,19 @@ class CompiledOp:
             return custom_ops.forward(self, call, bool(output_final_state))
         return self._forward(call, bool(output_final_state))
 
-    def _geometry(self, call, C: int) -> dict:
+    def _geometry(self, call, gen, mod) -> dict:
         """Sizes, the chunk tables and the flattened q, k, v of a call (shared by forward and backward)."""
         q, k, v = call.q, call.k, call.v
         B, T, H, HV, K, V = call.B, call.T, call.H, call.HV, call.K, call.V
+        C = gen.plan.C
         TT = B * T
         if call.cu_seqlens is None:
             n_chunks = B * (-(-T // C))
-            cu, chunk_t0, chunk_len, chunk_off = uniform_tables(B, T, C, q.device)
+            cu, chunk_t0, chunk_len, chunk_off = uniform_tables(gen, mod, B, T, q.device)
         else:
             cu = call.cu_seqlens
             n_chunks = -(-TT // C) + call.n_seqs
-            chunk_t0, chunk_len, chunk_off = packed_tables(cu, n_chunks, C)
+            chunk_t0, chunk_len, chunk_off = chunk_tables(gen, mod, cu, TT, n_chunks, check=True)
         return {
             "q": q.reshape(TT, H, K).contiguous(),
             "k": k.reshape(TT, H, K).contiguous(),
@@ -186,11 +203,12 @@ class CompiledOp:
             "chunk_t0": chunk_t0,
             "chunk_len": chunk_len,
             "chunk_off": chunk_off,
+            "TT": TT,
             "H": H,
             "HV": HV,
             "GROUP": HV // H,
             "scale": call.scale,
-            "MMA": runtime.mma_dtype(q.dtype, q.device),
+            "MMA": runtime.mma_dtype(gen.plan.mma, q.device),
             "_TT": TT,
             "_N": call.n_seqs,
             "_n_chunks": n_chunks,
@@ -212,19 +230,10 @@ class CompiledOp:
 
     @staticmethod
     def _launch(gen, mod, names, env: dict, device) -> None:
-        plan = gen.plan
-        n_chunks, HV, N = env["_n_chunks"], env["HV"], env["_N"]
-        grids = {
-            "chunks": (n_chunks, HV),
-            "chunks_k": (n_chunks, HV, plan.NKB),
-            "rows_qk": (-(-env.get("_TT", 0) // codegen.epilogue.NORM_ROWS), env["H"]),
-            "chunks_v": (n_chunks, HV, plan.NV),
-            "seqs_v": (N, HV, plan.NV),
-        }
         for name in names:
             kern = gen.kernel(name)
             args = {p: env[p] for p, _ in kern.params}
-            runtime.launch(getattr(mod, kern.name), device, grids[kern.grid], args, kern.num_warps, kern.num_stages)
+            runtime.launch(getattr(mod, kern.name), device, _grid(gen.plan, kern.grid, env), args, kern.num_warps, kern.num_stages)
 
     def _forward(self, call, output_final_state: bool, keep: dict | None = None):
         """Run the forward kernels; with ``keep`` (a dict) also hand back what the backward needs."""
@@ -243,12 +252,8 @@ class CompiledOp:
             h = call.initial_state.to(acc) if call.initial_state is not None else q.new_zeros(N, HV, K, V, dtype=acc)
             return o, (h.clone() if output_final_state else None)
 
-        env = self._geometry(call, C)
-        TT, n_chunks, io = env["_TT"], env["_n_chunks"], q.dtype
-        if call.cu_seqlens is not None and device.type == "cuda":
-            # the host cannot read cu_seqlens without a synchronisation: check it on the device
-            cu = call.cu_seqlens
-            torch._assert_async((cu[0] == 0) & (cu[-1] == TT) & (cu[1:] > cu[:-1]).all())
+        env = self._geometry(call, gen, mod)
+        TT, n_chunks, io, st = env["_TT"], env["_n_chunks"], q.dtype, _store(plan)
         env["HAS_H0"] = call.initial_state is not None
         env["STORE_HT"] = output_final_state
         env["h0"] = None if call.initial_state is None else call.initial_state.to(_acc(io)).contiguous()
@@ -263,14 +268,14 @@ class CompiledOp:
                 env["beta"] = env[f"x_{self.spec.beta.operands[0].name}"]
         if "intra" in plan.stages:
             if plan.delta:
-                env["Tm"] = _alloc((TT, HV, C), io, device)
-                env["W"] = _alloc((TT, HV, K), io, device)
-                env["U"] = _alloc((TT, HV, V), io, device)
+                env["Tm"] = _alloc((TT, HV, C), st, device)
+                env["W"] = _alloc((TT, HV, K), st, device)
+                env["U"] = _alloc((TT, HV, V), st, device)
             if plan.aqk_stored:
-                env["Aqk"] = _alloc((TT, HV, C), io, device)
+                env["Aqk"] = _alloc((TT, HV, C), st, device)
         if plan.delta:
-            env["vnew"] = _alloc((TT, HV, V), io, device)
-        env["hs"] = _alloc((n_chunks, HV, K, V), io, device)
+            env["vnew"] = _alloc((TT, HV, V), st, device)
+        env["hs"] = _alloc((n_chunks, HV, K, V), st, device)
         env["o"] = _alloc((TT, HV, V), io, device)
         env["ht"] = _alloc((N, HV, K, V), _acc(io), device) if output_final_state else None
         self._launch(gen, mod, [f"{stage}_fwd" for stage in plan.stages], env, device)
@@ -300,8 +305,14 @@ class CompiledOp:
 
         ``q, k`` ``[B, T, H, K]``, ``v`` ``[B, T, HV, V]``: T new tokens for each of B
         sequences (or packed with ``cu_seqlens``, B = 1). ``state`` fp32 ``[S, HV, K, V]``:
-        sequence n uses row ``state_indices[n]`` (int32 ``[N]``), or row n without a table.
-        Returns the outputs ``[B, T, HV, V]``. No autograd (use the op itself to train).
+        sequence n uses row ``state_indices[n]`` (int32 or int64 ``[N]``), or row n without
+        a table. Returns the outputs ``[B, T, HV, V]``. No autograd (use the op itself to train).
+
+        The pool's contract, as in serving engines: slot ``-1`` is padding, its sequence is
+        skipped (zero outputs, no state row touched). Any other slot outside ``[0, S)`` is an
+        error: a ValueError on CPU; on CUDA the kernel masks it (nothing outside the pool is
+        read or written, its outputs are zeros) and ``torch._assert_async`` reports it at
+        the next synchronisation, without a host read.
         """
         on_cpu = isinstance(q, torch.Tensor) and q.device.type == "cpu"
         call = check_call(self.spec, q, k, v, operands, z=z, D=D, scale=scale, cu_seqlens=cu_seqlens, check_values=on_cpu)
@@ -314,26 +325,29 @@ class CompiledOp:
         N, HV, K, V = call.n_seqs, call.HV, call.K, call.V
         if state.dim() != 4 or tuple(state.shape[1:]) != (HV, K, V) or not state.is_contiguous():
             raise ValueError(f"state: expected a contiguous [S, {HV}, {K}, {V}] tensor, got {list(state.shape)}")
+        S = state.shape[0]
         if state_indices is not None:
-            if not isinstance(state_indices, torch.Tensor) or state_indices.dtype != torch.int32:
-                raise ValueError("state_indices: expected an int32 tensor [N]")
-            if tuple(state_indices.shape) != (N,) or state_indices.device != q.device:
-                raise ValueError(f"state_indices: expected shape [{N}] on {q.device}, got {list(state_indices.shape)}")
-        elif state.shape[0] < N:
-            raise ValueError(f"state: {state.shape[0]} rows for {N} sequences (pass state_indices for a pool)")
+            _check_state_indices(state_indices, N, S, q.device)
+        elif S < N:
+            raise ValueError(f"state: {S} rows for {N} sequences (pass state_indices for a pool)")
         gen, mod = self.module(_DTYPE_NAMES[q.dtype], K, V)
         TT = call.B * call.T
-        cu = call.cu_seqlens if call.cu_seqlens is not None else uniform_tables(call.B, call.T, gen.plan.C, q.device)[0]
+        cu = call.cu_seqlens if call.cu_seqlens is not None else uniform_cu(call.B, call.T, q.device)
+        pooled_cuda = state_indices is not None and q.device.type == "cuda"
         env = {
             "q": q.reshape(TT, call.H, K).contiguous(), "k": k.reshape(TT, call.H, K).contiguous(),
             "v": v.reshape(TT, HV, V).contiguous(), "state": state, "state_idx": state_indices,
-            "HAS_IDX": state_indices is not None, "cu_seqlens": cu, "scale": call.scale,
+            # written only for a slot outside the pool; read only on CUDA (the CPU checked on the host)
+            "pool_err": torch.zeros(1, dtype=torch.int32, device=q.device) if pooled_cuda else _alloc((1,), torch.int32, q.device),
+            "HAS_IDX": state_indices is not None, "cu_seqlens": cu, "scale": call.scale, "NSLOT": S, "TT": TT,
             "H": call.H, "HV": HV, "GROUP": HV // call.H, "o": _alloc((TT, HV, V), q.dtype, q.device),
             "_n_chunks": 0, "_N": N,
         }
         env.update(self._term_args(call))
         with torch.no_grad():
             self._launch(gen, mod, ["step_fwd"], env, q.device)
+            if pooled_cuda:
+                torch._assert_async(env["pool_err"] == 0, "state_indices: a slot outside the state pool (not -1)")
         return env["o"].reshape(call.B, call.T, HV, V)
 
     # ------------------------------------------------------------------ backward
@@ -399,11 +413,10 @@ class CompiledOp:
         f32 = _acc(q.dtype)
 
         core_call = type(call)(plan.spec, q, k, v, {}, None, None, call.scale, call.initial_state, call.cu_seqlens)
-        env = self._geometry(core_call, C)
-        TT, n_chunks, N, io = env["_TT"], env["_n_chunks"], env["_N"], q.dtype
+        env = self._geometry(core_call, gen, mod)
+        TT, n_chunks, N, io, st = env["_TT"], env["_n_chunks"], env["_N"], q.dtype, _store(plan)
         if spec.qk_l2norm:  # the core kernels take normalised q, k
             env["qn"], env["kn"] = _alloc((TT, H, K), f32, device), _alloc((TT, H, K), f32, device)
-            env["TT"] = TT
             self._launch(fgen, fmod, ["qknorm_fwd"], env, device)
             raw_q, raw_k = env["q"], env["k"]
             env["q"], env["k"] = env["qn"], env["kn"]
@@ -414,14 +427,14 @@ class CompiledOp:
             env["beta"] = beta_t.reshape(TT, HV).to(f32).contiguous()
         if plan.delta:
             env["Tm"] = saved["Tm"]
-            env["W"] = _alloc((TT, HV, K), io, device)
-            env["U"] = _alloc((TT, HV, V), io, device)
-            env["vnew"] = _alloc((TT, HV, V), io, device)
+            env["W"] = _alloc((TT, HV, K), st, device)
+            env["U"] = _alloc((TT, HV, V), st, device)
+            env["vnew"] = _alloc((TT, HV, V), st, device)
         if plan.aqk_stored:
             env["Aqk"] = saved["Aqk"]
         env.update(HAS_H0=call.initial_state is not None, STORE_HT=False, ht=None)
         env["h0"] = None if call.initial_state is None else call.initial_state.to(f32).contiguous()
-        env["hs"] = _alloc((n_chunks, HV, K, V), io, device)
+        env["hs"] = _alloc((n_chunks, HV, K, V), st, device)
         recompute = (["wu_fwd"] if plan.delta else []) + ["state_fwd"]
 
         # ---- the output terms: dO of the core from dO of the op
@@ -480,6 +493,33 @@ class CompiledOp:
         return grads
 
 
+def _check_state_indices(idx: object, N: int, S: int, device: torch.device) -> None:
+    """``state_indices``: int32/int64 ``[N]`` on ``device``; on CPU also its values (-1 or a row of the pool)."""
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError("state_indices: expected an int32 or int64 tensor [N]")
+    if tuple(idx.shape) != (N,) or idx.device != device:
+        raise ValueError(f"state_indices: expected shape [{N}] on {device}, got {list(idx.shape)} on {idx.device}")
+    if device.type == "cpu":
+        bad = [(n, slot) for n, slot in enumerate(idx.tolist()) if slot != -1 and not 0 <= slot < S]
+        if bad:
+            shown = ", ".join(f"[{n}] = {slot}" for n, slot in bad[:4]) + (", ..." if len(bad) > 4 else "")
+            raise ValueError(f"state_indices: {shown} outside the state pool of {S} rows (use -1 to skip a sequence)")
+
+
+def _grid(plan: Plan, grid: str, env: dict) -> tuple[int, ...]:
+    """The launch grid named by a kernel (see :class:`codegen.Kernel`) for the sizes in ``env``."""
+    if grid == "table":
+        return (-(-env["_n_chunks"] // codegen.table.TABLE_ROWS),)
+    if grid == "rows_qk":
+        return (-(-env["_TT"] // codegen.epilogue.NORM_ROWS), env["H"])
+    return {
+        "chunks": lambda: (env["_n_chunks"], env["HV"]),
+        "chunks_k": lambda: (env["_n_chunks"], env["HV"], plan.NKB),
+        "chunks_v": lambda: (env["_n_chunks"], env["HV"], plan.NV),
+        "seqs_v": lambda: (env["_N"], env["HV"], plan.NV),
+    }[grid]()
+
+
 def _add(grads: dict, name: str, d: torch.Tensor) -> None:
     grads[name] = grads[name] + d if name in grads else d
 
@@ -493,8 +533,10 @@ def compile(spec: Spec, **options) -> CompiledOp:  # noqa: A001 (the name users 
     """
     if not isinstance(spec, Spec):
         raise ValueError(f"spec: expected a linattn.Spec, got {type(spec).__name__}")
-    try:
-        opts = Options(**options)
-    except TypeError as err:
-        raise ValueError(f"compile: {err}") from None
-    return CompiledOp(spec, opts)
+    valid = [f.name for f in dataclasses.fields(Options)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        hints = [f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(u, valid, 1)) else "" for u in unknown]
+        named = ", ".join(f"{u!r}{h}" for u, h in zip(unknown, hints))
+        raise ValueError(f"compile: unknown option(s) {named}; valid options: {', '.join(valid)}")
+    return CompiledOp(spec, Options(**options))

@@ -6,8 +6,8 @@ and return values. Options select the spec (an in-kernel gate, β = sigmoid(b), 
 have their gradients); the compiled ops are cached per option set. Arguments we do not
 support raise a ValueError naming them; none is silently dropped.
 
-Differences worth knowing: ``cu_seqlens`` may be int32 or int64 (fla passes int64; it is
-converted on the device); ``cu_seqlens_cpu`` and ``chunk_indices`` are precomputed helpers
+Differences worth knowing: ``cu_seqlens`` may be int32 or int64 (fla passes int64; the
+kernels read either); ``cu_seqlens_cpu`` and ``chunk_indices`` are precomputed helpers
 these kernels have no use for (they need no host copy of the sequence bounds) and are
 only checked for shape; mamba's ``chunk_size`` is validated but the kernels pick their own
 chunk (the result is the same recurrence).
@@ -80,7 +80,7 @@ def _cu(cu_seqlens: torch.Tensor | None, cu_seqlens_cpu: torch.Tensor | None = N
         raise ValueError(f"cu_seqlens: expected dtype torch.int32 or torch.int64, got {cu_seqlens.dtype}")
     if cu_seqlens_cpu is not None and tuple(cu_seqlens_cpu.shape) != tuple(cu_seqlens.shape):
         raise ValueError(f"cu_seqlens_cpu: shape {list(cu_seqlens_cpu.shape)} differs from cu_seqlens's")
-    return cu_seqlens.to(torch.int32)
+    return cu_seqlens
 
 
 def _chunk(fn: str, chunk_size: object, allowed: tuple[int, ...]) -> int:

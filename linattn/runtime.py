@@ -100,15 +100,16 @@ def launch(
         raise ValueError(f"q: tensors on {device} are not supported; use CUDA tensors, or CPU tensors (interpreter)")
 
 
-def mma_dtype(dtype: torch.dtype, device: torch.device):
-    """The operand type of tensor-core products: the input dtype, fp32 in the interpreter."""
+def mma_dtype(mma: str, device: torch.device):
+    """The operand type of tensor-core products (the plan's ``mma``: "bf16", "fp32", "fp64");
+    fp32 in the interpreter, whose bf16 products are wrong (operands are still rounded first)."""
     import triton.language as tl
 
-    if dtype == torch.float64:
+    if mma == "fp64":
         return tl.float64
     if device.type != "cuda" or _GLOBAL_INTERPRET:
         return tl.float32
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
+    return {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[mma]
 
 
 def jit(fn: Callable):
