@@ -24,9 +24,6 @@ class Cost:
     flops: float
     bytes: float
 
-    def intensity(self) -> float:
-        return self.flops / self.bytes if self.bytes else float("inf")
-
 
 def _forward_flops_per_token_head(p: Plan) -> float:
     C, K, V = p.C, p.K, p.V

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from linattn.spec import OutputGate, Role, Skip
+from linattn.spec import QK_L2NORM_EPS, OutputGate, Role, Skip
 
 from .exprs import to_triton
 from .plan import GATE_FLOOR, Plan
@@ -49,7 +49,7 @@ class Kernel:
     num_stages: int | None = None
 
 
-L2NORM_EPS = "1e-6"
+L2NORM_EPS = repr(QK_L2NORM_EPS)
 
 
 class _Emitter:
@@ -202,9 +202,6 @@ class _Emitter:
                 )
         else:
             s("b_Glast = tl.load(p_G + (L - 1) * HV, mask=L > 0, other=0.0)")
-
-    def glast(self, b: int) -> str:
-        return f"b_Glast{b}" if self.p.channel else "b_Glast"
 
     def load_G(self, s: Source, var: str, rows: str, ok: str, b: int = 0) -> None:
         """Rows of ``G`` (key block ``b`` if channel); padding rows repeat the last valid row,

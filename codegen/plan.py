@@ -104,10 +104,6 @@ class Plan:
 
     # ---- what the spec needs
     @property
-    def decay(self) -> Decay:
-        return self.spec.decay
-
-    @property
     def channel(self) -> bool:
         return self.spec.decay is Decay.CHANNEL
 
@@ -152,10 +148,6 @@ class Plan:
     @property
     def NKB(self) -> int:
         return self.BK // self.KB
-
-    @property
-    def NRB(self) -> int:
-        return self.C // self.RB
 
     @property
     def NV(self) -> int:

@@ -16,7 +16,7 @@ import torch
 from codegen.plan import beta_computed
 
 from .inputs import check_call
-from .spec import Role
+from .spec import Decay, Role
 
 __all__ = ["register", "forward"]
 
@@ -86,10 +86,10 @@ def _shapes(key, q, v, cu_seqlens, output_final_state):
     spec = op.spec
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = {"o": ((B, T, HV, V), q.dtype), "ht": ((N, HV, K, V) if output_final_state else (0,), acc)}
-    out["G"] = ((B * T, HV, K) if spec.decay.value == "channel" else (B * T, HV)) if spec.has_decay else (0,), acc
+    out["G"] = ((B * T, HV, K) if spec.decay is Decay.CHANNEL else (B * T, HV)) if spec.has_decay else (0,), acc
     st = store_dtype(q.dtype)
     out["Tm"] = ((B * T, HV, C) if spec.has_delta else (0,)), st
-    out["Aqk"] = ((B * T, HV, C) if spec.decay.value == "channel" else (0,)), st
+    out["Aqk"] = ((B * T, HV, C) if spec.decay is Decay.CHANNEL else (0,)), st
     out["beta"] = ((B * T, HV) if beta_computed(op.spec) else (0,)), acc
     return out
 

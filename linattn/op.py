@@ -18,7 +18,7 @@ from codegen.plan import Options, Plan
 
 from . import custom_ops, runtime
 from .inputs import check_call
-from .spec import Role, Spec
+from .spec import OutputGate, Role, Skip, Spec
 
 __all__ = ["compile", "CompiledOp"]
 
@@ -439,7 +439,7 @@ class CompiledOp:
 
         # ---- the output terms: dO of the core from dO of the op
         grads: dict[str, torch.Tensor] = {}
-        if spec.skip.value != "none" or spec.output_gate.value != "none":
+        if spec.skip is not Skip.NONE or spec.output_gate is not OutputGate.NONE:
             env["o"] = _alloc((TT, HV, V), io, device)
             self._launch(gen, mod, recompute + ["output_fwd"], env, device)
             do, grads = finish_vjp(call, env["o"].reshape(B, T, HV, V).to(f32), do.to(f32))

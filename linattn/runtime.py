@@ -112,9 +112,3 @@ def mma_dtype(mma: str, device: torch.device):
     return {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[mma]
 
 
-def jit(fn: Callable):
-    """The compiled (``triton.jit``) form of a generated kernel, e.g. for ahead-of-time compilation."""
-    k = _jitted.get(fn)
-    if k is None:
-        k = _jitted[fn] = triton.jit(fn)
-    return k

@@ -139,6 +139,9 @@ ROLE_SHAPES = {
 }
 
 
+#: The epsilon of ``qk_l2norm``: ``x / sqrt(Σ x² + eps)``, in every implementation.
+QK_L2NORM_EPS = 1e-6
+
 #: Argument names of a call; operands of terms may not take them.
 RESERVED_NAMES = frozenset(
     {"q", "k", "v", "z", "D", "scale", "initial_state", "output_final_state", "cu_seqlens", "chunk_size"}

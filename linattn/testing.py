@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .spec import Role, Spec
+from .spec import OutputGate, Role, Skip, Spec
 
 __all__ = ["rel_err", "Inputs", "random_inputs"]
 
@@ -111,11 +111,11 @@ def random_inputs(
     }
     for op in spec.operands:
         kwargs[op.name] = _operand_value(op.name, op.role, shapes[op.role], gen, dtype, strength)
-    if spec.skip.value == "head":
+    if spec.skip is Skip.HEAD:
         kwargs["D"] = randn(HV)
-    elif spec.skip.value == "channel":
+    elif spec.skip is Skip.CHANNEL:
         kwargs["D"] = randn(HV, V)
-    if spec.output_gate.value == "silu":
+    if spec.output_gate is OutputGate.SILU:
         kwargs["z"] = randn(B, T, HV, V)
     if lengths is not None:
         bounds = [0]

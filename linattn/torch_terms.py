@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import expr as _expr
 from .inputs import Call
-from .spec import OutputGate, Role, Skip, Spec, Term
+from .spec import QK_L2NORM_EPS, Decay, OutputGate, Role, Skip, Spec, Term
 
 __all__ = [
     "evaluate_term",
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 #: ``x / sqrt(sum(x²) + eps)``: the epsilon of the in-kernel L2 normalisation.
-L2NORM_EPS = 1e-6
+L2NORM_EPS = QK_L2NORM_EPS
 
 
 def _unary(torch_fn, math_fn):
@@ -125,7 +125,7 @@ def prepare(call: Call, dtype: torch.dtype):
     B, T, HV, K = q.shape
     g = beta = None
     if spec.gate is not None:
-        shape = (B, T, HV, K) if spec.decay.value == "channel" else (B, T, HV)
+        shape = (B, T, HV, K) if spec.decay is Decay.CHANNEL else (B, T, HV)
         g = evaluate_term(spec.gate, call.operands, shape, dtype)
     if spec.beta is not None:
         beta = evaluate_term(spec.beta, call.operands, (B, T, HV), dtype)

@@ -2,7 +2,6 @@
 are never stale, inference mode, non-finite inputs, resets, fp16 range, int64 bounds."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
