@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .spec import Term, term
 
-__all__ = ["softplus_gate", "lower_bound_gate", "sigmoid_beta", "mamba_dt", "mamba_gate"]
+__all__ = ["softplus_gate", "lower_bound_gate", "sigmoid_beta", "mamba_dt", "mamba_gate", "mamba_dt_text"]
 
 
 def softplus_gate(channel: bool = False) -> Term:
@@ -37,7 +37,18 @@ def sigmoid_beta() -> Term:
     return term("sigmoid(b)", b="token")
 
 
-def _dt_text(softplus: bool, bias: bool, limit: bool) -> tuple[str, dict[str, str]]:
+def mamba_dt_text(softplus: bool = True, bias: bool = True, limit: bool = False) -> tuple[str, dict[str, str]]:
+    """Mamba-2's step size as the text of a term and the roles of its operands (unparsed).
+
+    The text is what :func:`mamba_dt` parses: ``dt``, then ``(dt + dt_bias)`` with ``bias``,
+    wrapped in ``softplus(...)`` with ``softplus`` and in ``clamp(..., dt_min, dt_max)`` with
+    ``limit``. Roles: ``dt`` ``"token"``, ``dt_bias`` ``"head"``, ``dt_min`` and ``dt_max``
+    ``"scalar"`` (only those the text names). Plain strings, so a caller can build a term
+    from them later (or key a cache on them) without parsing anything now.
+
+    >>> mamba_dt_text(softplus=True, bias=True, limit=False)
+    ('softplus((dt + dt_bias))', {'dt': 'token', 'dt_bias': 'head'})
+    """
     text, roles = "dt", {"dt": "token"}
     if bias:
         text, roles = f"({text} + dt_bias)", {**roles, "dt_bias": "head"}
@@ -50,11 +61,11 @@ def _dt_text(softplus: bool, bias: bool, limit: bool) -> tuple[str, dict[str, st
 
 def mamba_dt(softplus: bool = True, bias: bool = True, limit: bool = False) -> Term:
     """Mamba-2's step size, which is also its β: ``dt = clamp(softplus(dt + dt_bias), dt_min, dt_max)``."""
-    text, roles = _dt_text(softplus, bias, limit)
+    text, roles = mamba_dt_text(softplus, bias, limit)
     return term(text, **roles)
 
 
 def mamba_gate(softplus: bool = True, bias: bool = True, limit: bool = False) -> Term:
     """Mamba-2's log-decay ``g = A · dt`` with ``A < 0`` per head and ``dt`` as in :func:`mamba_dt`."""
-    text, roles = _dt_text(softplus, bias, limit)
+    text, roles = mamba_dt_text(softplus, bias, limit)
     return term(f"A * {text}", A="head", **roles)

@@ -3,26 +3,32 @@
 Each op is a compiled built-in spec behind the original argument names, layouts, defaults
 and return values. Options select the spec (an in-kernel gate, β = sigmoid(b), L2 norms,
 ``D``, ``silu(z)``, ``dt`` softplus/bias/limit become terms of the generated kernels and
-have their gradients); the compiled ops are cached per option set. Arguments we do not
-support raise a ValueError naming them; none is silently dropped.
+have their gradients); the compiled ops are cached per option set. Every op rejects a
+keyword it does not know with the same ValueError (``<op>: unsupported argument(s)
+[...]``), and a value it does not support with a ValueError naming the argument. The
+arguments that tune fla's kernels without changing a result are accepted and have no
+effect here; each op's docstring lists them.
 
 Differences worth knowing: ``cu_seqlens`` may be int32 or int64 (fla passes int64; the
 kernels read either); ``cu_seqlens_cpu`` and ``chunk_indices`` are precomputed helpers
-these kernels have no use for (they need no host copy of the sequence bounds) and are
-only checked for shape; mamba's ``chunk_size`` is validated but the kernels pick their own
-chunk (the result is the same recurrence).
+these kernels have no use for (they need no host copy of the sequence bounds):
+``cu_seqlens_cpu`` is only checked for shape, ``chunk_indices`` is not read; mamba's
+``chunk_size`` is validated but the kernels pick their own chunk (the result is the same
+recurrence).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import re
 
 import torch
 
 from . import custom_ops, gates
 from .op import CompiledOp
 from .op import compile as compile_spec
-from .spec import Spec, term  # noqa: F401 (Spec: the type of what _compiled builds)
+from .spec import Spec, term
 
 __all__ = [
     "chunk_gated_delta_rule",
@@ -34,34 +40,78 @@ __all__ = [
 ]
 
 
-def _t(text: str, **roles: str) -> tuple:
-    """A term as a hashable description (parsed once, in :func:`_compiled`)."""
-    return (text, tuple(sorted(roles.items())))
+@dataclasses.dataclass(frozen=True)
+class _OpKey:
+    """One option set of a drop-in op: the spec it compiles to and the chunk size.
+
+    Plain hashable data (strings, bools, numbers, a tuple of pairs): the ops build it with
+    keywords in code that torch.compile traces, and nothing here parses a term until
+    :meth:`spec` runs (once per option set, outside the traced code; see :func:`_key`).
+
+    Fields: ``decay``, ``correction``, ``qk_l2norm``, ``skip``, ``output_gate``,
+    ``default_scale`` and ``name`` as in :class:`linattn.Spec`; ``gate`` the text of the gate
+    term (``None``: the input ``g`` itself, or no gate without decay); ``beta`` the text of
+    the β term, ``True`` (the input ``beta``) or ``False`` (no β); ``roles`` the role of each
+    operand that ``gate`` and ``beta`` name, as sorted ``(name, role)`` pairs (see
+    :func:`_roles`); ``chunk_size`` the compile option.
+    """
+
+    decay: str = "none"
+    correction: str = "none"
+    gate: str | None = None
+    beta: str | bool = False
+    roles: tuple[tuple[str, str], ...] = ()
+    qk_l2norm: bool = False
+    chunk_size: int = 64
+    skip: str = "none"
+    output_gate: str = "none"
+    default_scale: float | None = None
+    name: str = ""
+
+    def _term(self, text: str):
+        named = set(re.findall(r"[A-Za-z_]\w*", text))
+        return term(text, **{n: role for n, role in self.roles if n in named})
+
+    def spec(self) -> Spec:
+        """The spec of this option set (parses the terms)."""
+        return Spec(
+            decay=self.decay, correction=self.correction,
+            gate=None if self.gate is None else self._term(self.gate),
+            beta=self.beta if isinstance(self.beta, bool) else self._term(self.beta),
+            qk_l2norm=self.qk_l2norm, skip=self.skip, output_gate=self.output_gate,
+            default_scale=self.default_scale, name=self.name,
+        )
 
 
-@functools.lru_cache(maxsize=None)
-def _compile_key(
-    decay: str, correction: str, gate, beta, l2norm: bool, chunk: int, skip: str = "none", output_gate: str = "none",
-    default_scale: float | None = None, name: str = "",
-) -> str:
-    as_term = lambda t: t if t is None or isinstance(t, bool) else term(t[0], **dict(t[1]))  # noqa: E731
-    spec = Spec(
-        decay=decay, correction=correction, gate=as_term(gate), beta=as_term(beta), qk_l2norm=l2norm, skip=skip,
-        output_gate=output_gate, default_scale=default_scale, name=name,
-    )
-    return compile_spec(spec, chunk_size=chunk).key
+_OP_KEY_FIELDS = tuple(f.name for f in dataclasses.fields(_OpKey))
+
+
+def _roles(**roles: str) -> tuple[tuple[str, str], ...]:
+    """Operand roles as the hashable ``roles`` field of :class:`_OpKey`."""
+    return tuple(sorted(roles.items()))
+
+
+@functools.cache
+def _registry_key(key: _OpKey) -> str:
+    """Compile ``key``'s spec (once per option set); the registry key of the compiled op."""
+    return compile_spec(key.spec(), chunk_size=key.chunk_size).key
 
 
 @torch.compiler.assume_constant_result
-def _key(*description) -> str:
-    """The registry key of an option set's compiled op: built once, a constant to torch.compile
-    (which must not trace the spec's symbolic terms)."""
-    return _compile_key(*description)
+def _key(**fields) -> str:
+    """The registry key of the option set with these :class:`_OpKey` fields: built once, a
+    constant to torch.compile (which must not trace the spec's symbolic terms).
+
+    It takes the fields, not an ``_OpKey``: torch.compile hands an object built in traced
+    code to an ``assume_constant_result`` function as an uninitialised instance (its class
+    defaults), whereas the fields are constants it passes as they are.
+    """
+    return _registry_key(_OpKey(**fields))
 
 
-def _compiled(*description) -> CompiledOp:
-    """The compiled op of an option set (see :func:`_compile_key` for the description)."""
-    return custom_ops.lookup(_key(*description))
+def _compiled(key: _OpKey) -> CompiledOp:
+    """The compiled op of an option set."""
+    return custom_ops.lookup(_key(**{name: getattr(key, name) for name in _OP_KEY_FIELDS}))
 
 
 def _unexpected(fn: str, kwargs: dict) -> None:
@@ -93,28 +143,33 @@ def _state_in(h0: torch.Tensor | None, v_first: bool) -> torch.Tensor | None:
     return None if h0 is None or not v_first else h0.transpose(-1, -2)
 
 
-def _beta_term(use_sigmoid: bool, allow_neg_eigval: bool):
+def _beta_term(use_sigmoid: bool, allow_neg_eigval: bool, roles: dict) -> str | bool:
+    """The ``beta`` field of an :class:`_OpKey` for fla's β options (adds ``b``'s role to ``roles``)."""
     if allow_neg_eigval and not use_sigmoid:
         raise ValueError("allow_neg_eigval: requires use_beta_sigmoid_in_kernel=True")
     if not use_sigmoid:
         return True
-    return _t("2 * sigmoid(b)", b="token") if allow_neg_eigval else _t("sigmoid(b)", b="token")
+    roles["b"] = "token"
+    return "2 * sigmoid(b)" if allow_neg_eigval else "sigmoid(b)"
 
 
 # ----------------------------------------------------------------------------- fla: GDN
-def _gdn_spec(g, gk, beta, use_gate_in_kernel, A_log, dt_bias, use_sigmoid, allow_neg_eigval, l2norm):
-    """The spec and operands of fla's gated delta rule options (``gk``: a per-channel decay)."""
+def _gdn_spec(g, gk, beta, use_gate_in_kernel, A_log, dt_bias, use_sigmoid, allow_neg_eigval, l2norm, chunk_size):
+    """The key and operands of fla's gated delta rule options (``gk``: a per-channel decay)."""
     operands: dict = {}
+    roles: dict = {}
     if use_gate_in_kernel:
         if A_log is None:
             raise ValueError("A_log: required when use_gate_in_kernel=True")
         if g is None:
             raise ValueError("g: the raw gate input is required when use_gate_in_kernel=True")
         if dt_bias is not None:
-            gate = _t("-exp(A_log) * softplus(a + dt_bias)", a="token", A_log="head", dt_bias="head")
+            gate = "-exp(A_log) * softplus(a + dt_bias)"
+            roles.update(a="token", A_log="head", dt_bias="head")
             operands.update(a=g, A_log=A_log, dt_bias=dt_bias)
         else:
-            gate = _t("-exp(A_log) * softplus(a)", a="token", A_log="head")
+            gate = "-exp(A_log) * softplus(a)"
+            roles.update(a="token", A_log="head")
             operands.update(a=g, A_log=A_log)
     else:
         for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
@@ -129,17 +184,19 @@ def _gdn_spec(g, gk, beta, use_gate_in_kernel, A_log, dt_bias, use_sigmoid, allo
         if gate is not None:
             raise ValueError("gk: not supported together with use_gate_in_kernel=True")
         if g is not None:
-            gate = _t("g + gk", g="token", gk="token_channel")
+            gate = "g + gk"
+            roles.update(g="token", gk="token_channel")
         operands["gk" if g is not None else "g"] = gk
-    b = True
     if beta is None:
         if use_sigmoid:
             raise ValueError("beta: required by use_beta_sigmoid_in_kernel=True")
         b = False
     else:
-        b = _beta_term(use_sigmoid, allow_neg_eigval)
+        b = _beta_term(use_sigmoid, allow_neg_eigval, roles)
         operands["b" if use_sigmoid else "beta"] = beta
-    return (decay, "delta", gate, b, l2norm), operands
+    key = _OpKey(decay=decay, correction="delta", gate=gate, beta=b, roles=_roles(**roles), qk_l2norm=l2norm,
+                 chunk_size=chunk_size)
+    return key, operands
 
 
 def chunk_gated_delta_rule(
@@ -166,27 +223,94 @@ def chunk_gated_delta_rule(
     chunk_size: int = 64,
     **unsupported,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gated DeltaNet (fla's ``chunk_gated_delta_rule``): q, k ``[B, T, H, K]``, v
-    ``[B, T, HV, V]``, g and beta ``[B, T, HV]``; returns ``(o, final_state)``.
+    """Gated DeltaNet over whole sequences, chunk by chunk (fla's ``chunk_gated_delta_rule``).
 
-    ``use_gate_in_kernel``: g is raw and the gate ``-exp(A_log)·softplus(g + dt_bias)`` runs
-    in the kernel (``A_log``, ``dt_bias`` of shape ``[HV]``).
+    Each value head carries a state ``S`` of shape ``[K, V]``; per token::
+
+        S_t = (I - beta_t k_t k_tᵀ) · exp(g_t) · S_(t-1) + beta_t k_t v_tᵀ
+        o_t = scale · S_tᵀ q_t
+
+    Sizes: ``B`` batch, ``T`` tokens, ``H`` query/key heads, ``HV`` value heads (a multiple
+    of ``H``: value head ``i`` reads query/key head ``i // (HV / H)``), ``K`` and ``V`` the
+    key and value head sizes, ``N`` sequences (``B``, or ``len(cu_seqlens) - 1``).
+
+    Args:
+        q: Queries ``[B, T, H, K]``, bf16, fp16 or fp32 (fp64 only for CPU tensors, which
+            run through Triton's interpreter). ``k`` and ``v`` have the same dtype.
+        k: Keys ``[B, T, H, K]``.
+        v: Values ``[B, T, HV, V]``.
+        g: Log-space decay ``[B, T, HV]`` (expected ``<= 0``: the state is multiplied by
+            ``exp(g_t)``), any floating dtype. With ``use_gate_in_kernel=True`` it is the raw
+            input ``a`` of the in-kernel gate instead (see there). ``None`` runs without decay.
+        beta: Write strengths ``[B, T, HV]``, any floating dtype; logits when
+            ``use_beta_sigmoid_in_kernel=True``. ``None`` means ``beta = 1`` (not allowed
+            with ``use_beta_sigmoid_in_kernel=True``).
+        scale: Positive multiplier of the outputs ``S_tᵀ q_t``. Default ``None``: ``K ** -0.5``.
+        initial_state: States before the first token, ``[N, HV, K, V]`` (``[N, HV, V, K]``
+            with ``state_v_first=True``), any floating dtype; read, never written.
+            Default ``None``: zeros.
+        output_final_state: Also return each sequence's state after its last token.
+            Default ``False``.
+        use_qk_l2norm_in_kernel: L2-normalise ``q`` and ``k`` over ``K`` inside the kernel
+            (the gradients include the normalisation). Default ``False``.
+        use_beta_sigmoid_in_kernel: ``beta`` holds logits; the kernel applies
+            ``sigmoid``. Default ``False``: ``beta`` is used as given.
+        allow_neg_eigval: Double the sigmoid, ``beta = 2 · sigmoid(b)`` in ``(0, 2)``, so
+            that ``I - beta k kᵀ`` may have negative eigenvalues. Requires
+            ``use_beta_sigmoid_in_kernel=True``. Default ``False``.
+        state_v_first: ``initial_state`` and the returned state are laid out
+            ``[..., V, K]`` instead of ``[..., K, V]``. Default ``False``.
+        cu_seqlens: Packed variable-length sequences: with ``B = 1``, sequence ``n`` is
+            tokens ``cu_seqlens[n]`` to ``cu_seqlens[n + 1]``. int32 or int64 ``[N + 1]``,
+            starting at 0, strictly increasing, ending at ``T`` (values are checked for CPU
+            tensors). Default ``None``: each batch row is one sequence.
+        cu_seqlens_cpu: fla's host copy of ``cu_seqlens``. Only its shape is checked
+            (it must match ``cu_seqlens``, which it needs); the kernels never read it.
+            Default ``None``.
+        chunk_indices: fla's precomputed chunk list for packed sequences. Accepted and
+            not read: the kernels build their chunk tables on the device. Default ``None``.
+        cp_context: fla's context-parallel state. Only ``None`` (the default) is accepted.
+        use_gate_in_kernel: Keyword only. Compute the decay in the kernel from the raw ``g``
+            as ``-exp(A_log) · softplus(g + dt_bias)`` (with gradients for ``g``, ``A_log``
+            and ``dt_bias``). Default ``False``.
+        A_log: Keyword only. ``[HV]``, the log of the gate's per-head rate, any floating
+            dtype. Required with ``use_gate_in_kernel=True`` and rejected without it.
+            Default ``None``.
+        dt_bias: Keyword only. ``[HV]``, added to ``g`` inside the softplus, any floating
+            dtype. Optional with ``use_gate_in_kernel=True``, rejected without it.
+            Default ``None``.
+        chunk_size: Keyword only, not an fla argument. Tokens per chunk: 16, 32 or 64; the
+            result is the same recurrence. Default 64.
+        **unsupported: Any other keyword (fla's ``head_first``, for one) is rejected.
+
+    Returns:
+        A tuple ``(o, final_state)``. ``o``: the outputs ``[B, T, HV, V]`` in ``q``'s dtype.
+        ``final_state``: ``[N, HV, K, V]`` (``[N, HV, V, K]`` with ``state_v_first=True``)
+        in fp32 (fp64 for fp64 inputs) if ``output_final_state``, else ``None``.
+
+    Raises:
+        ValueError: An unknown keyword (``chunk_gated_delta_rule: unsupported argument(s)
+            [...]``); a ``cp_context``; a ``chunk_size`` outside 16, 32, 64;
+            ``use_gate_in_kernel=True`` without ``A_log`` or ``g``; ``A_log`` or ``dt_bias``
+            without it; ``allow_neg_eigval`` or a missing ``beta`` with the wrong
+            ``use_beta_sigmoid_in_kernel``; ``cu_seqlens_cpu`` without ``cu_seqlens``; and a
+            tensor of the wrong shape, dtype or device (the message names it).
     """
     _unexpected("chunk_gated_delta_rule", unsupported)
     if cp_context is not None:
         raise ValueError("cp_context: context parallelism is not supported")
     chunk = _chunk("chunk_gated_delta_rule", chunk_size, (16, 32, 64))
-    spec, operands = _gdn_spec(g, None, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel,
-                               allow_neg_eigval, use_qk_l2norm_in_kernel)
-    return _run(spec, chunk, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
-                cu_seqlens_cpu, operands)
+    key, operands = _gdn_spec(g, None, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel,
+                              allow_neg_eigval, use_qk_l2norm_in_kernel, chunk)
+    return _run(key, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
+                operands)
 
 
-def _run(spec, chunk, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
+def _run(key, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
          operands):
-    """Run the op of ``spec`` (the positional description of :func:`_compiled`)."""
+    """Run the chunk kernels of the option set ``key`` (an :class:`_OpKey`)."""
     h0 = _state_in(initial_state, state_v_first) if state_v_first else initial_state
-    o, ht = _compiled(*spec, chunk)(
+    o, ht = _compiled(key)(
         q, k, v, scale=scale, initial_state=h0, output_final_state=output_final_state,
         cu_seqlens=_cu(cu_seqlens, cu_seqlens_cpu), **operands,
     )
@@ -196,15 +320,17 @@ def _run(spec, chunk, q, k, v, scale, initial_state, output_final_state, state_v
 
 
 # ----------------------------------------------------------------------------- fla: KDA
-def _kda_spec(q, v, g, beta, use_gate_in_kernel, A_log, dt_bias, lower_bound, use_sigmoid, allow_neg_eigval, l2norm):
-    """The spec and operands of fla's KDA options."""
+def _kda_spec(q, v, g, beta, use_gate_in_kernel, A_log, dt_bias, lower_bound, use_sigmoid, allow_neg_eigval, l2norm,
+              chunk_size):
+    """The key and operands of fla's KDA options."""
     HV, K = v.shape[2], q.shape[-1]
     operands: dict = {}
+    roles: dict = {}
     if use_gate_in_kernel:
         if A_log is None and lower_bound is None:
             raise ValueError("A_log: required when use_gate_in_kernel=True and lower_bound is not set")
         inner = "a" if dt_bias is None else "(a + dt_bias)"
-        roles: dict = {"a": "token_channel"}
+        roles["a"] = "token_channel"
         if dt_bias is not None:
             if dt_bias.numel() != HV * K:
                 raise ValueError(f"dt_bias: expected {HV * K} elements ([HV * K]), got {list(dt_bias.shape)}")
@@ -215,10 +341,11 @@ def _kda_spec(q, v, g, beta, use_gate_in_kernel, A_log, dt_bias, lower_bound, us
             roles["A_log"] = "head"
         if lower_bound is not None:
             arg = f"exp(A_log) * {inner}" if A_log is not None else inner
-            gate = _t(f"lower_bound * sigmoid({arg})", lower_bound="scalar", **roles)
+            gate = f"lower_bound * sigmoid({arg})"
+            roles["lower_bound"] = "scalar"
             operands["lower_bound"] = float(lower_bound)
         else:
-            gate = _t(f"-exp(A_log) * softplus({inner})", **roles)
+            gate = f"-exp(A_log) * softplus({inner})"
         operands["a"] = g
     else:
         for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
@@ -226,9 +353,11 @@ def _kda_spec(q, v, g, beta, use_gate_in_kernel, A_log, dt_bias, lower_bound, us
                 raise ValueError(f"{name}: only used with use_gate_in_kernel=True")
         gate = None
         operands["g"] = g
-    b = _beta_term(use_sigmoid, allow_neg_eigval)
+    b = _beta_term(use_sigmoid, allow_neg_eigval, roles)
     operands["b" if use_sigmoid else "beta"] = beta
-    return ("channel", "delta", gate, b, l2norm), operands
+    key = _OpKey(decay="channel", correction="delta", gate=gate, beta=b, roles=_roles(**roles), qk_l2norm=l2norm,
+                 chunk_size=chunk_size)
+    return key, operands
 
 
 def chunk_kda(
@@ -260,13 +389,93 @@ def chunk_kda(
     chunk_size: int = 64,
     **unsupported,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Kimi Delta Attention (fla's ``chunk_kda``): g ``[B, T, HV, K]`` per channel.
+    """Kimi Delta Attention over whole sequences, chunk by chunk (fla's ``chunk_kda``).
 
-    ``use_gate_in_kernel``: the gate ``-exp(A_log)·softplus(g + dt_bias)`` (``A_log`` ``[HV]``,
-    ``dt_bias`` ``[HV·K]``), or with ``lower_bound`` ``lower_bound·sigmoid(exp(A_log)·(g +
-    dt_bias))`` (``A_log`` optional). ``disable_recompute``, ``max_num_seqs`` and
-    ``safe_gate`` without the in-kernel gate tune fla's kernels and change no result; they
-    are accepted and have no effect here.
+    The gated delta rule with a decay per key channel: each value head carries a state
+    ``S`` of shape ``[K, V]``; per token::
+
+        S_t = (I - beta_t k_t k_tᵀ) · diag(exp(g_t)) · S_(t-1) + beta_t k_t v_tᵀ
+        o_t = scale · S_tᵀ q_t
+
+    Sizes: ``B`` batch, ``T`` tokens, ``H`` query/key heads, ``HV`` value heads (a multiple
+    of ``H``: value head ``i`` reads query/key head ``i // (HV / H)``), ``K`` and ``V`` the
+    key and value head sizes, ``N`` sequences (``B``, or ``len(cu_seqlens) - 1``).
+
+    Args:
+        q: Queries ``[B, T, H, K]``, bf16, fp16 or fp32 (fp64 only for CPU tensors, which
+            run through Triton's interpreter). ``k`` and ``v`` have the same dtype.
+        k: Keys ``[B, T, H, K]``.
+        v: Values ``[B, T, HV, V]``.
+        g: Log-space decay per channel ``[B, T, HV, K]`` (expected ``<= 0``), any floating
+            dtype. With ``use_gate_in_kernel=True`` it is the raw input of the in-kernel gate
+            instead (see there).
+        beta: Write strengths ``[B, T, HV]``, any floating dtype; logits when
+            ``use_beta_sigmoid_in_kernel=True``. Required.
+        scale: Positive multiplier of the outputs ``S_tᵀ q_t``. Default ``None``: ``K ** -0.5``.
+        initial_state: States before the first token, ``[N, HV, K, V]`` (``[N, HV, V, K]``
+            with ``state_v_first=True``), any floating dtype; read, never written.
+            Default ``None``: zeros.
+        output_final_state: Also return each sequence's state after its last token.
+            Default ``False``.
+        use_qk_l2norm_in_kernel: L2-normalise ``q`` and ``k`` over ``K`` inside the kernel
+            (the gradients include the normalisation). Default ``False``.
+        use_gate_in_kernel: Compute the decay in the kernel from the raw ``g``:
+            ``-exp(A_log) · softplus(g + dt_bias)``, or with ``lower_bound``
+            ``lower_bound · sigmoid(exp(A_log) · (g + dt_bias))`` (``lower_bound ·
+            sigmoid(g + dt_bias)`` when ``A_log`` is ``None``); ``dt_bias`` is optional in
+            each. Gradients flow to ``g``, ``A_log`` and ``dt_bias``. Default ``False``.
+        use_beta_sigmoid_in_kernel: ``beta`` holds logits; the kernel applies
+            ``sigmoid``. Default ``False``: ``beta`` is used as given.
+        allow_neg_eigval: ``beta = 2 · sigmoid(b)`` in ``(0, 2)`` instead of
+            ``sigmoid(b)``. Requires ``use_beta_sigmoid_in_kernel=True``. Default ``False``.
+        safe_gate: fla's switch to kernels for bounded gates. With
+            ``use_gate_in_kernel=True`` it requires ``lower_bound`` in ``[-5, 0)``; otherwise
+            it has no effect here (the result is the same). Default ``False``.
+        lower_bound: A negative float; with ``use_gate_in_kernel=True`` it selects the
+            bounded gate above, whose values lie in ``(lower_bound, 0)``. Has no effect
+            without ``use_gate_in_kernel``. Default ``None``.
+        disable_recompute: A memory/speed trade-off of fla's backward. Accepted; no effect
+            here. Default ``False``.
+        return_intermediate_states: fla's inference mode returning the per-chunk states.
+            Only ``False`` (the default) is accepted.
+        state_v_first: ``initial_state`` and the returned state are laid out
+            ``[..., V, K]`` instead of ``[..., K, V]``. Default ``False``.
+        cu_seqlens: Packed variable-length sequences: with ``B = 1``, sequence ``n`` is
+            tokens ``cu_seqlens[n]`` to ``cu_seqlens[n + 1]``. int32 or int64 ``[N + 1]``,
+            starting at 0, strictly increasing, ending at ``T`` (values are checked for CPU
+            tensors). Default ``None``: each batch row is one sequence.
+        cu_seqlens_cpu: fla's host copy of ``cu_seqlens``. Only its shape is checked
+            (it must match ``cu_seqlens``, which it needs); the kernels never read it.
+            Default ``None``.
+        cp_context: fla's context-parallel state. Only ``None`` (the default) is accepted.
+        use_graph: fla's fixed-shape mode for CUDA/NPU graph capture. Only ``False`` (the
+            default) is accepted.
+        max_num_seqs: fla's sequence bound for ``use_graph``. Accepted; no effect here.
+            Default ``None``.
+        A_log: Keyword only. ``[HV]``, the log of the gate's per-head rate, any floating
+            dtype. Required with ``use_gate_in_kernel=True`` unless ``lower_bound`` is set;
+            rejected without ``use_gate_in_kernel``. Default ``None``.
+        dt_bias: Keyword only. ``HV * K`` elements (fla passes ``[HV * K]``; read as
+            ``[HV, K]``), added to ``g`` inside the gate, any floating dtype. Optional with
+            ``use_gate_in_kernel=True``, rejected without it. Default ``None``.
+        chunk_size: Keyword only, not an fla argument. Tokens per chunk: 32 or 64; the
+            result is the same recurrence. Default 64.
+        **unsupported: Any other keyword is rejected.
+
+    Returns:
+        A tuple ``(o, final_state)``. ``o``: the outputs ``[B, T, HV, V]`` in ``q``'s dtype.
+        ``final_state``: ``[N, HV, K, V]`` (``[N, HV, V, K]`` with ``state_v_first=True``)
+        in fp32 (fp64 for fp64 inputs) if ``output_final_state``, else ``None``.
+
+    Raises:
+        ValueError: An unknown keyword (``chunk_kda: unsupported argument(s) [...]``); a
+            ``cp_context``; ``return_intermediate_states=True``; ``use_graph=True``; a
+            ``chunk_size`` outside 32, 64; ``safe_gate`` with the in-kernel gate and no
+            ``lower_bound`` in ``[-5, 0)``; the in-kernel gate without ``A_log`` or
+            ``lower_bound``; ``A_log`` or ``dt_bias`` without it; ``dt_bias`` without
+            ``HV * K`` elements; ``allow_neg_eigval`` without
+            ``use_beta_sigmoid_in_kernel``; ``cu_seqlens_cpu`` without ``cu_seqlens``; and a
+            tensor of the wrong shape, dtype or device (the message names it).
     """
     _unexpected("chunk_kda", unsupported)
     if cp_context is not None:
@@ -278,20 +487,20 @@ def chunk_kda(
     chunk = _chunk("chunk_kda", chunk_size, (32, 64))
     if safe_gate and use_gate_in_kernel and (lower_bound is None or not -5 <= lower_bound < 0):
         raise ValueError(f"lower_bound: safe_gate needs a lower_bound in [-5, 0), got {lower_bound!r}")
-    spec, operands = _kda_spec(q, v, g, beta, use_gate_in_kernel, A_log, dt_bias, lower_bound,
-                               use_beta_sigmoid_in_kernel, allow_neg_eigval, use_qk_l2norm_in_kernel)
-    return _run(spec, chunk, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
-                cu_seqlens_cpu, operands)
+    key, operands = _kda_spec(q, v, g, beta, use_gate_in_kernel, A_log, dt_bias, lower_bound,
+                              use_beta_sigmoid_in_kernel, allow_neg_eigval, use_qk_l2norm_in_kernel, chunk)
+    return _run(key, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
+                operands)
 
 
-def _run_recurrent(spec, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, operands):
+def _run_recurrent(key, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, operands):
     """fla's fused_recurrent_*: the step kernel on a copy of the state; under autograd the
     chunk kernels (the same recurrence) so that a recurrent-mode run can be trained."""
     tensors = [q, k, v, initial_state, *operands.values()]
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        return _run(spec, 64, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, None,
+        return _run(key, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, None,
                     operands)
-    op = _compiled(*spec, 64)
+    op = _compiled(key)
     cu = _cu(cu_seqlens)
     N = q.shape[0] if cu is None else cu.numel() - 1
     shape = (N, v.shape[2], q.shape[-1], v.shape[-1])
@@ -330,15 +539,81 @@ def fused_recurrent_gated_delta_rule(
     cu_seqlens: torch.Tensor | None = None,
     **unsupported,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fla's ``fused_recurrent_gated_delta_rule``: the token-by-token kernel (decoding);
-    ``g`` ``[B, T, HV]`` and/or ``gk`` ``[B, T, HV, K]``, ``beta`` optional (1). Has a
-    backward (through the chunk kernels), which fla's lacks."""
+    """Gated DeltaNet token by token, for decoding (fla's ``fused_recurrent_gated_delta_rule``).
+
+    Each value head carries a state ``S`` of shape ``[K, V]``; per token, with the decay
+    ``d_t = g_t + gk_t`` (either may be absent; ``gk`` is per key channel)::
+
+        S_t = (I - beta_t k_t k_tᵀ) · diag(exp(d_t)) · S_(t-1) + beta_t k_t v_tᵀ
+        o_t = scale · S_tᵀ q_t
+
+    Without autograd the step kernel runs through the tokens one at a time. When a
+    gradient is needed (grad mode on and an input that requires it) the chunk kernels
+    compute the same recurrence instead, so unlike fla's this op can be trained.
+
+    Sizes: ``B`` batch, ``T`` tokens, ``H`` query/key heads, ``HV`` value heads (a multiple
+    of ``H``: value head ``i`` reads query/key head ``i // (HV / H)``), ``K`` and ``V`` the
+    key and value head sizes, ``N`` sequences (``B``, or ``len(cu_seqlens) - 1``).
+
+    Args:
+        q: Queries ``[B, T, H, K]``, bf16, fp16 or fp32 (fp64 only for CPU tensors, which
+            run through Triton's interpreter). ``k`` and ``v`` have the same dtype.
+        k: Keys ``[B, T, H, K]``.
+        v: Values ``[B, T, HV, V]``.
+        g: Log-space decay per head ``[B, T, HV]`` (expected ``<= 0``), any floating dtype.
+            With ``use_gate_in_kernel=True`` it is the raw input of the in-kernel gate
+            instead (see there). Default ``None``: no per-head decay.
+        gk: Log-space decay per key channel ``[B, T, HV, K]`` (expected ``<= 0``), added to
+            ``g``. Not allowed with ``use_gate_in_kernel=True``. Default ``None``.
+        gv: fla's decay per value channel. Only ``None`` (the default) is accepted.
+        beta: Write strengths ``[B, T, HV]``, any floating dtype; logits when
+            ``use_beta_sigmoid_in_kernel=True``. Default ``None``: ``beta = 1`` (not
+            allowed with ``use_beta_sigmoid_in_kernel=True``).
+        scale: Positive multiplier of the outputs ``S_tᵀ q_t``. Default ``None``: ``K ** -0.5``.
+        initial_state: States before the first token, ``[N, HV, K, V]`` (``[N, HV, V, K]``
+            with ``state_v_first=True``), any floating dtype; read, never written (the
+            kernel updates a copy). Default ``None``: zeros.
+        output_final_state: Also return each sequence's state after its last token.
+            Default ``False``.
+        use_qk_l2norm_in_kernel: L2-normalise ``q`` and ``k`` over ``K`` inside the kernel.
+            Default ``False``.
+        use_gate_in_kernel: Compute the per-head decay in the kernel from the raw ``g`` as
+            ``-exp(A_log) · softplus(g + dt_bias)``. Requires ``g``. Default ``False``.
+        A_log: ``[HV]``, the log of the gate's per-head rate, any floating dtype. Required
+            with ``use_gate_in_kernel=True`` and rejected without it. Default ``None``.
+        dt_bias: ``[HV]``, added to ``g`` inside the softplus, any floating dtype. Optional
+            with ``use_gate_in_kernel=True``, rejected without it. Default ``None``.
+        use_beta_sigmoid_in_kernel: ``beta`` holds logits; the kernel applies
+            ``sigmoid``. Default ``False``: ``beta`` is used as given.
+        allow_neg_eigval: ``beta = 2 · sigmoid(b)`` in ``(0, 2)`` instead of
+            ``sigmoid(b)``. Requires ``use_beta_sigmoid_in_kernel=True``. Default ``False``.
+        state_v_first: ``initial_state`` and the returned state are laid out
+            ``[..., V, K]`` instead of ``[..., K, V]``. Default ``False``.
+        cu_seqlens: Packed variable-length sequences: with ``B = 1``, sequence ``n`` is
+            tokens ``cu_seqlens[n]`` to ``cu_seqlens[n + 1]``. int32 or int64 ``[N + 1]``,
+            starting at 0, strictly increasing, ending at ``T`` (values are checked for CPU
+            tensors). Default ``None``: each batch row is one sequence.
+        **unsupported: Any other keyword is rejected.
+
+    Returns:
+        A tuple ``(o, final_state)``. ``o``: the outputs ``[B, T, HV, V]`` in ``q``'s dtype.
+        ``final_state``: ``[N, HV, K, V]`` (``[N, HV, V, K]`` with ``state_v_first=True``)
+        in fp32 (fp64 for fp64 inputs) if ``output_final_state``, else ``None``.
+
+    Raises:
+        ValueError: An unknown keyword (``fused_recurrent_gated_delta_rule: unsupported
+            argument(s) [...]``); a ``gv``; ``gk`` with the in-kernel gate;
+            ``use_gate_in_kernel=True`` without ``A_log`` or ``g``; ``A_log`` or ``dt_bias``
+            without it; ``allow_neg_eigval`` or a missing ``beta`` with the wrong
+            ``use_beta_sigmoid_in_kernel``; and a tensor of the wrong shape, dtype or device
+            (the message names it).
+    """
     _unexpected("fused_recurrent_gated_delta_rule", unsupported)
     if gv is not None:
         raise ValueError("gv: decay along the value dimension is not supported")
-    spec, operands = _gdn_spec(g, gk, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel,
-                               allow_neg_eigval, use_qk_l2norm_in_kernel)
-    return _run_recurrent(spec, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, operands)
+    key, operands = _gdn_spec(g, gk, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel,
+                              allow_neg_eigval, use_qk_l2norm_in_kernel, 64)
+    return _run_recurrent(key, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, operands)
 
 
 def fused_recurrent_kda(
@@ -361,11 +636,81 @@ def fused_recurrent_kda(
     cu_seqlens: torch.Tensor | None = None,
     **unsupported,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fla's ``fused_recurrent_kda``: the token-by-token KDA kernel, with a backward."""
+    """Kimi Delta Attention token by token, for decoding (fla's ``fused_recurrent_kda``).
+
+    The same recurrence as :func:`chunk_kda`: each value head carries a state ``S`` of
+    shape ``[K, V]``; per token::
+
+        S_t = (I - beta_t k_t k_tᵀ) · diag(exp(g_t)) · S_(t-1) + beta_t k_t v_tᵀ
+        o_t = scale · S_tᵀ q_t
+
+    Without autograd the step kernel runs through the tokens one at a time. When a
+    gradient is needed (grad mode on and an input that requires it) the chunk kernels
+    compute the same recurrence instead, so unlike fla's this op can be trained.
+
+    Sizes: ``B`` batch, ``T`` tokens, ``H`` query/key heads, ``HV`` value heads (a multiple
+    of ``H``: value head ``i`` reads query/key head ``i // (HV / H)``), ``K`` and ``V`` the
+    key and value head sizes, ``N`` sequences (``B``, or ``len(cu_seqlens) - 1``).
+
+    Args:
+        q: Queries ``[B, T, H, K]``, bf16, fp16 or fp32 (fp64 only for CPU tensors, which
+            run through Triton's interpreter). ``k`` and ``v`` have the same dtype.
+        k: Keys ``[B, T, H, K]``.
+        v: Values ``[B, T, HV, V]``.
+        g: Log-space decay per channel ``[B, T, HV, K]`` (expected ``<= 0``), any floating
+            dtype. With ``use_gate_in_kernel=True`` it is the raw input of the in-kernel gate
+            instead (see there).
+        beta: Write strengths ``[B, T, HV]``, any floating dtype; logits when
+            ``use_beta_sigmoid_in_kernel=True``. Required.
+        A_log: ``[HV]``, the log of the gate's per-head rate, any floating dtype. Required
+            with ``use_gate_in_kernel=True`` unless ``lower_bound`` is set; rejected without
+            ``use_gate_in_kernel``. Default ``None``.
+        dt_bias: ``HV * K`` elements (read as ``[HV, K]``), added to ``g`` inside the gate,
+            any floating dtype. Optional with ``use_gate_in_kernel=True``, rejected without
+            it. Default ``None``.
+        scale: Positive multiplier of the outputs ``S_tᵀ q_t``. Default ``None``: ``K ** -0.5``.
+        initial_state: States before the first token, ``[N, HV, K, V]`` (``[N, HV, V, K]``
+            with ``state_v_first=True``), any floating dtype; read, never written (the
+            kernel updates a copy). Default ``None``: zeros.
+        output_final_state: Also return each sequence's state after its last token.
+            Default ``False``.
+        use_qk_l2norm_in_kernel: L2-normalise ``q`` and ``k`` over ``K`` inside the kernel.
+            Default ``False``.
+        use_gate_in_kernel: Compute the decay in the kernel from the raw ``g``:
+            ``-exp(A_log) · softplus(g + dt_bias)``, or with ``lower_bound``
+            ``lower_bound · sigmoid(exp(A_log) · (g + dt_bias))`` (``lower_bound ·
+            sigmoid(g + dt_bias)`` when ``A_log`` is ``None``); ``dt_bias`` is optional in
+            each. Default ``False``.
+        use_beta_sigmoid_in_kernel: ``beta`` holds logits; the kernel applies
+            ``sigmoid``. Default ``False``: ``beta`` is used as given.
+        allow_neg_eigval: ``beta = 2 · sigmoid(b)`` in ``(0, 2)`` instead of
+            ``sigmoid(b)``. Requires ``use_beta_sigmoid_in_kernel=True``. Default ``False``.
+        lower_bound: A negative float; with ``use_gate_in_kernel=True`` it selects the
+            bounded gate above. Has no effect without ``use_gate_in_kernel``. Default ``None``.
+        state_v_first: ``initial_state`` and the returned state are laid out
+            ``[..., V, K]`` instead of ``[..., K, V]``. Default ``False``.
+        cu_seqlens: Packed variable-length sequences: with ``B = 1``, sequence ``n`` is
+            tokens ``cu_seqlens[n]`` to ``cu_seqlens[n + 1]``. int32 or int64 ``[N + 1]``,
+            starting at 0, strictly increasing, ending at ``T`` (values are checked for CPU
+            tensors). Default ``None``: each batch row is one sequence.
+        **unsupported: Any other keyword is rejected.
+
+    Returns:
+        A tuple ``(o, final_state)``. ``o``: the outputs ``[B, T, HV, V]`` in ``q``'s dtype.
+        ``final_state``: ``[N, HV, K, V]`` (``[N, HV, V, K]`` with ``state_v_first=True``)
+        in fp32 (fp64 for fp64 inputs) if ``output_final_state``, else ``None``.
+
+    Raises:
+        ValueError: An unknown keyword (``fused_recurrent_kda: unsupported argument(s)
+            [...]``); the in-kernel gate without ``A_log`` or ``lower_bound``; ``A_log`` or
+            ``dt_bias`` without it; ``dt_bias`` without ``HV * K`` elements;
+            ``allow_neg_eigval`` without ``use_beta_sigmoid_in_kernel``; and a tensor of the
+            wrong shape, dtype or device (the message names it).
+    """
     _unexpected("fused_recurrent_kda", unsupported)
-    spec, operands = _kda_spec(q, v, g, beta, use_gate_in_kernel, A_log, dt_bias, lower_bound,
-                               use_beta_sigmoid_in_kernel, allow_neg_eigval, use_qk_l2norm_in_kernel)
-    return _run_recurrent(spec, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, operands)
+    key, operands = _kda_spec(q, v, g, beta, use_gate_in_kernel, A_log, dt_bias, lower_bound,
+                              use_beta_sigmoid_in_kernel, allow_neg_eigval, use_qk_l2norm_in_kernel, 64)
+    return _run_recurrent(key, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, operands)
 
 
 # ----------------------------------------------------------------------------- fla: simple GLA
@@ -385,24 +730,74 @@ def chunk_simple_gla(
     chunk_size: int = 64,
     **unsupported,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Simple GLA (fla's ``chunk_simple_gla``): a scalar decay per head and token ``g``
-    ``[B, T, H]`` and/or a constant one per head ``g_gamma`` ``[H]``, both in log space."""
+    """Linear attention with a scalar decay per head, chunk by chunk (fla's ``chunk_simple_gla``).
+
+    Each value head carries a state ``S`` of shape ``[K, V]``; per token, with the decay
+    ``d_t = g_t + g_gamma`` (either may be absent; neither: plain linear attention)::
+
+        S_t = exp(d_t) · S_(t-1) + k_t v_tᵀ
+        o_t = scale · S_tᵀ q_t
+
+    Sizes: ``B`` batch, ``T`` tokens, ``H`` query/key heads, ``HV`` value heads (fla has
+    ``HV = H``; here any multiple of ``H``, value head ``i`` reading query/key head
+    ``i // (HV / H)``), ``K`` and ``V`` the key and value head sizes, ``N`` sequences
+    (``B``, or ``len(cu_seqlens) - 1``).
+
+    Args:
+        q: Queries ``[B, T, H, K]``, bf16, fp16 or fp32 (fp64 only for CPU tensors, which
+            run through Triton's interpreter). ``k`` and ``v`` have the same dtype.
+        k: Keys ``[B, T, H, K]``.
+        v: Values ``[B, T, HV, V]``.
+        g: Log-space decay per head and token ``[B, T, HV]`` (expected ``<= 0``), any
+            floating dtype. Default ``None``.
+        g_gamma: Constant log-space decay per head ``[HV]`` (expected ``<= 0``), any floating
+            dtype; added to ``g`` when both are given. Default ``None``.
+        scale: Positive multiplier of the outputs ``S_tᵀ q_t``. Default ``None``: ``K ** -0.5``.
+        initial_state: States before the first token, ``[N, HV, K, V]`` (``[N, HV, V, K]``
+            with ``state_v_first=True``), any floating dtype; read, never written.
+            Default ``None``: zeros.
+        output_final_state: Also return each sequence's state after its last token.
+            Default ``False``.
+        state_v_first: ``initial_state`` and the returned state are laid out
+            ``[..., V, K]`` instead of ``[..., K, V]``. Default ``False``.
+        cu_seqlens: Packed variable-length sequences: with ``B = 1``, sequence ``n`` is
+            tokens ``cu_seqlens[n]`` to ``cu_seqlens[n + 1]``. int32 or int64 ``[N + 1]``,
+            starting at 0, strictly increasing, ending at ``T`` (values are checked for CPU
+            tensors). Default ``None``: each batch row is one sequence.
+        cu_seqlens_cpu: fla's host copy of ``cu_seqlens``. Only its shape is checked
+            (it must match ``cu_seqlens``, which it needs); the kernels never read it.
+            Default ``None``.
+        chunk_size: Keyword only, not an fla argument. Tokens per chunk: 16, 32 or 64; the
+            result is the same recurrence. Default 64.
+        **unsupported: Any other keyword is rejected.
+
+    Returns:
+        A tuple ``(o, final_state)``. ``o``: the outputs ``[B, T, HV, V]`` in ``q``'s dtype.
+        ``final_state``: ``[N, HV, K, V]`` (``[N, HV, V, K]`` with ``state_v_first=True``)
+        in fp32 (fp64 for fp64 inputs) if ``output_final_state``, else ``None``.
+
+    Raises:
+        ValueError: An unknown keyword (``chunk_simple_gla: unsupported argument(s)
+            [...]``); a ``chunk_size`` outside 16, 32, 64; ``cu_seqlens_cpu`` without
+            ``cu_seqlens``; and a tensor of the wrong shape, dtype or device (the message
+            names it).
+    """
     _unexpected("chunk_simple_gla", unsupported)
     chunk = _chunk("chunk_simple_gla", chunk_size, (16, 32, 64))
     operands: dict = {}
     if g is not None and g_gamma is not None:
-        spec = ("scalar", "none", _t("g + g_gamma", g="token", g_gamma="head"), False, False)
+        key = _OpKey(decay="scalar", gate="g + g_gamma", roles=_roles(g="token", g_gamma="head"), chunk_size=chunk)
         operands.update(g=g, g_gamma=g_gamma)
     elif g is not None:
-        spec = ("scalar", "none", _t("g", g="token"), False, False)
+        key = _OpKey(decay="scalar", gate="g", roles=_roles(g="token"), chunk_size=chunk)
         operands["g"] = g
     elif g_gamma is not None:
-        spec = ("scalar", "none", _t("g_gamma", g_gamma="head"), False, False)
+        key = _OpKey(decay="scalar", gate="g_gamma", roles=_roles(g_gamma="head"), chunk_size=chunk)
         operands["g_gamma"] = g_gamma
     else:
-        spec = ("none", "none", None, False, False)
-    return _run(spec, chunk, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
-                cu_seqlens_cpu, operands)
+        key = _OpKey(decay="none", chunk_size=chunk)
+    return _run(key, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
+                operands)
 
 
 # ----------------------------------------------------------------------------- mamba_ssm: SSD
@@ -423,16 +818,70 @@ def mamba_chunk_scan_combined(
     dt_limit: tuple[float, float] = (0.0, float("inf")),
     return_final_states: bool = False,
     return_varlen_states: bool = False,
+    **unsupported,
 ):
-    """Mamba-2's SSD (mamba_ssm's ``mamba_chunk_scan_combined``) as the recurrence
-    ``S_t = exp(dt_t A) S_(t-1) + dt_t B_t x_tᵀ``, ``y_t = S_tᵀ C_t (+ D x_t)(· silu(z_t))``.
+    """Mamba-2's SSD scan (mamba_ssm's ``mamba_chunk_scan_combined``) as a linear recurrence.
 
-    x ``[b, l, h, p]``, dt ``[b, l, h]``, A ``[h]``, B and C ``[b, l, g, n]`` (each group
-    serves ``h / g`` heads), states ``[b, h, p, n]`` (mamba's layout). Packed sequences:
-    ``seq_idx`` ``[1, l]`` with ``cu_seqlens`` ``[N + 1]`` (both, as mamba's varlen path
-    uses them); ``initial_states`` then holds the first sequence's state.
-    Returns ``out``, then ``final_states`` and ``varlen_states`` as requested.
+    Each head carries a state ``h`` of shape ``[p, n]`` (mamba's layout); per token, with
+    the step size ``s_t = clamp(softplus(dt_t + dt_bias), *dt_limit)`` (each part as
+    selected by the arguments)::
+
+        h_t = exp(s_t · A) · h_(t-1) + s_t · x_t B_tᵀ
+        y_t = (h_t C_t + D · x_t) · silu(z_t)
+
+    There is no ``1 / sqrt(n)`` scale. Sizes: ``b`` batch, ``l`` tokens, ``h`` heads, ``p``
+    head size, ``g`` groups of ``B`` and ``C`` (``h`` a multiple of ``g``: head ``i`` reads
+    group ``i // (h / g)``), ``n`` state size, ``N`` packed sequences.
+
+    Args:
+        x: Inputs ``[b, l, h, p]``, bf16, fp16 or fp32 (fp64 only for CPU tensors, which
+            run through Triton's interpreter). ``B`` and ``C`` have the same dtype.
+        dt: Step sizes ``[b, l, h]`` before bias, softplus and clamp, any floating dtype.
+        A: ``[h]``, the per-head rate, any floating dtype; negative for a decaying state.
+        B: Input projections ``[b, l, g, n]`` (what ``x`` is written along).
+        C: Output projections ``[b, l, g, n]`` (what the state is read along).
+        chunk_size: A positive int, required as in mamba_ssm. Checked, then not used: the
+            kernels pick their own chunk (the result is the same recurrence).
+        D: Skip weights ``[h]`` or ``[h, p]``, any floating dtype: ``y += D · x``.
+            Default ``None``: no skip.
+        z: Output gate ``[b, l, h, p]``, any floating dtype: ``y *= silu(z)`` after the
+            skip. Default ``None``: no gate.
+        dt_bias: ``[h]``, added to ``dt`` before the softplus, any floating dtype.
+            Default ``None``: no bias.
+        initial_states: States before the first token ``[b, h, p, n]``, any floating dtype;
+            read, never written. With packed sequences ``[1, h, p, n]``: the first
+            sequence's (the others start from zeros, as in mamba_ssm). Default ``None``: zeros.
+        seq_idx: Packed sequences: ``[1, l]``, the sequence of each token. Must come with
+            ``cu_seqlens``; only its shape is checked, the kernels take the sequence bounds
+            from ``cu_seqlens``. Default ``None``.
+        cu_seqlens: Packed sequences: int32 or int64 ``[N + 1]``, sequence ``i`` being tokens
+            ``cu_seqlens[i]`` to ``cu_seqlens[i + 1]`` (starting at 0, strictly increasing,
+            ending at ``l``; values checked for CPU tensors). Needs ``seq_idx`` and
+            ``b = 1``. Default ``None``.
+        dt_softplus: Apply ``softplus`` to ``dt + dt_bias``. Default ``False``.
+        dt_limit: ``(lo, hi)``: clamp the step size to ``[lo, hi]`` after bias and
+            softplus. Default ``(0.0, inf)``: no clamp.
+        return_final_states: Also return the states after the last token, ``[b, h, p, n]``;
+            with packed sequences ``[1, h, p, n]``, the last sequence's. Default ``False``.
+        return_varlen_states: Also return every packed sequence's final state
+            ``[N, h, p, n]``. Requires ``cu_seqlens``. Default ``False``.
+        **unsupported: Any other keyword is rejected.
+
+    Returns:
+        ``out`` ``[b, l, h, p]`` in ``x``'s dtype when no state is asked for; otherwise a
+        tuple of ``out`` followed by ``final_states`` and then ``varlen_states``, each only
+        if requested. States are fp32 (fp64 for fp64 inputs) in mamba's ``[..., p, n]``
+        layout.
+
+    Raises:
+        ValueError: An unknown keyword (``mamba_chunk_scan_combined: unsupported
+            argument(s) [...]``, where mamba_ssm raises a TypeError); a ``chunk_size`` that
+            is not a positive int; ``x`` not 4-D or ``A`` not 1-D; only one of ``seq_idx``
+            and ``cu_seqlens``; ``return_varlen_states`` without ``cu_seqlens``; packed
+            sequences with ``b > 1`` or a ``seq_idx`` that is not ``[1, l]``; and a tensor
+            of the wrong shape, dtype or device (the message names it).
     """
+    _unexpected("mamba_chunk_scan_combined", unsupported)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -441,15 +890,17 @@ def mamba_chunk_scan_combined(
         raise ValueError("A: expected a 1-D tensor [nheads]")
     lo, hi = dt_limit
     limit = not (lo == 0.0 and math.isinf(hi) and hi > 0)
-    dt_text, dt_roles = gates._dt_text(dt_softplus, dt_bias is not None, limit)
-    dt_term, gate_term = _t(dt_text, **dt_roles), _t(f"A * {dt_text}", A="head", **dt_roles)
+    dt_text, dt_roles = gates.mamba_dt_text(softplus=dt_softplus, bias=dt_bias is not None, limit=limit)
     operands: dict = {"dt": dt, "A": A}
     if dt_bias is not None:
         operands["dt_bias"] = dt_bias
     if limit:
         operands.update(dt_min=float(lo), dt_max=float(hi))
     skip = "none" if D is None else ("head" if D.dim() == 1 else "channel")
-    op = _compiled("scalar", "none", gate_term, dt_term, False, 64, skip, "none" if z is None else "silu", 1.0, "MAMBA2")
+    op = _compiled(_OpKey(
+        decay="scalar", gate=f"A * {dt_text}", beta=dt_text, roles=_roles(A="head", **dt_roles), chunk_size=64,
+        skip=skip, output_gate="none" if z is None else "silu", default_scale=1.0, name="MAMBA2",
+    ))
     packed = cu_seqlens is not None or seq_idx is not None
     if packed and (cu_seqlens is None or seq_idx is None):
         raise ValueError("seq_idx, cu_seqlens: packed sequences need both (seq_idx for the scan, cu_seqlens for its bounds)")

@@ -213,6 +213,52 @@ def test_drop_in_errors(call, message):
         call(q, k, v, -torch.rand(1, 50, 4), torch.rand(1, 50, 4))
 
 
+def _op_args(name):
+    """Valid positional arguments of each public op (small shapes)."""
+    q, k, v = _inputs(T=10)
+    g, b, gk = -torch.rand(1, 10, 4), torch.rand(1, 10, 4), -torch.rand(1, 10, 4, 16)
+    x, B, C = _rand(1, 10, 2, 16), _rand(1, 10, 1, 16), _rand(1, 10, 1, 16)
+    return {
+        "chunk_gated_delta_rule": (q, k, v, g, b),
+        "fused_recurrent_gated_delta_rule": (q, k, v, g),
+        "chunk_kda": (q, k, v, gk, b),
+        "fused_recurrent_kda": (q, k, v, gk, b),
+        "chunk_simple_gla": (q, k, v, g),
+        "mamba_chunk_scan_combined": (x, torch.rand(1, 10, 2), -torch.rand(2), B, C, 64),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ops.__all__)
+def test_unknown_keywords_rejected_by_every_op(name):
+    """One vocabulary: every op names the keywords it does not take in the same ValueError."""
+    with pytest.raises(ValueError, match=rf"^{name}: unsupported argument\(s\) \['bogus', 'head_first'\]$"):
+        getattr(ops, name)(*_op_args(name), head_first=False, bogus=1)
+
+
+@pytest.mark.parametrize("name", ops.__all__)
+def test_every_op_documents_every_argument(name):
+    import inspect
+
+    fn = getattr(ops, name)
+    doc = inspect.getdoc(fn) or ""
+    assert "\nArgs:\n" in doc and "\nReturns:\n" in doc and "\nRaises:\n" in doc, name
+    args = doc.split("\nArgs:\n", 1)[1].split("\nReturns:\n", 1)[0]
+    for p in inspect.signature(fn).parameters.values():
+        label = f"**{p.name}:" if p.kind is p.VAR_KEYWORD else f"{p.name}:"
+        assert f"\n    {label}" in "\n" + args, f"{name}: {p.name} is not documented"
+
+
+def test_one_compiled_op_per_option_set():
+    """Option sets are keyed by value (a frozen dataclass); each compiles once."""
+    key = ops._OpKey(decay="scalar", correction="delta", beta=True, chunk_size=32)
+    again = ops._OpKey(decay="scalar", correction="delta", beta=True, chunk_size=32)
+    assert key == again and hash(key) == hash(again)
+    assert ops._compiled(key) is ops._compiled(again)
+    assert ops._compiled(key) is not ops._compiled(ops._OpKey(decay="scalar", correction="delta", beta=True))
+    with pytest.raises(AttributeError):
+        key.chunk_size = 64  # frozen
+
+
 def test_mamba_errors():
     x, B, C = _rand(1, 10, 2, 16), _rand(1, 10, 1, 16), _rand(1, 10, 1, 16)
     dt, A = torch.rand(1, 10, 2), -torch.rand(2)
@@ -312,8 +358,10 @@ def test_step_errors():
         op.step(q, k, v, state.double(), g=g, beta=beta)
     with pytest.raises(ValueError, match=r"state: expected a contiguous \[S, 4, 16, 16\]"):
         op.step(q, k, v, state[:, :2], g=g, beta=beta)
-    with pytest.raises(ValueError, match="state_indices: expected an int32 tensor"):
-        op.step(q, k, v, state, state_indices=torch.tensor([0, 1]), g=g, beta=beta)
+    with pytest.raises(ValueError, match="state_indices: expected an int32 or int64 tensor"):
+        op.step(q, k, v, state, state_indices=torch.tensor([0.0, 1.0]), g=g, beta=beta)
+    with pytest.raises(ValueError, match=r"state_indices: expected shape \[2\]"):
+        op.step(q, k, v, state, state_indices=torch.tensor([0, 1, 1]), g=g, beta=beta)
     with pytest.raises(ValueError, match="state: 1 rows for 2 sequences"):
         op.step(q, k, v, state[:1], g=g, beta=beta)
 
