@@ -130,6 +130,60 @@ def compile_module(module: Module, py_module, arch: int = 90) -> list[KernelRepo
     return reports
 
 
+_TORCH_PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "float64": "*fp64", "int32": "*i32",
+              "int64": "*i64", "bool": "*i1"}
+
+
+def specialize(args: dict) -> tuple[dict, dict, dict]:
+    """Triton's signature, constexprs and attributes for one launch's arguments, as its
+    launcher specializes them: pointers and integers divisible by 16 carry that hint (CUDA
+    allocations are 256-byte aligned; meta tensors report address 0), integers equal to 1
+    become constants, ``None`` and flags are constexprs."""
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, value) in enumerate(args.items()):
+        kind = type(value).__name__
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "data_ptr"):
+            signature[name], constexprs[name] = "constexpr", value
+        elif hasattr(value, "data_ptr"):
+            signature[name] = _TORCH_PTR[str(value.dtype).removeprefix("torch.")]
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, int):
+            if value == 1:
+                signature[name], constexprs[name] = "constexpr", 1
+                continue
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            assert kind == "float", kind
+            signature[name] = "fp32"
+    return signature, constexprs, attrs
+
+
+def compile_launch(fn, args: dict, num_warps: int, num_stages: int | None = None, arch: int = 90) -> KernelReport:
+    """Compile one captured launch (a generated function and its arguments) for ``sm_<arch>``:
+    the same specialization the launch compiles on a GPU; report its resources."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = specialize(args)
+    src = ASTSource(fn=triton.jit(fn), signature=signature, constexprs=constexprs, attrs=attrs)
+    stages = {} if num_stages is None else {"num_stages": num_stages}
+    options = {"num_warps": num_warps, "enable_fp_fusion": True, **stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    info = _ptxas_report(compiled.asm["ptx"], arch)
+    return KernelReport(
+        name=fn.__name__,
+        registers=info["registers"],
+        spill_stores=info["spill_stores"],
+        spill_loads=info["spill_loads"],
+        shared=int(getattr(compiled.metadata, "shared", 0)) + info["smem"],
+        num_warps=num_warps,
+    )
+
+
 def inspect_spec(
     spec, dtype: str = "bf16", K: int = 128, V: int = 128, arch: int = 90, backward: bool = False, **options
 ) -> list[KernelReport]:

@@ -1,4 +1,4 @@
-"""Emitters of the backward stages (ALGORITHMS.md, "Backward, one chunk").
+"""Emitters of the backward stages (docs/algorithms.md, "The backward").
 
 The backward runs on the spec's *core* (decay, correction, whether there is a β): the
 layer-side terms (gate and β parameterizations, L2 normalisation, D skip, output gate)

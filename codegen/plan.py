@@ -155,7 +155,7 @@ class Plan:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        """The forward stages, in launch order (ALGORITHMS.md's work split)."""
+        """The forward stages, in launch order (docs/algorithms.md, "The forward kernels")."""
         out = []
         if self.spec.has_decay or self.beta_computed:
             out.append("gates")  # G = chunk-local cumsum of g (and β) in fp32

@@ -19,6 +19,22 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=64)
 
 
+def _demo(model: str | None, new_tokens: int) -> int:
+    """Run the demo, printing each section as it goes; a bad argument fails at once (exit 2)."""
+    from . import demo
+
+    def write(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        demo.check_arguments(model, new_tokens)
+    except ValueError as err:  # before any work: one line, argparse's exit status
+        print(f"linattn demo: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    demo.report(model, new_tokens, write)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="linattn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,14 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     insp.add_argument("--backward", action="store_true", help="the kernels of the backward pass")
     args = parser.parse_args(argv)
 
+    if args.command == "demo":
+        return _demo(args.model, args.new_tokens)
+
     from . import specs
 
     try:
-        if args.command == "demo":
-            from . import demo
-
-            lines = demo.run(args.model, args.new_tokens)
-        elif args.command == "show":
+        if args.command == "show":
             chosen = [specs.by_name(n) for n in args.names] or list(specs.BUILTIN.values())
             lines = [repr(s) for s in chosen]
         elif args.command == "source":
@@ -51,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             plan = codegen.make_plan(specs.by_name(args.spec), args.dtype, args.K, args.V, codegen.Options(chunk_size=args.chunk_size))
             lines = [codegen.generate(plan).source]
         else:
-            from codegen.aot import format_reports, inspect_spec
+            from codegen.aot import format_reports
+
+            from .inspection import inspect_spec
 
             spec = specs.by_name(args.spec)
             reports = inspect_spec(

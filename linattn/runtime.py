@@ -9,6 +9,7 @@ of the launch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -80,11 +81,41 @@ def _interpreting():
             InterpreterBuilder.cast_impl = original_cast
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One launch of a generated kernel, as :func:`capture` records it."""
+
+    fn: Callable
+    grid: tuple[int, ...]
+    args: dict
+    num_warps: int
+    num_stages: int | None
+
+
+_captured: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def capture():
+    """Record the launches inside the block instead of running them (tensors may be on the
+    meta device): ahead-of-time inspection compiles exactly what a call launches."""
+    global _captured
+    with _lock:
+        outer, _captured = _captured, []
+        try:
+            yield _captured
+        finally:
+            _captured = outer
+
+
 def launch(
     fn: Callable, device: torch.device, grid: tuple[int, ...], args: dict, num_warps: int, num_stages: int | None = None
 ) -> None:
     """Launch the generated kernel ``fn`` (a plain function from a generated module)."""
     global _warned_cpu
+    if _captured is not None:
+        _captured.append(Launch(fn, tuple(grid), dict(args), num_warps, num_stages))
+        return
     if device.type == "cuda":
         k = _jitted.get(fn)
         if k is None:

@@ -1,4 +1,4 @@
-"""The chunkwise form of ALGORITHMS.md in plain tensor ops, for every spec.
+"""The chunkwise form of docs/algorithms.md in plain tensor ops, for every spec.
 
 Each stage the generated kernels run is one function here (gate cumsum, intra-chunk
 matrices, triangular solve, W/U, sequential state pass, output), so a kernel stage can

@@ -1,6 +1,6 @@
 """The token-by-token recurrence: the oracle every kernel is checked against.
 
-It is the mathematics of ALGORITHMS.md read literally, one token at a time, in whatever
+It is the mathematics of docs/algorithms.md read literally, one token at a time, in whatever
 dtype it is given (float64 for the oracle). Slow and obviously right is the point.
 """
 from __future__ import annotations

@@ -1,0 +1,73 @@
+"""Ahead-of-time inspection of what a call really launches, without a GPU.
+
+A call runs on meta tensors with the launcher recording instead of running
+(:func:`linattn.runtime.capture`); each recorded launch is compiled for ``sm_<arch>``
+with the specialization its arguments give on a GPU (pointer alignment, integers
+divisible by 16 or equal to 1), then ``ptxas -v`` reports registers, spills and shared
+memory (:mod:`codegen.aot`). So the no-spill check sees the variant that runs.
+"""
+from __future__ import annotations
+
+import torch
+
+from codegen.aot import KernelReport, compile_launch
+
+from . import runtime
+from .inputs import check_call
+from .op import compile as compile_spec
+from .spec import OutputGate, Role, Skip, Spec
+
+__all__ = ["captured_launches", "inspect_spec"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _meta_call(spec: Spec, dtype: torch.dtype, B: int, T: int, H: int, HV: int, K: int, V: int, N: int = 0):
+    """A validated call on meta tensors; ``N`` > 0 packs N sequences into batch 1 (``cu_seqlens``)."""
+    def t(*shape):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    shapes = {Role.TOKEN: (B, T, HV), Role.TOKEN_CHANNEL: (B, T, HV, K), Role.HEAD: (HV,), Role.HEAD_CHANNEL: (HV, K)}
+    operands = {o.name: (1.0 if o.role is Role.SCALAR else t(*shapes[o.role])) for o in spec.operands}
+    z = t(B, T, HV, V) if spec.output_gate is OutputGate.SILU else None
+    D = {Skip.NONE: None, Skip.HEAD: t(HV), Skip.CHANNEL: t(HV, V)}[spec.skip]
+    cu = torch.empty(N + 1, dtype=torch.int32, device="meta") if N else None
+    return check_call(spec, t(B, T, H, K), t(B, T, H, K), t(B, T, HV, V), operands, z=z, D=D, cu_seqlens=cu,
+                      check_values=False)
+
+
+def captured_launches(
+    spec: Spec, dtype: str = "bf16", K: int = 128, V: int = 128, *, T: int = 8192, H: int = 16,
+    HV: int = 32, backward: bool = False, **options,
+) -> list[runtime.Launch]:
+    """The launches of one call of ``spec`` at these sizes (Qwen3-Next's heads by default; four
+    sequences packed into T tokens): the forward and a decode step, or with ``backward`` the
+    backward (recomputation included)."""
+    op = compile_spec(spec, **options)
+    call = _meta_call(spec, _DTYPES[dtype], 1, T, H, HV, K, V, N=4)
+    with torch.no_grad():
+        if backward:
+            saved: dict = {}
+            with runtime.capture():  # the forward only provides the saved buffers (meta)
+                op._forward(call, False, keep=saved)
+            with runtime.capture() as launches:
+                do = torch.empty(1, T, HV, V, dtype=_DTYPES[dtype], device="meta")
+                op._backward(call, saved, do, None)
+            return launches
+        with runtime.capture() as launches:
+            op._forward(call, False)
+            step = _meta_call(spec, _DTYPES[dtype], 64, 1, H, HV, K, V)
+            state = torch.empty(64, HV, K, V, dtype=torch.float32, device="meta")
+            op.step(step.q, step.k, step.v, state, z=step.z, D=step.D, **step.operands)
+        return launches
+
+
+def inspect_spec(spec: Spec, dtype: str = "bf16", K: int = 128, V: int = 128, arch: int = 90,
+                 backward: bool = False, **options) -> list[KernelReport]:
+    """Compile every kernel a call of ``spec`` launches (each once) for ``sm_<arch>``; report its resources."""
+    reports: dict[str, KernelReport] = {}
+    for launch in captured_launches(spec, dtype, K, V, backward=backward, **options):
+        name = launch.fn.__name__
+        if name not in reports:
+            reports[name] = compile_launch(launch.fn, launch.args, launch.num_warps, launch.num_stages, arch)
+    return list(reports.values())
