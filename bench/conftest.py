@@ -6,6 +6,7 @@ tiny shapes through Triton's interpreter (a smoke run: its times mean nothing).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -58,6 +59,27 @@ def _ceilings() -> dict[str, float]:
     tflops = 2 * 8192**3 / ms / 1e9
     del x, y, a
     return {"gbps": gbps, "tflops": tflops}
+
+
+@pytest.fixture
+def progress(request):
+    """``progress(text)``: one line ``[i/n] test id: text`` on the terminal as a measurement
+    finishes (a sweep over every op, mode, shape and provider takes minutes on a GPU and
+    pytest's -q shows only dots), past pytest's output capturing."""
+    items = request.session.items  # after -k / -m deselection
+    index = next((i for i, item in enumerate(items, 1) if item is request.node), 0)
+    total = len(items)
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
+
+    def write(text: str) -> None:
+        if reporter is None:
+            return
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            reporter.ensure_newline()
+            reporter.write_line(f"[{index}/{total}] {request.node.name}: {text}", flush=True)
+
+    return write
 
 
 @pytest.fixture(scope="session")

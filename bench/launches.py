@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +121,11 @@ def count_spec(spec: linattn.Spec, B: int = 2, T: int = 64, varlen: bool = False
     return out
 
 
-def table() -> list[str]:
+def _quiet(text: str) -> None:
+    pass
+
+
+def table(progress: Callable[[str], None] = _quiet) -> list[str]:
     lines = [
         "# Launches per call (counted on the CPU; the GPU runs the same launches)",
         "",
@@ -130,7 +136,8 @@ def table() -> list[str]:
         "| spec | forward triton + torch | varlen forward, new cu_seqlens / seen | backward triton + torch | step triton + torch |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for spec in specs.BUILTIN.values():
+    for i, spec in enumerate(specs.BUILTIN.values(), 1):
+        progress(f"[{i}/{len(specs.BUILTIN)}] counting the launches of {spec.name} ...")
         n, var = count_spec(spec), count_spec(spec, varlen=True)
         cell = lambda x: f"{x.triton} + {x.torch}"  # noqa: E731
         varlen = f"{cell(var['forward, new cu_seqlens'])} / {cell(var['forward'])}"
@@ -163,7 +170,7 @@ def count_model_step(family: str, batch: int = 4, prompt: int = 12) -> Launches:
     return out
 
 
-def model_table() -> list[str]:
+def model_table(progress: Callable[[str], None] = _quiet) -> list[str]:
     lines = [
         "",
         "## One decode step of a whole (tiny) model",
@@ -175,7 +182,8 @@ def model_table() -> list[str]:
         "| --- | --- | --- | --- | --- |",
     ]
     TINY_MODELS = _test_helpers().TINY_MODELS
-    for family in sorted(TINY_MODELS):
+    for i, family in enumerate(sorted(TINY_MODELS), 1):
+        progress(f"[{i}/{len(TINY_MODELS)}] counting the launches of a decode step of a tiny {family} ...")
         n = count_model_step(family)
         top = ", ".join(f"{k} {v}" for k, v in n.torch_ops.most_common(5))
         layers = len(TINY_MODELS[family].get("hybrid_override_pattern", "")) or TINY_MODELS[family]["num_hidden_layers"]
@@ -187,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS / "launches.md")
     args = parser.parse_args(argv)
-    text = "\n".join(table() + model_table()) + "\n"
+
+    def progress(text: str) -> None:  # on stderr: stdout is the table
+        print(text, file=sys.stderr, flush=True)
+
+    text = "\n".join(table(progress) + model_table(progress)) + "\n"
     args.out.write_text(text)
     print(text, end="")  # noqa: T201 (a command-line report)
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -102,7 +103,9 @@ def aot_table() -> str:
     from linattn import specs
 
     out = ["## Kernel resources (sm_90, bf16, K = V = 128, compiled ahead of time)", ""]
-    for name in ("MAMBA2", "GDN", "KDA", "GLA", "DELTANET", "LINEAR", "QWEN3_NEXT_GDN", "KIMI_KDA", "NEMOTRON_MAMBA2"):
+    names = ("MAMBA2", "GDN", "KDA", "GLA", "DELTANET", "LINEAR", "QWEN3_NEXT_GDN", "KIMI_KDA", "NEMOTRON_MAMBA2")
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] compiling the kernels of {name} for sm_90 ...", file=sys.stderr, flush=True)
         spec = specs.by_name(name)
         reports = inspect_spec(spec) + [r for r in inspect_spec(spec, backward=True) if r.name.endswith("_bwd")]
         out += [f"### {name}", "", "```", *format_reports(reports), "```", ""]

@@ -113,7 +113,7 @@ def _fla_kwargs(op: str, x) -> dict:
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_T{}_H{}_D{}".format(*s))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("op", OPS)
-def test_kernel(benchmark, ceilings, op, mode, shape, provider):
+def test_kernel(benchmark, ceilings, progress, op, mode, shape, provider):
     why = _applicable(op, mode, provider) or provider_status()[provider]
     if why:
         pytest.skip(why)
@@ -140,3 +140,4 @@ def test_kernel(benchmark, ceilings, op, mode, shape, provider):
         op=op, mode=mode, B=B, T=T, H=H, D=D, provider=provider, device=device_name(), ms=ms,
         tflops=tflops, gbps=gbps, roofline=ideal / ms if CUDA else math.nan,
     )
+    progress(f"{ms:.3f} ms" + (f", {100 * ideal / ms:.0f}% of the roofline" if CUDA else " (CPU smoke run, not a measurement)"))

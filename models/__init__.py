@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from .cache import Cache
-from .checkpoint import read_config
+from .checkpoint import read_config, shard_files
 from .generation import CausalLM
 
-__all__ = ["Cache", "CausalLM", "FAMILIES", "from_pretrained", "model_class"]
+__all__ = ["Cache", "CausalLM", "FAMILIES", "check_folder", "from_pretrained", "model_class"]
 
 #: ``model_type`` of a checkpoint's config -> (module, class) of its model.
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -31,6 +31,19 @@ def model_class(model_type: str) -> type[CausalLM]:
         raise ValueError(f"model_type: {model_type!r} is not one of {', '.join(FAMILIES)}")
     module, name = FAMILIES[model_type]
     return getattr(importlib.import_module(module), name)
+
+
+def check_folder(folder: str | Path) -> str:
+    """Check that ``folder`` is a checkpoint these models load, reading no weights: a
+    directory with a ``config.json`` whose ``model_type`` is supported and whose values
+    its family accepts, and safetensors files (every shard an index names). Returns the
+    ``model_type``; raises ValueError saying what is wrong."""
+    config = read_config(folder)
+    if "model_type" not in config:
+        raise ValueError(f"folder: config.json of {str(folder)!r} has no model_type")
+    model_class(config["model_type"]).config_class.from_dict(config)
+    shard_files(folder)
+    return config["model_type"]
 
 
 def from_pretrained(

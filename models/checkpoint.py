@@ -2,7 +2,9 @@
 
 Loading is strict: every tensor of the checkpoint must land on a parameter or buffer of
 the model and every parameter must be filled, otherwise the error lists what is unknown
-and what is missing (a silently half-loaded model gives plausible but wrong logits).
+and what is missing (a silently half-loaded model gives plausible but wrong logits), from
+the shards' headers, before any tensor is read. Reading a checkpoint of several shards
+shows a tqdm bar on stderr (one INFO log line per shard where tqdm is not installed).
 """
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from safetensors import safe_open
 
-__all__ = ["CheckpointTensors", "read_config", "read_tensors", "load_state", "config_dtype"]
+__all__ = ["CheckpointTensors", "read_config", "read_tensors", "shard_files", "load_state", "config_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,14 @@ def read_config(folder: str | Path) -> dict:
     path = _folder(folder) / "config.json"
     if not path.is_file():
         raise ValueError(f"folder: no config.json in {str(folder)!r}")
-    with path.open() as f:
-        return json.load(f)
+    try:
+        with path.open() as f:
+            config = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"folder: config.json of {str(folder)!r} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"folder: config.json of {str(folder)!r} is not a JSON object")
+    return config
 
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -57,12 +65,21 @@ def config_dtype(config: dict) -> torch.dtype | None:
     return found.pop() if found else None
 
 
-def _shards(folder: Path) -> list[Path]:
+def shard_files(folder: str | Path) -> list[Path]:
+    """The folder's safetensors files, in order: those ``model.safetensors.index.json`` names
+    (each must exist), or else every ``*.safetensors`` file. Reads no tensor."""
+    folder = _folder(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         with index.open() as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        return [folder / n for n in names]
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"folder: {index.name} in {str(folder)!r} has no weight_map")
+        shards = [folder / n for n in sorted(set(weight_map.values()))]
+        absent = [p.name for p in shards if not p.is_file()]
+        if absent:
+            raise ValueError(f"folder: {index.name} in {str(folder)!r} names missing shards: {_listing(absent)}")
+        return shards
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise ValueError(f"folder: no *.safetensors files in {str(folder)!r}")
@@ -113,11 +130,15 @@ class CheckpointTensors(Mapping):
         """The same tensors plus ``name`` standing for ``existing`` (e.g. a tied head)."""
         return CheckpointTensors(self._where, {**self._aliases, name: existing})
 
+    def shard(self, name: str) -> Path:
+        """The file ``name`` is read from."""
+        return self._source(name)[0]
+
 
 def read_tensors(folder: str | Path) -> CheckpointTensors:
     """The folder's safetensors tensors by name (read lazily, see :class:`CheckpointTensors`)."""
     where: dict[str, Path] = {}
-    for shard in _shards(_folder(folder)):
+    for shard in shard_files(folder):
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():
                 where[name] = shard
@@ -134,6 +155,45 @@ def _shape(tensors: Mapping, name: str) -> tuple[int, ...]:
     return tensors.shape(name) if isinstance(tensors, CheckpointTensors) else tuple(tensors[name].shape)
 
 
+class _ShardProgress:
+    """Reports each shard as loading reaches it, ``names`` being the checkpoint tensors to read
+    in order (nothing for one shard or a plain mapping): a tqdm bar when ``wanted`` and tqdm is
+    installed, else one INFO log line per shard (DEBUG when not wanted)."""
+
+    def __init__(self, tensors: Mapping, names: Iterable[str], wanted: bool) -> None:
+        self.shard = tensors.shard if isinstance(tensors, CheckpointTensors) else None
+        self.total = len({self.shard(n) for n in names}) if self.shard is not None else 0
+        self.wanted, self.seen, self.bar = wanted, set(), None
+        if wanted and self.total > 1:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # not a dependency: log lines instead
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=self.total, desc="Loading checkpoint shards", unit="shard")
+
+    def reading(self, name: str) -> None:
+        if self.total <= 1:
+            return
+        shard = self.shard(name)
+        if shard in self.seen:
+            return
+        if self.seen and self.bar is not None:
+            self.bar.update(1)  # the shard before is done
+        self.seen.add(shard)
+        level = logging.INFO if self.wanted and self.bar is None else logging.DEBUG
+        log.log(level, "loading shard %d/%d: %s", len(self.seen), self.total, shard.name)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if self.bar is not None:
+            if kind is None:
+                self.bar.update(len(self.seen) - self.bar.n)  # the last shard is done
+            self.bar.close()
+
+
 def load_state(
     module: torch.nn.Module,
     tensors: Mapping[str, torch.Tensor],
@@ -142,6 +202,7 @@ def load_state(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     fp32_names: tuple[str, ...] = (),
+    progress: bool = True,
 ) -> None:
     """Put ``tensors`` into ``module``'s parameters and persistent buffers, strictly.
 
@@ -150,10 +211,13 @@ def load_state(
     to ``dtype`` (default: the parameter's own; fp32 for names ending in ``fp32_names``)
     on ``device`` (default: the parameter's own) and assigned, so a module built on the
     meta device loads without ever being materialised at random.
+
+    Reading a checkpoint of several shards reports each shard (``progress``): a tqdm bar on
+    stderr where tqdm is installed, else one INFO line per shard on this module's logger.
     """
     own = dict(module.state_dict(keep_vars=True))
-    unknown, wrong_shape, state = [], [], {}
-    for name in tensors:
+    unknown, wrong_shape, plan = [], [], {}  # plan: module name -> checkpoint name
+    for name in tensors:  # names and shapes only (the shards' headers): nothing is read yet
         target = rename(name) if rename is not None else name
         if target is None:
             continue
@@ -164,12 +228,8 @@ def load_state(
         if tuple(own[target].shape) != shape:
             wrong_shape.append(f"{name}: checkpoint {list(shape)}, model {list(own[target].shape)}")
             continue
-        param = own[target]
-        to = torch.float32 if fp32_names and target.endswith(fp32_names) else (dtype or param.dtype)
-        place = device if device is not None else (param.device if param.device.type != "meta" else "cpu")
-        tensor = tensors[name]
-        state[target] = tensor.to(device=place, dtype=to if tensor.is_floating_point() else tensor.dtype)
-    missing = set(own) - set(state)
+        plan[target] = name
+    missing = set(own) - set(plan)
     problems = []
     if unknown:
         problems.append(f"{len(unknown)} unknown checkpoint tensors: {_listing(unknown)}")
@@ -177,8 +237,17 @@ def load_state(
         problems.append(f"{len(missing)} missing parameters: {_listing(missing)}")
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} shape mismatches: {_listing(wrong_shape)}")
-    if problems:
+    if problems:  # before reading any tensor: a mismatch shows at once, even in a large checkpoint
         raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
+    state = {}
+    with _ShardProgress(tensors, plan.values(), progress) as shards:
+        for target, name in plan.items():
+            param = own[target]
+            to = torch.float32 if fp32_names and target.endswith(fp32_names) else (dtype or param.dtype)
+            place = device if device is not None else (param.device if param.device.type != "meta" else "cpu")
+            shards.reading(name)
+            tensor = tensors[name]
+            state[target] = tensor.to(device=place, dtype=to if tensor.is_floating_point() else tensor.dtype)
     module.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.device.type == "meta"]
     if left:

@@ -8,7 +8,8 @@ from linattn import gates
 from linattn.spec import Spec, term
 from linattn.testing import Inputs, random_inputs, rel_err
 
-__all__ = ["Inputs", "rel_err", "assert_close", "make_inputs", "random_spec", "ALL_BUILTIN", "max_rel", "token_ids", "TINY_MODELS", "tiny_model"]
+__all__ = ["Inputs", "rel_err", "assert_close", "make_inputs", "random_spec", "ALL_BUILTIN", "max_rel", "token_ids",
+           "top2_margin", "token_drift", "SAME_WEIGHTS_TOL", "FP32_PATHS_TOL", "GREEDY_MARGIN", "TINY_MODELS", "tiny_model"]
 
 make_inputs = random_inputs
 
@@ -16,6 +17,42 @@ make_inputs = random_inputs
 def max_rel(a, b) -> float:
     """Largest absolute difference relative to the reference's largest magnitude (logits)."""
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+#: fp32 logits of two models holding bitwise-equal weights (e.g. loaded from two folders),
+#: relative to the largest logit (:func:`max_rel`). Not zero: the same weights at another
+#: memory alignment (safetensors places tensors at 8-byte offsets that depend on the header)
+#: take other BLAS code paths, which round differently (1 ulp, amplified through the layers).
+SAME_WEIGHTS_TOL = 1e-5
+
+#: what the model tests hold two fp32 code paths' logits to (max_rel: relative to the largest
+#: logit), e.g. ours vs transformers', prefill + decode vs one forward; they agree to ~1e-6
+FP32_PATHS_TOL = 1e-4
+
+#: the smallest top-2 gap (relative to the largest logit, :func:`top2_margin`) a test asserts
+#: before comparing greedy token ids from two code paths: paths that agree to FP32_PATHS_TOL
+#: cannot pick different tokens where the gap exceeds twice that, so rounding (thread count,
+#: alignment, summation order) cannot flip a near-tie on another machine.
+GREEDY_MARGIN = 2 * FP32_PATHS_TOL
+
+
+def top2_margin(logits) -> float:
+    """The smallest gap between the largest and the second-largest logit over the positions of
+    ``logits`` ``[..., vocab]``, relative to the largest |logit| of them all.
+
+    Two code paths whose logits agree to within ``tol`` (as :func:`max_rel` measures it) make
+    the same greedy choice wherever this margin exceeds ``2 * tol``; tests that compare token
+    ids from two paths assert it first (a near-tie would flip on another machine)."""
+    x = logits.float()
+    top = x.topk(2, dim=-1).values
+    return ((top[..., 0] - top[..., 1]).min() / x.abs().max()).item()
+
+
+def token_drift(out, ref):
+    """Per position of ``[..., vocab]`` logits: the largest |out - ref| over the vocabulary,
+    relative to the largest |ref| of all positions (a flattened float tensor)."""
+    d = (out.float() - ref.float()).abs().amax(-1)
+    return (d / ref.float().abs().max()).flatten()
 
 
 def token_ids(B: int, T: int, seed: int, vocab: int, low: int = 0):

@@ -1,7 +1,9 @@
 """The pieces the model families share: checkpoint reading, cache runners, layers, sampling."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import subprocess
 import sys
 
@@ -10,8 +12,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import models
+from helpers import TINY_MODELS
 from models.cache import STEP_TOKENS, Cache, run_conv, run_recurrence
-from models.checkpoint import load_state, read_config, read_tensors
+from models.checkpoint import CheckpointTensors, load_state, read_config, read_tensors
 from models.generation import sample_next
 from models.layers import RMSNorm, attention, dispatch_experts, rotate_half_rope
 
@@ -27,6 +31,7 @@ class Tiny(nn.Module):
 
 
 def _folder(tmp_path, tensors, config=None, shards=1):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     names = sorted(tensors)
     for i in range(shards):
         part = {n: tensors[n].contiguous() for n in names[i::shards]}
@@ -66,6 +71,64 @@ def test_folder_errors(tmp_path):
         read_config(tmp_path)
     with pytest.raises(ValueError, match="no \\*.safetensors"):
         read_tensors(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
+    with pytest.raises(ValueError, match="names missing shards: model-1.safetensors"):
+        read_tensors(tmp_path)
+
+
+def test_check_folder_reads_no_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_next", **TINY_MODELS["qwen3_next"]}))
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        models.check_folder(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not read")  # a name is enough: nothing is read
+    assert models.check_folder(tmp_path) == "qwen3_next"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type: 'llama'"):
+        models.check_folder(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_next", **TINY_MODELS["qwen3_next"],
+                                                      "linear_num_key_heads": 3}))
+    with pytest.raises(ValueError, match="linear_num_key_heads"):
+        models.check_folder(tmp_path)
+
+
+def test_loading_reports_each_shard(tmp_path, caplog, capsys, monkeypatch):
+    """A checkpoint of several shards reports each one: a tqdm bar (stderr), or without tqdm a log line."""
+    src = Tiny()
+    tensors = {n: torch.randn_like(t) for n, t in src.state_dict().items()}
+    folder = _folder(tmp_path / "two", tensors, shards=2)
+    with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="models.checkpoint"):
+        m.setitem(sys.modules, "tqdm.auto", None)  # tqdm not installed
+        load_state(Tiny(), read_tensors(folder))
+    shards = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading shard")]
+    assert shards == ["loading shard 1/2: model-00000.safetensors", "loading shard 2/2: model-00001.safetensors"]
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.getMessage() in shards)
+    assert capsys.readouterr().err == ""
+
+    if importlib.util.find_spec("tqdm") is not None:  # (a dependency of transformers, not of the models)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="models.checkpoint"):
+            load_state(Tiny(), read_tensors(folder))  # tqdm installed: a bar instead of the lines
+        bar = capsys.readouterr().err
+        assert "Loading checkpoint shards" in bar and "2/2" in bar, bar
+        assert not [r for r in caplog.records if r.getMessage().startswith("loading shard")]
+
+    caplog.clear()
+    one = _folder(tmp_path / "one", tensors, shards=1)
+    with caplog.at_level(logging.INFO, logger="models.checkpoint"):
+        load_state(Tiny(), read_tensors(one))  # one shard: nothing to report
+        load_state(Tiny(), read_tensors(folder), progress=False)  # not wanted: nothing either
+    assert capsys.readouterr().err == ""
+    assert not [r for r in caplog.records if r.getMessage().startswith("loading shard")]
+
+    # a mismatch is reported from the shards' headers, before any tensor is read
+    def unread(self, name):
+        raise AssertionError(f"read {name}")
+
+    monkeypatch.setattr(CheckpointTensors, "__getitem__", unread)
+    bigger = Tiny()
+    bigger.extra = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"missing parameters: extra\.bias, extra\.weight"):
+        load_state(bigger, read_tensors(folder))
 
 
 def test_attention_matches_softmax():

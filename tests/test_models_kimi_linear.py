@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import max_rel, token_ids
-from hf_reference import build_reference, gradient_errors, transformers
+from helpers import GREEDY_MARGIN, SAME_WEIGHTS_TOL, max_rel, token_ids, top2_margin
+from hf_reference import build_reference, check_bf16_drift, gradient_errors, transformers
 from models.cache import STEP_TOKENS
 from models.kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
 
@@ -82,6 +82,11 @@ def test_greedy_generate_matches_transformers(checkpoint, model):
         expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
                                 do_sample=False, eos_token_id=None, pad_token_id=None)
     assert expected.shape == (2, 20)
+    # ids from two implementations agree only where no step is a near-tie: assert the margin
+    with torch.no_grad():
+        margin = top2_margin(ref(expected).logits[:, 11:-1])
+    print(f"greedy top-2 margin {margin:.1e} of the largest logit")
+    assert margin >= GREEDY_MARGIN, margin
     got = model.generate(ids, 8)
     assert torch.equal(got, expected)
 
@@ -108,14 +113,17 @@ def test_hub_dialect_loads_the_same_model(checkpoint, model):
     assert hf == hb
     assert hb.layer_types == LAYER_TYPES and hb.mlp_layer_types == CONFIG["mlp_layer_types"]
     other = KimiLinearForCausalLM.from_pretrained(hub)
-    for name, tensor in model.state_dict().items():
+    for name, tensor in model.state_dict().items():  # bitwise: the same bytes, read from two files
         assert torch.equal(tensor, other.state_dict()[name]), name
     ids = token_ids(1, 8, 3, CONFIG["vocab_size"], low=3)
     with torch.no_grad():
-        assert torch.equal(other(ids), model(ids))
+        # the same weights at other addresses may round differently in BLAS: not bitwise
+        ours_rel = max_rel(other(ids), model(ids))
         # transformers reads the Hub form too, with the same weights
         hub_ref = transformers.KimiLinearForCausalLM.from_pretrained(hub).eval()
-        assert max_rel(hub_ref(ids).logits, ref(ids).logits) <= 1e-6
+        ref_rel = max_rel(hub_ref(ids).logits, ref(ids).logits)
+    print(f"same weights, two dialects: ours {ours_rel:.1e}, transformers {ref_rel:.1e}")
+    assert ours_rel <= SAME_WEIGHTS_TOL and ref_rel <= SAME_WEIGHTS_TOL, (ours_rel, ref_rel)
 
 
 def test_config_aliases_and_validation(checkpoint):
@@ -169,7 +177,8 @@ def test_unknown_and_missing_tensors_are_named(checkpoint, tmp_path):
 def test_bf16_close_to_fp32(tmp_path):
     # At the other tests' spread (0.1) this tiny random model is chaotic in bf16: transformers' own bf16
     # logits land 0.3-0.5 (relative to max) from its fp32 ones as expert choices flip. A checkpoint
-    # closer to transformers' initialisation is a meaningful bf16 smoke test.
+    # closer to transformers' initialisation drifts less (0.6-0.8% per token, median), so the bound,
+    # relative to transformers' own drift on this machine, is tighter.
     ref = build_reference("KimiLinearConfig", "KimiLinearForCausalLM", tmp_path, spread=0.02, **CONFIG)
     half = KimiLinearForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert half.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -178,10 +187,9 @@ def test_bf16_close_to_fp32(tmp_path):
     assert half.model.layers[0].self_attn.dt_bias.dtype == torch.float32
     ids = token_ids(2, 40, 4, CONFIG["vocab_size"], low=3)
     with torch.no_grad():
-        got, expected = half(ids), ref(ids).logits
+        got = half(ids)
     assert got.dtype == torch.bfloat16
-    rel = max_rel(got, expected)
-    assert rel <= 5e-2, rel
+    check_bf16_drift(got, ref, tmp_path, ids)
 
 
 def test_variants_match_transformers(tmp_path):
@@ -203,7 +211,7 @@ def test_variants_match_transformers(tmp_path):
     tensors["model.embed_tokens.weight"] = tensors.pop("lm_head.weight")
     save_file(tensors, tmp_path / "model.safetensors")
     tied = KimiLinearForCausalLM.from_pretrained(tmp_path)
-    assert torch.equal(tied.lm_head.weight, tied.model.embed_tokens.weight)
+    assert torch.equal(tied.lm_head.weight, tied.model.embed_tokens.weight)  # one tensor read for both
 
 
 def test_gradients_match_transformers(checkpoint, model):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import max_rel, token_ids
-from hf_reference import build_reference, gradient_errors
+from helpers import GREEDY_MARGIN, SAME_WEIGHTS_TOL, max_rel, token_ids, top2_margin
+from hf_reference import build_reference, check_bf16_drift, gradient_errors
 from models.cache import STEP_TOKENS
 from models.nemotron_h import NemotronHConfig, NemotronHForCausalLM
 
@@ -74,6 +74,11 @@ def test_greedy_generate_matches_transformers(setup):
     with torch.no_grad():
         expected = ref.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=None, eos_token_id=None)
     assert expected.shape == (2, 20)
+    # ids from two implementations agree only where no step is a near-tie: assert the margin
+    with torch.no_grad():
+        margin = top2_margin(ref(expected).logits[:, 11:-1])
+    print(f"greedy top-2 margin {margin:.1e} of the largest logit")
+    assert margin >= GREEDY_MARGIN, margin
     got = ours.generate(prompt, 8)
     assert torch.equal(got, expected)
 
@@ -121,8 +126,12 @@ def test_hub_dialect_gives_the_same_model(setup, tmp_path):
     assert "Infinity" in (hub / "config.json").read_text()
     other = NemotronHForCausalLM.from_pretrained(hub)
     assert other.config == ours.config
-    with torch.no_grad():
-        assert torch.equal(other(ids), logits)
+    for n, t in other.state_dict().items():  # bitwise: the same bytes, read from two files
+        assert torch.equal(t, ours.state_dict()[n]), n
+    with torch.no_grad():  # the same weights at other addresses may round differently in BLAS: not bitwise
+        rel = max_rel(other(ids), logits)
+    print(f"same weights, two dialects: {rel:.1e}")
+    assert rel <= SAME_WEIGHTS_TOL
 
 
 def test_config_spellings_and_errors(setup):
@@ -173,7 +182,7 @@ def test_unknown_missing_and_mtp_tensors(setup, tmp_path):
     mtp = folder_with("mtp", {**tensors, "mtp.layers.0.norm.weight": torch.ones(64),
                               "mtp.layers.0.mixer.experts.0.up_proj.weight": torch.ones(32, 64)})
     loaded = NemotronHForCausalLM.from_pretrained(mtp)
-    for name, t in ours.state_dict().items():
+    for name, t in ours.state_dict().items():  # bitwise: the same bytes, read from two files
         assert torch.equal(loaded.state_dict()[name], t), name
 
 
@@ -198,9 +207,7 @@ def test_bf16_smoke(setup):
     assert router.weight.dtype == torch.float32 and router.e_score_correction_bias.dtype == torch.float32
     with torch.no_grad():
         out = half(ids)
-    err = max_rel(out, logits)
-    print(f"bf16 vs fp32 rel err {err:.2e}")
-    assert err <= 5e-2
+    check_bf16_drift(out, ref, folder, ids, fp32=logits)
 
 
 def test_gradients_match_transformers(setup):

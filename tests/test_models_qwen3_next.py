@@ -1,7 +1,6 @@
 """Qwen3-Next over linattn ops against transformers' implementation (tiny random checkpoints)."""
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 
@@ -10,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from helpers import max_rel, token_ids
-from hf_reference import build_reference, gradient_errors
+from helpers import GREEDY_MARGIN, SAME_WEIGHTS_TOL, max_rel, token_ids, top2_margin
+from hf_reference import build_reference, check_bf16_drift, gradient_errors
 from models.cache import STEP_TOKENS
 from models.qwen3_next import Qwen3NextConfig, Qwen3NextForCausalLM
 
@@ -64,6 +63,11 @@ def test_greedy_generate_matches_transformers(setup):
     with torch.no_grad():
         expected = ref.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=None, eos_token_id=None)
     assert expected.shape == (2, 20)
+    # ids from two implementations agree only where no step is a near-tie: assert the margin
+    with torch.no_grad():
+        margin = top2_margin(ref(expected).logits[:, 11:-1])
+    print(f"greedy top-2 margin {margin:.1e} of the largest logit")
+    assert margin >= GREEDY_MARGIN, margin
     got = ours.generate(prompt, 8)
     assert torch.equal(got, expected)
 
@@ -105,8 +109,12 @@ def test_hub_config_dialect_gives_the_same_model(setup, tmp_path):
     assert Qwen3NextConfig.from_dict(hub) == ours.config
     assert ours.config.partial_rotary_factor == 0.5 and ours.config.rotary_dim == 8
     model = Qwen3NextForCausalLM.from_pretrained(tmp_path)
-    with torch.no_grad():
-        assert torch.equal(model(ids), logits)
+    for n, t in model.state_dict().items():  # bitwise: the same bytes, read from two files
+        assert torch.equal(t, ours.state_dict()[n]), n
+    with torch.no_grad():  # the same weights at other addresses may round differently in BLAS: not bitwise
+        rel = max_rel(model(ids), logits)
+    print(f"same weights, two dialects: {rel:.1e}")
+    assert rel <= SAME_WEIGHTS_TOL
 
 
 def test_config_errors(setup):
@@ -152,7 +160,7 @@ def test_strict_loading_and_mtp_tensors(setup, tmp_path):
     mtp = {"mtp.fc.weight": torch.randn(64, 128), "mtp.norm.weight": torch.randn(64)}
     write({**tensors, **mtp})
     model = Qwen3NextForCausalLM.from_pretrained(tmp_path)
-    for n, t in model.state_dict().items():
+    for n, t in model.state_dict().items():  # bitwise: the same bytes, read from two files
         assert torch.equal(t, ours.state_dict()[n])
 
     # ... and land on one that has it
@@ -181,19 +189,15 @@ def test_bf16_smoke(setup):
     """bf16 logits stay as close to fp32 as transformers' own bf16 logits do.
 
     The tiny random model amplifies rounding (transformers' bf16 run differs from its fp32
-    one by tens of percent of the largest logit, mostly through flipped expert choices),
-    so the bound is relative to that, with 5e-2 as the floor.
+    one by tens of percent of the largest logit at some tokens, through flipped expert
+    choices), so the bound is relative to transformers' drift, measured here.
     """
     folder, ref, ours, ids, logits, _ = setup
     model = Qwen3NextForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16
     with torch.no_grad():
         out = model(ids)
-        ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)(ids).logits
-    assert out.dtype == torch.bfloat16
-    err, ref_err = max_rel(out, logits), max_rel(ref_bf16, logits)
-    print(f"bf16 rel err: ours {err:.2e}, transformers {ref_err:.2e}, ours vs theirs {max_rel(out, ref_bf16):.2e}")
-    assert err <= max(5e-2, 1.5 * ref_err)
+    check_bf16_drift(out, ref, folder, ids, fp32=logits)
 
 
 def test_gradients_match_transformers(setup):
