@@ -1,10 +1,11 @@
 """Ahead-of-time compilation of generated kernels for an NVIDIA target, without a GPU.
 
-Each kernel of a plan goes through Triton's full pipeline to PTX for the target
-(``sm_90`` by default), then ``ptxas -v`` reports registers, spills and static shared
-memory; Triton's own (dynamic) shared memory comes from the compile metadata. This is
-how "every generated kernel compiles and does not spill" is checked on a machine
-without a GPU.
+One launch of a generated kernel (captured by :mod:`linattn.inspection`) goes through
+Triton's full pipeline to PTX for the target (``sm_90`` by default), specialized as its
+launcher would specialize it, then ``ptxas -v`` reports registers, spills and static
+shared memory; Triton's own (dynamic) shared memory comes from the compile metadata.
+This is how "every generated kernel compiles and does not spill" is checked on a
+machine without a GPU.
 """
 from __future__ import annotations
 
@@ -14,23 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .module import Module
 
-__all__ = ["KernelReport", "compile_module", "inspect_spec", "format_reports"]
-
-_PTR = {"f32": "*fp32", "i32": "*i32", "i64": "*i64", "idx": "*i32"}
-_IO = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
-_SCALAR = {"int": "i32", "float": "fp32"}
-
-
-def _tl(name: str):
-    import triton.language as tl
-
-    return lambda: getattr(tl, name)
-
-
-_MMA = {"bf16": _tl("bfloat16"), "fp16": _tl("float16"), "fp32": _tl("float32")}
-
+__all__ = ["KernelReport", "specialize", "compile_launch", "format_reports"]
 
 @dataclass(frozen=True)
 class KernelReport:
@@ -89,47 +75,6 @@ def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
     }
 
 
-def compile_module(module: Module, py_module, arch: int = 90) -> list[KernelReport]:
-    """Compile every kernel of a generated module for ``sm_<arch>``; report its resources."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    plan = module.plan
-    reports = []
-    for kern in module.kernels:
-        fn = triton.jit(getattr(py_module, kern.name))
-        signature, constexprs = {}, {}
-        for name, kind in kern.params:
-            if kind == "constexpr":
-                signature[name] = "constexpr"
-                # flags: the most demanding variant (initial and final state); MMA: the plan's product dtype
-                constexprs[name] = _MMA[plan.mma]() if name == "MMA" else True
-            elif kind == "io":
-                signature[name] = _IO[plan.dtype]
-            elif kind == "st":
-                signature[name] = _IO[plan.store]
-            elif kind in _PTR:
-                signature[name] = _PTR[kind]
-            else:
-                signature[name] = _SCALAR[kind]
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        stages = {} if kern.num_stages is None else {"num_stages": kern.num_stages}
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": kern.num_warps, "enable_fp_fusion": True, **stages})
-        info = _ptxas_report(compiled.asm["ptx"], arch)
-        reports.append(
-            KernelReport(
-                name=kern.name,
-                registers=info["registers"],
-                spill_stores=info["spill_stores"],
-                spill_loads=info["spill_loads"],
-                shared=int(getattr(compiled.metadata, "shared", 0)) + info["smem"],
-                num_warps=kern.num_warps,
-            )
-        )
-    return reports
-
-
 _TORCH_PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "float64": "*fp64", "int32": "*i32",
               "int64": "*i64", "bool": "*i1"}
 
@@ -182,25 +127,6 @@ def compile_launch(fn, args: dict, num_warps: int, num_stages: int | None = None
         shared=int(getattr(compiled.metadata, "shared", 0)) + info["smem"],
         num_warps=num_warps,
     )
-
-
-def inspect_spec(
-    spec, dtype: str = "bf16", K: int = 128, V: int = 128, arch: int = 90, backward: bool = False, **options
-) -> list[KernelReport]:
-    """Generate the kernels of ``spec`` for ``dtype``, ``K``, ``V`` and compile them for ``sm_<arch>``.
-
-    ``backward``: the kernels of the spec's core that the backward runs (recomputation included).
-    """
-    from .cache import load
-    from .module import generate
-    from .plan import Options, core_spec, make_plan
-
-    if backward:
-        module = generate(make_plan(core_spec(spec), dtype, K, V, Options(**options)), backward=True)
-    else:
-        module = generate(make_plan(spec, dtype, K, V, Options(**options)))
-    py_module, _ = load(module)
-    return compile_module(module, py_module, arch)
 
 
 def format_reports(reports: list[KernelReport]) -> list[str]:

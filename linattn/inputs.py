@@ -217,7 +217,7 @@ def check_call(
         if cu_seqlens.device != device:
             raise ValueError(f"cu_seqlens: on {cu_seqlens.device}, but q is on {device}")
         _check_cu_seqlens(cu_seqlens, B, T, check_values)
-    elif warn_layout and T < H:
+    elif warn_layout and T < H and HV == H:  # head-first input passed as is has v's heads = q's
         warnings.warn(
             f"q: the layout is [B, T, H, K], but q has T={T} < H={H}: did you pass [B, H, T, K]? "
             "(head-first input needs .transpose(1, 2))",

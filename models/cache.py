@@ -12,6 +12,8 @@ a prefill leaves one state row and one padded key/value row per sequence.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from linattn.op import CompiledOp
@@ -148,6 +150,15 @@ def run_recurrence(
     **kwargs,
 ) -> torch.Tensor:
     """``op``'s output for ``q, k, v``, continuing and updating ``cache``'s state if given."""
+    if q.shape[1] < q.shape[2] and "cu_seqlens" not in kwargs and (cache is None or cache.cu_seqlens is None):
+        # a short prompt, [B, T, H, K] by construction: not the head-first mistake the op warns of
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="q: the layout is", category=UserWarning)
+            return _run_recurrence(name, cache, op, q, k, v, **kwargs)
+    return _run_recurrence(name, cache, op, q, k, v, **kwargs)
+
+
+def _run_recurrence(name: str, cache: Cache | None, op: CompiledOp, q, k, v, **kwargs) -> torch.Tensor:
     if cache is None:
         return op(q, k, v, **kwargs)[0]
     if cache.cu_seqlens is not None:
