@@ -99,7 +99,7 @@ def markdown(rows: list[dict], run: dict) -> str:
 
 def aot_table() -> str:
     """Registers, spills and shared memory of every kernel (forward, step, backward), sm_90, K = V = 128."""
-    from codegen.aot import format_reports
+    from linattn.codegen.aot import format_reports
     from linattn.inspection import inspect_spec
     from linattn import specs
 

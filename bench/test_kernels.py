@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import codegen
+from linattn import codegen
 import linattn
-from codegen.cost import cost
+from linattn.codegen.cost import cost
 from linattn import specs
 from linattn.testing import random_inputs
 

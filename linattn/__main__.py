@@ -61,12 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [specs.by_name(n) for n in args.names] or list(specs.BUILTIN.values())
             lines = [repr(s) for s in chosen]
         elif args.command == "source":
-            import codegen
-
+            from linattn import codegen
             plan = codegen.make_plan(specs.by_name(args.spec), args.dtype, args.K, args.V, codegen.Options(chunk_size=args.chunk_size))
             lines = [codegen.generate(plan).source]
         else:
-            from codegen.aot import format_reports
+            from linattn.codegen.aot import format_reports
 
             from .inspection import inspect_spec
 

@@ -13,7 +13,7 @@ import hashlib
 
 import torch
 
-from codegen.plan import beta_computed
+from linattn.codegen.plan import beta_computed
 
 from .inputs import check_call
 from .spec import Decay, Role
@@ -25,7 +25,7 @@ _REGISTRY: dict = {}
 
 def register(op) -> str:
     """The key under which the custom ops find ``op`` (stable for equal specs and options)."""
-    from codegen.plan import spec_key
+    from linattn.codegen.plan import spec_key
 
     key = hashlib.sha256(f"{spec_key(op.spec)}|{op.options}".encode()).hexdigest()[:20]
     _REGISTRY.setdefault(key, op)  # equal specs and options: the first op serves them all

@@ -36,7 +36,7 @@ def _builtin_specs() -> Iterator[str]:
 
 
 def _references() -> Iterator[str]:
-    from reference import chunkwise, recurrent  # the demo exercises the oracles; the library never does
+    from linattn.reference import chunkwise, recurrent  # the demo exercises the oracles; the library never does
 
     B, T, H, HV, K, V = 2, 200, 2, 4, 32, 32
     yield "reference check: chunkwise form (C=64, fp32) vs token-by-token oracle (fp64),"
@@ -53,7 +53,7 @@ def _references() -> Iterator[str]:
 
 
 def _compiled_kda() -> Iterator[str]:
-    from reference import recurrent
+    from linattn.reference import recurrent
 
     spec = specs.KIMI_KDA
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,8 +97,8 @@ TINY_QWEN3_NEXT = dict(
 
 
 def _model(folder: str | None, new_tokens: int) -> Iterator[str]:
-    import models
-    from models.qwen3_next import Qwen3NextConfig, Qwen3NextForCausalLM
+    from linattn import models
+    from linattn.models.qwen3_next import Qwen3NextConfig, Qwen3NextForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if folder is None:
@@ -144,8 +144,7 @@ def check_arguments(model: str | None = None, new_tokens: int = 8) -> None:
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
         raise ValueError(f"new_tokens: expected a positive number of tokens, got {new_tokens!r}")
     if model is not None:
-        import models
-
+        from linattn import models
         models.check_folder(model)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from codegen.aot import KernelReport, compile_launch
+from linattn.codegen.aot import KernelReport, compile_launch
 
 from . import runtime
 from .inputs import check_call

@@ -13,8 +13,8 @@ import threading
 
 import torch
 
-import codegen
-from codegen.plan import Options, Plan
+from linattn import codegen
+from linattn.codegen.plan import Options, Plan
 
 from . import custom_ops, runtime
 from .inputs import check_call

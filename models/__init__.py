@@ -19,9 +19,9 @@ __all__ = ["Cache", "CausalLM", "FAMILIES", "check_folder", "from_pretrained", "
 
 #: ``model_type`` of a checkpoint's config -> (module, class) of its model.
 FAMILIES: dict[str, tuple[str, str]] = {
-    "nemotron_h": ("models.nemotron_h", "NemotronHForCausalLM"),
-    "qwen3_next": ("models.qwen3_next", "Qwen3NextForCausalLM"),
-    "kimi_linear": ("models.kimi_linear", "KimiLinearForCausalLM"),
+    "nemotron_h": ("linattn.models.nemotron_h", "NemotronHForCausalLM"),
+    "qwen3_next": ("linattn.models.qwen3_next", "Qwen3NextForCausalLM"),
+    "kimi_linear": ("linattn.models.kimi_linear", "KimiLinearForCausalLM"),
 }
 
 

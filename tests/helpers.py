@@ -146,7 +146,7 @@ TINY_MODELS = {
 
 def tiny_model(family: str):
     """A random tiny model of ``family`` (our classes, weights spread so that logits discriminate)."""
-    import models
+    from linattn import models
     import torch
 
     cls = models.model_class(family)

@@ -3,7 +3,7 @@ the variant a launch compiles (captured from a call on meta tensors, with the la
 specialization of pointer alignment and integer divisibility)."""
 import pytest
 
-from codegen.aot import format_reports
+from linattn.codegen.aot import format_reports
 from linattn.inspection import inspect_spec
 from linattn.spec import Decay
 
@@ -42,7 +42,7 @@ def test_backward_kernels_compile_for_sm90_without_spills(spec):
 def test_inspection_captures_what_a_call_launches():
     """The launches of a packed forward and a decode step, in order, with the launch's
     specialization: 16-aligned pointers and 16-divisible integers hinted, integers 1 constant."""
-    from codegen.aot import specialize
+    from linattn.codegen.aot import specialize
     from linattn import specs
     from linattn.inspection import captured_launches
 

@@ -5,9 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import codegen
-from codegen.cost import cost
-from codegen.plan import Options
+from linattn import codegen
+from linattn.codegen.cost import cost
+from linattn.codegen.plan import Options
 from linattn import specs
 
 ROOT = Path(__file__).resolve().parents[1]

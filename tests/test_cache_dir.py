@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from codegen import cache
+from linattn.codegen import cache
 
 _fresh = itertools.count()
 

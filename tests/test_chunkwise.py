@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from linattn import Spec, specs
-from reference import chunkwise, recurrent
-from reference.chunkwise import _to_chunks, gate_cumsum
+from linattn.reference import chunkwise, recurrent
+from linattn.reference.chunkwise import _to_chunks, gate_cumsum
 
 from helpers import ALL_BUILTIN, assert_close, make_inputs, random_spec
 

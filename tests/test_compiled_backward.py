@@ -7,7 +7,7 @@ import torch
 
 import linattn
 from linattn import specs
-from reference import chunkwise, recurrent
+from linattn.reference import chunkwise, recurrent
 
 from helpers import ALL_BUILTIN, assert_close, make_inputs, random_spec
 
@@ -97,7 +97,7 @@ def _ref_layout(x: torch.Tensor, T: int) -> torch.Tensor:
 def test_stages_against_chunkwise_autograd(spec):
     """Each backward stage's buffer equals autograd's gradient of the same stage of
     reference.chunkwise: dΔ_loc (output part of dΔ), dAqk, dAkk, dW, dS' of the first chunk."""
-    from reference.chunkwise import chunk_stages
+    from linattn.reference.chunkwise import chunk_stages
 
     T, C = 100, 64
     x = make_inputs(spec, B=1, T=T, H=1, K=16, V=16, dtype=torch.float32, h0=True, strength=2.0, seed=6)

@@ -6,7 +6,7 @@ import torch
 
 import linattn
 from linattn import Spec, specs
-from reference import recurrent
+from linattn.reference import recurrent
 
 from helpers import ALL_BUILTIN, assert_close, make_inputs, random_spec
 
@@ -172,7 +172,7 @@ def test_call_errors():
         run(op, x.__class__(x.q, x.k, x.v, {**x.kwargs, "g": x.v}))
     with pytest.raises(ValueError, match="chunk_size: expected a power of two >= 16"):
         linattn.compile(specs.GDN, chunk_size=48)
-    with pytest.raises(ValueError, match="compile: unknown option\(s\) 'chunks' \(did you mean 'chunk_size'\?\); valid options: chunk_size"):
+    with pytest.raises(ValueError, match=r"compile: unknown option\(s\) 'chunks' \(did you mean 'chunk_size'\?\); valid options: chunk_size"):
         linattn.compile(specs.GDN, chunks=64)
     with pytest.raises(ValueError, match="spec: expected a linattn.Spec"):
         linattn.compile("GDN")

@@ -4,7 +4,7 @@ import torch
 
 import linattn
 from linattn import specs
-from reference import recurrent
+from linattn.reference import recurrent
 
 from helpers import ALL_BUILTIN, TINY_MODELS, assert_close, make_inputs, tiny_model
 

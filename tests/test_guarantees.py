@@ -9,7 +9,7 @@ import linattn
 from linattn import specs
 from linattn.ops import chunk_gated_delta_rule
 from linattn.spec import Role
-from reference import recurrent
+from linattn.reference import recurrent
 
 from helpers import assert_close, make_inputs
 

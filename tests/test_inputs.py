@@ -6,7 +6,7 @@ import torch
 
 import linattn
 from linattn import specs
-from reference import chunkwise, recurrent
+from linattn.reference import chunkwise, recurrent
 
 
 def compiled(spec, q, k, v, **kwargs):

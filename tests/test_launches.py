@@ -13,8 +13,7 @@ from linattn.spec import Role
 @pytest.mark.parametrize("spec", [specs.GDN, specs.QWEN3_NEXT_GDN, specs.NEMOTRON_MAMBA2, specs.KIMI_KDA],
                          ids=lambda s: s.name)
 def test_launches(spec):
-    import codegen
-
+    from linattn import codegen
     plan = codegen.make_plan(spec, "fp32", 16, 16, codegen.Options())
     counts = count_spec(spec, B=2, T=20, varlen=True)
     fixed = count_spec(spec, B=2, T=20)

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import models
+from linattn import models
 from helpers import TINY_MODELS
-from models.cache import STEP_TOKENS, Cache, run_conv, run_recurrence
-from models.checkpoint import CheckpointTensors, load_state, read_config, read_tensors
-from models.generation import sample_next
-from models.layers import RMSNorm, attention, dispatch_experts, rotate_half_rope
+from linattn.models.cache import STEP_TOKENS, Cache, run_conv, run_recurrence
+from linattn.models.checkpoint import CheckpointTensors, load_state, read_config, read_tensors
+from linattn.models.generation import sample_next
+from linattn.models.layers import RMSNorm, attention, dispatch_experts, rotate_half_rope
 
 import linattn
 from linattn.specs import QWEN3_NEXT_GDN
@@ -96,7 +96,7 @@ def test_loading_reports_each_shard(tmp_path, caplog, capsys, monkeypatch):
     src = Tiny()
     tensors = {n: torch.randn_like(t) for n, t in src.state_dict().items()}
     folder = _folder(tmp_path / "two", tensors, shards=2)
-    with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="models.checkpoint"):
+    with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="linattn.models.checkpoint"):
         m.setitem(sys.modules, "tqdm.auto", None)  # tqdm not installed
         load_state(Tiny(), read_tensors(folder))
     shards = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading shard")]
@@ -106,7 +106,7 @@ def test_loading_reports_each_shard(tmp_path, caplog, capsys, monkeypatch):
 
     if importlib.util.find_spec("tqdm") is not None:  # (a dependency of transformers, not of the models)
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="models.checkpoint"):
+        with caplog.at_level(logging.INFO, logger="linattn.models.checkpoint"):
             load_state(Tiny(), read_tensors(folder))  # tqdm installed: a bar instead of the lines
         bar = capsys.readouterr().err
         assert "Loading checkpoint shards" in bar and "2/2" in bar, bar
@@ -114,7 +114,7 @@ def test_loading_reports_each_shard(tmp_path, caplog, capsys, monkeypatch):
 
     caplog.clear()
     one = _folder(tmp_path / "one", tensors, shards=1)
-    with caplog.at_level(logging.INFO, logger="models.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="linattn.models.checkpoint"):
         load_state(Tiny(), read_tensors(one))  # one shard: nothing to report
         load_state(Tiny(), read_tensors(folder), progress=False)  # not wanted: nothing either
     assert capsys.readouterr().err == ""
@@ -230,7 +230,7 @@ def test_models_import_without_transformers():
         "import sys; sys.modules['transformers'] = None\n"
         "import models, models.cache, models.generation, models.checkpoint, models.layers\n"
         "import pkgutil, importlib\n"
-        "for m in pkgutil.iter_modules(models.__path__): importlib.import_module('models.' + m.name)\n"
+        "for m in pkgutil.iter_modules(models.__path__): importlib.import_module('linattn.models.' + m.name)\n"
         "assert 'transformers' not in {n.split('.')[0] for n, v in sys.modules.items() if v is not None}\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

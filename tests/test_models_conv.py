@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.conv import causal_conv1d, causal_conv1d_update
+from linattn.models.conv import causal_conv1d, causal_conv1d_update
 
 
 def _naive(x, w, b, prev):

@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from helpers import GREEDY_MARGIN, SAME_WEIGHTS_TOL, max_rel, token_ids, top2_margin
 from hf_reference import build_reference, check_bf16_drift, gradient_errors, transformers
-from models.cache import STEP_TOKENS
-from models.kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
+from linattn.models.cache import STEP_TOKENS
+from linattn.models.kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
 
 LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
 CONFIG = dict(

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from helpers import GREEDY_MARGIN, SAME_WEIGHTS_TOL, max_rel, token_ids, top2_margin
 from hf_reference import build_reference, check_bf16_drift, gradient_errors
-from models.cache import STEP_TOKENS
-from models.nemotron_h import NemotronHConfig, NemotronHForCausalLM
+from linattn.models.cache import STEP_TOKENS
+from linattn.models.nemotron_h import NemotronHConfig, NemotronHForCausalLM
 
 VOCAB = 97
 LAYERS = ["mamba", "moe", "attention", "linear_attention", "mlp", "full_attention"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import GREEDY_MARGIN, TINY_MODELS as TINY, tiny_model as _model, top2_margin
-from models.cache import Cache
+from linattn.models.cache import Cache
 
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_left_padded_batch_generates_each_prompt_alone(family):

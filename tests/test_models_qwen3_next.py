@@ -11,8 +11,8 @@ from torch import nn
 
 from helpers import GREEDY_MARGIN, SAME_WEIGHTS_TOL, max_rel, token_ids, top2_margin
 from hf_reference import build_reference, check_bf16_drift, gradient_errors
-from models.cache import STEP_TOKENS
-from models.qwen3_next import Qwen3NextConfig, Qwen3NextForCausalLM
+from linattn.models.cache import STEP_TOKENS
+from linattn.models.qwen3_next import Qwen3NextConfig, Qwen3NextForCausalLM
 
 VOCAB = 97
 TINY = dict(

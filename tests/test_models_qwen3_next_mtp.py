@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from helpers import GREEDY_MARGIN, max_rel, top2_margin
-from models import from_pretrained
-from models.qwen3_next import Qwen3NextConfig, Qwen3NextForCausalLM
+from linattn.models import from_pretrained
+from linattn.models.qwen3_next import Qwen3NextConfig, Qwen3NextForCausalLM
 
 VOCAB = 97
 TINY = dict(

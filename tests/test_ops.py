@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from linattn import ops, specs
-from reference import recurrent
+from linattn.reference import recurrent
 
 from helpers import assert_close
 

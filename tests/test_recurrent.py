@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from linattn import Spec, specs
-from reference import recurrent
+from linattn.reference import recurrent
 
 from helpers import assert_close, make_inputs
 

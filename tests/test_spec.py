@@ -308,3 +308,44 @@ def test_operand_names_and_spec_operands():
     s = Spec(decay="scalar", gate=gates.mamba_gate(limit=True), beta=gates.mamba_dt(limit=True))
     assert [o.name for o in s.operands] == ["A", "dt", "dt_bias", "dt_max", "dt_min"]
     assert re.search(r"clamp\(softplus\(dt \+ dt_bias\), dt_min, dt_max\)", repr(s))
+
+
+def test_layers_point_one_way():
+    """Importing the DSL or the compiler imports no torch and registers no custom op; the
+    runtime loads on first use. (A fresh interpreter: this one has torch loaded already.)"""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, linattn, linattn.codegen, linattn.specs\n"
+        "plan = linattn.codegen.make_plan(linattn.specs.KDA, 'bf16', 64, 64, linattn.codegen.Options())\n"
+        "assert linattn.codegen.generate(plan).source\n"
+        "assert 'torch' not in sys.modules and 'triton' not in sys.modules, 'the DSL or compiler loaded torch'\n"
+        "op = linattn.compile(linattn.specs.KDA)\n"
+        "assert 'torch' in sys.modules and type(op).__name__ == 'CompiledOp'\n"
+        "import linattn.reference, linattn.models\n"
+        "assert linattn.ops.chunk_kda\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_one_top_level_name_installed(tmp_path):
+    """The wheel holds `linattn` alone: the compiler, the oracles and the models inside it."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    (wheel,) = tmp_path.glob("linattn-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"linattn"}, top
+    for sub in ("codegen/plan.py", "reference/recurrent.py", "models/qwen3_next.py"):
+        assert f"linattn/{sub}" in names
