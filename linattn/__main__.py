@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("names", nargs="*", help="spec names (default: all)")
     source = sub.add_parser("source", help="print the generated Triton source of a spec")
     _spec_args(source)
+    source.add_argument("--backward", action="store_true", help="the module of the backward (on the spec's core)")
     insp = sub.add_parser("inspect", help="compile a spec's kernels ahead of time; print their resources")
     _spec_args(insp)
     insp.add_argument("--arch", type=int, default=90, help="target compute capability (90: H100/H200)")
@@ -62,8 +63,12 @@ def main(argv: list[str] | None = None) -> int:
             lines = [repr(s) for s in chosen]
         elif args.command == "source":
             from linattn import codegen
-            plan = codegen.make_plan(specs.by_name(args.spec), args.dtype, args.K, args.V, codegen.Options(chunk_size=args.chunk_size))
-            lines = [codegen.generate(plan).source]
+
+            spec = specs.by_name(args.spec)
+            if args.backward:  # the backward kernels run on the spec's core recurrence
+                spec = codegen.plan.core_spec(spec)
+            plan = codegen.make_plan(spec, args.dtype, args.K, args.V, codegen.Options(chunk_size=args.chunk_size))
+            lines = [codegen.generate(plan, backward=args.backward).source]
         else:
             from linattn.codegen.aot import format_reports
 
