@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from .forward import Kernel, _Emitter, _signature
+from .emit import Emitter, Kernel, signature
 from .plan import Plan
 from .source import Source
 
@@ -33,7 +33,7 @@ __all__ = ["backward_kernels"]
 _CHUNK = [("chunk_t0", "i64"), ("chunk_len", "i32"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
 
 
-class _B(_Emitter):
+class _B(Emitter):
     """Loads and stores of the per-value-head buffers of the backward."""
 
     @contextmanager
@@ -132,7 +132,7 @@ def _emit_dvl(plan: Plan) -> Kernel:
         params.append(("G", "f32"))
     params += [("dO", "io"), ("dvl", "f32"), ("scale", "float"), *_CHUNK, ("MMA", "constexpr")]
     s = Source()
-    with s.block(_signature("dvl_bwd", params)):
+    with s.block(signature("dvl_bwd", params)):
         s('"""Per chunk and V tile: dΔ_loc = Aqkᵀ dO (the intra-chunk part of the gradient of Δ)."""')
         e.chunk_prologue(s, v_tile=True)
         e.bases(s, [n for n, _ in params if n in e.LAYOUT])
@@ -158,7 +158,7 @@ def _emit_dstate(plan: Plan) -> Kernel:
     params += [("GROUP", "int"), ("HAS_DHT", "constexpr"), ("STORE_DH0", "constexpr"), ("MMA", "constexpr")]
     bases = [n for n, _ in params if n in e.LAYOUT]
     s = Source()
-    with s.block(_signature("dstate_bwd", params)):
+    with s.block(signature("dstate_bwd", params)):
         s('"""Reverse over one sequence\'s chunks: store dS\' (the end-state gradient), then')
         s("dΔ = dΔ_loc + Kb dS' and dS <- exp(G_C) dS' + Qgᵀ dO" + (" - Wᵀ dΔ" if plan.delta else "") + '."""')
         e.sequence_prologue(s)
@@ -233,7 +233,7 @@ def _emit_dqk(plan: Plan) -> Kernel:
     params += [("dAqk", "f32"), ("scale", "float"), *_CHUNK, ("MMA", "constexpr")]
     s = Source()
     causal = "r[:, None] >= r[None, :]"
-    with s.block(_signature("dqk_bwd", params)):
+    with s.block(signature("dqk_bwd", params)):
         s('"""Per chunk: dQg = dO Sᵀ, dKb = Δ dS\'ᵀ' + (", dW = -dΔ Sᵀ" if plan.delta else "") + ", dAqk = dO Δᵀ,")
         s('and what they give q, k and G (the start state S and dS\' are the chunk\'s)."""')
         e.chunk_prologue(s)
@@ -316,7 +316,7 @@ def _emit_dwy(plan: Plan) -> Kernel:
         params.append(("dG", "f32"))
     params += [("dAkk", "f32"), *_CHUNK, ("MMA", "constexpr")]
     s = Source()
-    with s.block(_signature("dwy_bwd", params)):
+    with s.block(signature("dwy_bwd", params)):
         s('"""Per chunk, the WY form backward: d(βKg) = Tᵀ dW, d(βV) = Tᵀ dΔ, dT -> dAkk = -Tᵀ dT Tᵀ."""')
         e.chunk_prologue(s)
         e.bases(s, [n for n, _ in params if n in e.LAYOUT])
@@ -396,7 +396,7 @@ def _emit_dprod(plan: Plan) -> Kernel:
     params += [("scale", "float"), *_CHUNK, ("MMA", "constexpr")]
     s = Source()
     causal, strict = "r[:, None] >= r[None, :]", "r[:, None] > r[None, :]"
-    with s.block(_signature("dprod_bwd", params)):
+    with s.block(signature("dprod_bwd", params)):
         s('"""Per chunk: dAqk' + (" and dAkk" if plan.delta else "") + ' pushed to q, k' + (", β" if plan.delta and plan.beta else "") + (" and G" if plan.scalar else "") + '."""')
         e.chunk_prologue(s)
         e.bases(s, [n for n, _ in params if n in e.LAYOUT])
@@ -464,7 +464,7 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
     if plan.delta:
         prods.append(("dAkk", "k", "k", "dk", "dk", ">"))
     s = Source()
-    with s.block(_signature("dprod_bwd", params)):
+    with s.block(signature("dprod_bwd", params)):
         s('"""Per chunk: dAqk' + (" and dAkk" if plan.delta else "") + ' pushed to q, k' + (", β" if plan.delta and plan.beta else "") + ' and G (channel decay)."""')
         e.chunk_prologue(s)
         e.bases(s, [n for n, _ in params if n in e.LAYOUT])
@@ -583,7 +583,7 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
 def _emit_dgate(plan: Plan) -> Kernel:
     params = [("dG", "f32"), ("dg", "f32"), ("chunk_t0", "i64"), ("chunk_len", "i32"), ("HV", "int")]
     s = Source()
-    with s.block(_signature("dgate_bwd", params)):
+    with s.block(signature("dgate_bwd", params)):
         s('"""dg = the reverse cumsum of dG inside the chunk (G_t = g_1 + ... + g_t)."""')
         s("i_c = tl.program_id(0)", "i_h = tl.program_id(1)", "i_k = tl.program_id(2)")
         s("t0 = tl.load(chunk_t0 + i_c)", "L = tl.load(chunk_len + i_c)")

@@ -23,7 +23,7 @@ from __future__ import annotations
 from linattn.spec import Role, Term
 
 from .exprs import to_triton
-from .forward import L2NORM_EPS, Kernel, _signature
+from .emit import L2NORM_EPS, Kernel, signature
 from .plan import Plan
 from .source import Source
 
@@ -78,7 +78,7 @@ def _row_block(s: Source) -> None:
 def _emit_qknorm_fwd(plan: Plan) -> Kernel:
     params = [("q", "io"), ("k", "io"), ("qn", "f32"), ("kn", "f32"), ("TT", "int"), ("H", "int")]
     s = Source()
-    with s.block(_signature("qknorm_fwd", params)):
+    with s.block(signature("qknorm_fwd", params)):
         s('"""q and k of a block of tokens of one q/k head, L2-normalised per row, in fp32."""')
         _row_block(s)
         for x in ("q", "k"):
@@ -92,7 +92,7 @@ def _emit_qknorm_bwd(plan: Plan) -> Kernel:
     params = [("q", "io"), ("k", "io"), ("dq", "f32"), ("dk", "f32"), ("dq_out", "f32"), ("dk_out", "f32"),
               ("TT", "int"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
     s = Source()
-    with s.block(_signature("qknorm_bwd", params)):
+    with s.block(signature("qknorm_bwd", params)):
         s('"""dq, dk of a block of tokens of one q/k head: summed over the value heads it serves,'
           ' then back through the norm."""')
         _row_block(s)
@@ -140,7 +140,7 @@ def _emit_terms_bwd(plan: Plan) -> Kernel:
         return f
 
     s = Source()
-    with s.block(_signature("terms_bwd", params)):
+    with s.block(signature("terms_bwd", params)):
         s('"""Gradients of the gate/β terms\' operands for one (chunk, value head); per-head ones as chunk partials."""')
         _chunk_rows(s)
         s("base = t0 * HV + i_h")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from linattn.spec import OutputGate, Role, Skip
 
 from .exprs import to_triton
-from .forward import L2NORM_EPS, Kernel, _Emitter, _operand_params, _signature
+from .emit import L2NORM_EPS, Emitter, Kernel, operand_params, signature
 from .plan import Plan
 from .source import Source
 
@@ -20,8 +20,8 @@ __all__ = ["step_kernel"]
 
 
 def step_kernel(plan: Plan) -> Kernel:
-    e, spec = _Emitter(plan), plan.spec
-    params = [("q", "io"), ("k", "io"), ("v", "io"), *_operand_params(plan)]
+    e, spec = Emitter(plan), plan.spec
+    params = [("q", "io"), ("k", "io"), ("v", "io"), *operand_params(plan)]
     if spec.skip is not Skip.NONE:
         params.append(("D", "io"))
     if spec.output_gate is OutputGate.SILU:
@@ -31,7 +31,7 @@ def step_kernel(plan: Plan) -> Kernel:
     params.append(("HAS_IDX", "constexpr"))
     ops = {o.name: o for o in spec.operands}
     s = Source()
-    with s.block(_signature("step_fwd", params)):
+    with s.block(signature("step_fwd", params)):
         s('"""Decode: run one sequence\'s new tokens through the recurrence on its state, in place."""')
         s("i_n = tl.program_id(0)", "i_h = tl.program_id(1)", "i_v = tl.program_id(2)", "i_hk = i_h // GROUP")
         e.sequence_bounds(s)

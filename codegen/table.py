@@ -13,7 +13,7 @@ starts at 0, ends at TT, strictly increasing.
 """
 from __future__ import annotations
 
-from .forward import Kernel, _signature
+from .emit import Kernel, signature
 from .plan import Plan
 from .source import Source
 
@@ -29,7 +29,7 @@ def table_kernel(plan: Plan) -> Kernel:
     params = [("cu_seqlens", "idx"), ("chunk_t0", "i64"), ("chunk_len", "i32"), ("chunk_off", "i32"), ("cu_ok", "i32")]
     params += [("N", "int"), ("TT", "int"), ("NCH", "int")]
     s = Source()
-    with s.block(_signature("chunk_table", params)):
+    with s.block(signature("chunk_table", params)):
         s('"""chunk_t0 (first token), chunk_len (0 for spare programs) of chunks p of this program;')
         s('program 0 also writes chunk_off [N + 1] (each sequence\'s first chunk) and cu_ok."""')
         s("i_p = tl.program_id(0)", f"p = i_p * {TABLE_ROWS} + tl.arange(0, {TABLE_ROWS})")
