@@ -9,7 +9,7 @@ from linattn.spec import Spec, term
 from linattn.testing import Inputs, random_inputs, rel_err
 
 __all__ = ["Inputs", "rel_err", "assert_close", "make_inputs", "random_spec", "ALL_BUILTIN", "max_rel", "token_ids",
-           "top2_margin", "token_drift", "SAME_WEIGHTS_TOL", "FP32_PATHS_TOL", "GREEDY_MARGIN", "TINY_MODELS", "tiny_model"]
+           "top2_margin", "token_drift", "SAME_WEIGHTS_TOL", "assert_same_model", "FP32_PATHS_TOL", "GREEDY_MARGIN", "TINY_MODELS", "tiny_model"]
 
 make_inputs = random_inputs
 
@@ -24,6 +24,21 @@ def max_rel(a, b) -> float:
 #: memory alignment (safetensors places tensors at 8-byte offsets that depend on the header)
 #: take other BLAS code paths, which round differently (1 ulp, amplified through the layers).
 SAME_WEIGHTS_TOL = 1e-5
+
+
+def assert_same_model(model, reference, ids, reference_logits) -> float:
+    """``model`` holds ``reference``'s weights bit for bit (the same bytes, read from another
+    file) and its fp32 logits on ``ids`` agree to :data:`SAME_WEIGHTS_TOL` (not bitwise: the
+    same weights at other addresses may round differently in BLAS). Returns the difference."""
+    import torch
+
+    theirs = reference.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, theirs[name]), name
+    with torch.no_grad():
+        rel = max_rel(model(ids), reference_logits)
+    assert rel <= SAME_WEIGHTS_TOL, f"same weights, other file: logits differ by {rel:.1e}"
+    return rel
 
 #: what the model tests hold two fp32 code paths' logits to (max_rel: relative to the largest
 #: logit), e.g. ours vs transformers', prefill + decode vs one forward; they agree to ~1e-6

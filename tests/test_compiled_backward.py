@@ -7,7 +7,7 @@ import torch
 
 import linattn
 from linattn import specs
-from linattn.reference import chunkwise, recurrent
+from linattn.reference import recurrent
 
 from helpers import ALL_BUILTIN, assert_close, make_inputs, random_spec
 

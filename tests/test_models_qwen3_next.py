@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from helpers import GREEDY_MARGIN, SAME_WEIGHTS_TOL, max_rel, token_ids, top2_margin
+from helpers import GREEDY_MARGIN, assert_same_model, max_rel, token_ids, top2_margin
 from hf_reference import build_reference, check_bf16_drift, gradient_errors
 from linattn.models.cache import STEP_TOKENS
 from linattn.models.qwen3_next import Qwen3NextConfig, Qwen3NextForCausalLM
@@ -109,12 +109,7 @@ def test_hub_config_dialect_gives_the_same_model(setup, tmp_path):
     assert Qwen3NextConfig.from_dict(hub) == ours.config
     assert ours.config.partial_rotary_factor == 0.5 and ours.config.rotary_dim == 8
     model = Qwen3NextForCausalLM.from_pretrained(tmp_path)
-    for n, t in model.state_dict().items():  # bitwise: the same bytes, read from two files
-        assert torch.equal(t, ours.state_dict()[n]), n
-    with torch.no_grad():  # the same weights at other addresses may round differently in BLAS: not bitwise
-        rel = max_rel(model(ids), logits)
-    print(f"same weights, two dialects: {rel:.1e}")
-    assert rel <= SAME_WEIGHTS_TOL
+    print(f"same weights, two dialects: {assert_same_model(model, ours, ids, logits):.1e}")
 
 
 def test_config_errors(setup):
