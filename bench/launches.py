@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import linattn
 from linattn import runtime, specs
+from linattn.codegen.cost import kernel_bytes
 from linattn.inputs import check_call
 from linattn.testing import random_inputs
 
@@ -38,6 +39,10 @@ _FREE = frozenset({
 class Launches:
     triton: int = 0
     torch_ops: collections.Counter = field(default_factory=collections.Counter)
+    #: the generated kernels launched, in order, by their manifest's stage names
+    kernels: list[str] = field(default_factory=list)
+    #: the bytes those kernels read and write, each tensor once per launch (from their manifests)
+    kernel_bytes: int = 0
 
     @property
     def torch(self) -> int:
@@ -64,13 +69,18 @@ def counting():
     mode = _Counter(result)
     launch = runtime.launch
 
-    def counted(*args, **kwargs):
+    def counted(*args, kernel=None, sizes=None, **kwargs):
         mode.paused = True
         try:
-            return launch(*args, **kwargs)
+            return launch(*args, kernel=kernel, sizes=sizes, **kwargs)
         finally:
             mode.paused = False
             result.triton += 1
+            if kernel is not None:
+                result.kernels.append(kernel.name)
+                given = args[3] if len(args) > 3 else kwargs["args"]
+                present = {n for n, v in given.items() if v is not None}
+                result.kernel_bytes += sum(kernel_bytes(kernel, sizes, present))
 
     runtime.launch = counted
     try:

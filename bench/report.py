@@ -108,7 +108,7 @@ def aot_table() -> str:
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] compiling the kernels of {name} for sm_90 ...", file=sys.stderr, flush=True)
         spec = specs.by_name(name)
-        reports = inspect_spec(spec) + [r for r in inspect_spec(spec, backward=True) if r.name.endswith("_bwd")]
+        reports = inspect_spec(spec) + [r for r in inspect_spec(spec, backward=True) if r.stage.endswith("_bwd")]
         out += [f"### {name}", "", "```", *format_reports(reports), "```", ""]
     return "\n".join(out)
 

@@ -22,12 +22,20 @@ __all__ = ["KernelReport", "specialize", "compile_launch", "format_reports"]
 class KernelReport:
     """What the compiler says about one kernel."""
 
-    name: str
+    name: str  # the kernel's function name (the spec's name and the stage)
     registers: int
     spill_stores: int  # bytes
     spill_loads: int  # bytes
     shared: int  # bytes of shared memory (Triton's dynamic allocation + static)
     num_warps: int
+    stage: str = ""  # the stage (``state_fwd``), where the launch named it
+    bytes_read: int = 0  # per launch, each tensor once (from the kernel's manifest)
+    bytes_written: int = 0
+    #: tensor-core and TMA instructions in the SASS (``nvdisasm``): warpgroup MMA (``HGMMA``),
+    #: warp-level mma.sync (``HMMA``), TMA loads and stores (``UTMALDG``/``UTMASTG``)
+    wgmma: int = 0
+    mma_sync: int = 0
+    tma: int = 0
 
     @property
     def spills(self) -> bool:
@@ -59,8 +67,9 @@ def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
             capture_output=True,
             text=True,
         )
-    if out.returncode != 0:
-        raise RuntimeError(f"ptxas failed:\n{out.stderr}")
+        if out.returncode != 0:
+            raise RuntimeError(f"ptxas failed:\n{out.stderr}")
+        sass = _disassemble(Path(tmp) / "k.cubin")
     text = out.stderr + out.stdout
 
     def grab(pattern: str) -> int:
@@ -68,6 +77,9 @@ def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
         return int(m.group(1)) if m else 0
 
     return {
+        "wgmma": len(re.findall(r"\bHGMMA\.", sass)),
+        "mma_sync": len(re.findall(r"\bHMMA\.", sass)),
+        "tma": len(re.findall(r"\bUTMA(?:LDG|STG)\b", sass)),
         "registers": grab(r"Used (\d+) registers"),
         "spill_stores": grab(r"(\d+) bytes spill stores"),
         "spill_loads": grab(r"(\d+) bytes spill loads"),
@@ -75,18 +87,35 @@ def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
     }
 
 
+def _disassemble(cubin: Path) -> str:
+    """The SASS of a cubin, from the ``nvdisasm`` Triton ships (empty if it is missing)."""
+    tool = Path(_ptxas(90)).with_name("nvdisasm")
+    if not tool.exists():
+        return ""
+    out = subprocess.run([str(tool), "-c", str(cubin)], capture_output=True, text=True)
+    return out.stdout if out.returncode == 0 else ""
+
+
 _TORCH_PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "float64": "*fp64", "int32": "*i32",
               "int64": "*i64", "bool": "*i1"}
 
 
-def specialize(args: dict) -> tuple[dict, dict, dict]:
+def specialize(args: dict, fn=None) -> tuple[dict, dict, dict]:
     """Triton's signature, constexprs and attributes for one launch's arguments, as its
     launcher specializes them: pointers and integers divisible by 16 carry that hint (CUDA
     allocations are 256-byte aligned; meta tensors report address 0), integers equal to 1
-    become constants, ``None`` and flags are constexprs."""
+    become constants, ``None`` and flags are constexprs. With the kernel ``fn`` (a
+    ``JITFunction``), its ``tl.constexpr`` parameters are constants whatever their value's
+    type, and its ``do_not_specialize`` parameters get no value hints."""
+    params = {p.name: p for p in getattr(fn, "params", [])}
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, value) in enumerate(args.items()):
         kind = type(value).__name__
+        param = params.get(name)
+        if param is not None and param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", getattr(value, "value", value)
+            continue
+        fixed = param is not None and param.do_not_specialize
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "data_ptr"):
             signature[name], constexprs[name] = "constexpr", value
         elif hasattr(value, "data_ptr"):
@@ -94,11 +123,11 @@ def specialize(args: dict) -> tuple[dict, dict, dict]:
             if value.data_ptr() % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, int):
-            if value == 1:
+            if value == 1 and not fixed:
                 signature[name], constexprs[name] = "constexpr", 1
                 continue
             signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            if value % 16 == 0:
+            if value % 16 == 0 and not fixed:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             assert kind == "float", kind
@@ -106,34 +135,42 @@ def specialize(args: dict) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
-def compile_launch(fn, args: dict, num_warps: int, num_stages: int | None = None, arch: int = 90) -> KernelReport:
+def compile_launch(
+    fn, args: dict, num_warps: int, num_stages: int | None = None, arch: int = 90, stage: str = ""
+) -> KernelReport:
     """Compile one captured launch (a generated function and its arguments) for ``sm_<arch>``:
     the same specialization the launch compiles on a GPU; report its resources."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature, constexprs, attrs = specialize(args)
-    src = ASTSource(fn=triton.jit(fn), signature=signature, constexprs=constexprs, attrs=attrs)
+    jitted = fn if isinstance(fn, triton.runtime.JITFunction) else triton.jit(fn)
+    signature, constexprs, attrs = specialize(args, jitted)
+    src = ASTSource(fn=jitted, signature=signature, constexprs=constexprs, attrs=attrs)
     stages = {} if num_stages is None else {"num_stages": num_stages}
     options = {"num_warps": num_warps, "enable_fp_fusion": True, **stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     info = _ptxas_report(compiled.asm["ptx"], arch)
     return KernelReport(
-        name=fn.__name__,
+        name=getattr(fn, "__name__", None) or fn.fn.__name__,
         registers=info["registers"],
         spill_stores=info["spill_stores"],
         spill_loads=info["spill_loads"],
         shared=int(getattr(compiled.metadata, "shared", 0)) + info["smem"],
         num_warps=num_warps,
+        stage=stage,
+        wgmma=info["wgmma"],
+        mma_sync=info["mma_sync"],
+        tma=info["tma"],
     )
 
 
 def format_reports(reports: list[KernelReport]) -> list[str]:
     """A plain-text table of kernel resources."""
-    lines = [f"{'kernel':<12} {'warps':>5} {'registers':>9} {'spill st':>9} {'spill ld':>9} {'shared':>8}"]
+    lines = [f"{'kernel':<28} {'warps':>5} {'registers':>9} {'spill st':>9} {'spill ld':>9} {'shared':>8} {'MB read':>9} {'MB written':>10}"]
     for r in reports:
         lines.append(
-            f"{r.name:<12} {r.num_warps:>5} {r.registers:>9} {r.spill_stores:>9} {r.spill_loads:>9} {r.shared:>8}"
+            f"{r.name:<28} {r.num_warps:>5} {r.registers:>9} {r.spill_stores:>9} {r.spill_loads:>9} {r.shared:>8}"
+            f" {r.bytes_read / 1e6:>9.1f} {r.bytes_written / 1e6:>10.1f}"
         )
     return lines

@@ -22,46 +22,18 @@ costs less than keeping them alive between forward and backward.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
-from .emit import Emitter, Kernel, signature
+from .emit import Emitter, Kernel, plus, signature
+from .manifest import declare, inout, out
 from .plan import Plan
 from .source import Source
 
 __all__ = ["backward_kernels"]
 
-_CHUNK = [("chunk_t0", "i64"), ("chunk_len", "i32"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
+_CHUNK = ["chunk_t0", "chunk_len", "H", "HV", "GROUP"]
 
 
 class _B(Emitter):
     """Loads and stores of the per-value-head buffers of the backward."""
-
-    @contextmanager
-    def key_loop(self, s: Source):
-        """A runtime loop over the key blocks (bounds the live tiles); yields the block's suffix."""
-        with s.block(f"for kb in range({len(self.blocks)}):  # key blocks"):
-            s(f"ckx = kb * {self.kb} + tl.arange(0, {self.kb})", "ck_okx = ckx < K")
-            if self.p.channel:
-                s("b_Glastx = tl.load(p_G + (L - 1) * (HV * K) + ckx, mask=ckx < tl.where(L > 0, K, 0), other=0.0)")
-            yield "x"
-
-    def load_kh(self, s: Source, var: str, name: str, rows: str, ok: str, b) -> None:
-        s(
-            f"{var} = tl.load(p_{name} + {rows}[:, None] * (HV * K) + ck{b}[None, :], "
-            f"mask={ok}[:, None] & ck_ok{b}[None, :], other=0.0).to(tl.float32)"
-        )
-
-    def store_kh(self, s: Source, name: str, value: str, rows: str, ok: str, b) -> None:
-        s(
-            f"tl.store(p_{name} + {rows}[:, None] * (HV * K) + ck{b}[None, :], ({value}).to({name}.dtype.element_ty), "
-            f"mask={ok}[:, None] & ck_ok{b}[None, :])"
-        )
-
-    def load_h(self, s: Source, var: str, name: str, rows: str, ok: str) -> None:
-        s(f"{var} = tl.load(p_{name} + {rows} * HV, mask={ok}, other=0.0).to(tl.float32)")
-
-    def store_h(self, s: Source, name: str, value: str, rows: str, ok: str) -> None:
-        s(f"tl.store(p_{name} + {rows} * HV, {value}, mask={ok})")
 
     def load_cc(self, s: Source, var: str, name: str, mask: str) -> None:
         """A chunk's ``[C, C]`` matrix, zero outside ``mask``."""
@@ -91,19 +63,19 @@ class _B(Emitter):
         return ""
 
 
-def _delta_param(plan: Plan) -> list[tuple[str, str]]:
-    return [("vnew", "st")] if plan.delta else ([("v", "io")] + ([("beta", "f32")] if plan.beta else []))
+def _delta_param(plan: Plan) -> list[str]:
+    return ["vnew"] if plan.delta else (["v"] + (["beta"] if plan.beta else []))
 
 
 def _load_delta(e: _B, s: Source, var: str, rows: str, ok: str) -> None:
     """Δ of the chunk's rows: stored by the state pass (delta rule) or β ⊙ V."""
     p = e.p
     if p.delta:
-        e.load_v(s, var, "vnew", rows, ok)
+        e.load(s, var, "vnew", rows, ok)
     else:
-        e.load_v(s, var, "v", rows, ok)
+        e.load(s, var, "v", rows, ok)
         if p.beta:
-            e.load_beta(s, "b_bt", rows, ok)
+            e.load(s, "b_bt", "beta", rows, ok)
             s(f"{var} = {var} * b_bt[:, None]")
 
 
@@ -115,8 +87,8 @@ def _causal_A(e: _B, s: Source) -> None:
         return
     s("b_A = tl.zeros([C, C], dtype=tl.float32)")
     with e.key_loop(s) as b:
-        e.load_qk(s, "b_q", "q", "r", "row_ok", b)
-        e.load_qk(s, "b_k", "k", "r", "row_ok", b)
+        e.load(s, "b_q", "q", "r", "row_ok", b)
+        e.load(s, "b_k", "k", "r", "row_ok", b)
         s(f"b_A += {e.dot('b_q', 'tl.trans(b_k)')}")
     decay = ""
     if p.scalar:
@@ -127,37 +99,39 @@ def _causal_A(e: _B, s: Source) -> None:
 # ============================================================================ 1. dvl
 def _emit_dvl(plan: Plan) -> Kernel:
     e = _B(plan)
-    params = [("q", "io"), ("k", "io")] if not plan.aqk_stored else [("Aqk", "st")]
+    params = ["q", "k"] if not plan.aqk_stored else ["Aqk"]
     if plan.scalar:
-        params.append(("G", "f32"))
-    params += [("dO", "io"), ("dvl", "f32"), ("scale", "float"), *_CHUNK, ("MMA", "constexpr")]
+        params.append("G")
+    chunk = [n for n in _CHUNK if n != "H"] if plan.aqk_stored else _CHUNK  # no q/k read: no q/k heads
+    params += ["dO", out("dvl"), *([] if plan.aqk_stored else ["scale"]), *chunk, "MMA"]
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("dvl_bwd", params)):
         s('"""Per chunk and V tile: dΔ_loc = Aqkᵀ dO (the intra-chunk part of the gradient of Δ)."""')
         e.chunk_prologue(s, v_tile=True)
-        e.bases(s, [n for n, _ in params if n in e.LAYOUT])
+        e.bases(s, params)
         if plan.scalar:
             e.load_glast(s)
             e.load_G(s, "b_G", "r", "row_ok")
         _causal_A(e, s)
-        e.load_v(s, "b_do", "dO", "r", "row_ok")
-        e.store_v(s, "dvl", e.dot("tl.trans(b_A)", "b_do"), "r", "row_ok")
-    return Kernel("dvl_bwd", tuple(params), "chunks_v", s.text(), plan.warps_output, num_stages=1)
+        e.load(s, "b_do", "dO", "r", "row_ok")
+        e.store(s, "dvl", e.dot("tl.trans(b_A)", "b_do"), "r", "row_ok")
+    return Kernel("dvl_bwd", params, ("NCH", "HV", "NV"), s.text(), plan.warps_output, num_stages=1)
 
 
 # ============================================================================ 2. dstate
 def _emit_dstate(plan: Plan) -> Kernel:
     e = _B(plan)
-    params = [("q", "io"), ("k", "io")]
+    params = ["q", "k"]
     if plan.spec.has_decay:
-        params.append(("G", "f32"))
+        params.append("G")
     if plan.delta:
-        params.append(("W", "st"))
-    params += [("dO", "io"), ("dvl", "f32"), ("dvn", "f32"), ("dh", "f32"), ("dht", "f32"), ("dh0", "f32")]
-    params += [("scale", "float"), ("cu_seqlens", "idx"), ("chunk_off", "i32"), ("TT", "int"), ("H", "int"), ("HV", "int")]
-    params += [("GROUP", "int"), ("HAS_DHT", "constexpr"), ("STORE_DH0", "constexpr"), ("MMA", "constexpr")]
-    bases = [n for n, _ in params if n in e.LAYOUT]
+        params.append("W")
+    params += ["dO", "dvl", out("dvn"), out("dh"), "dht", out("dh0")]
+    params += ["scale", "cu_seqlens", "chunk_off", "TT", "H", "HV"]
+    params += ["GROUP", "HAS_DHT", "STORE_DH0", "MMA"]
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("dstate_bwd", params)):
         s('"""Reverse over one sequence\'s chunks: store dS\' (the end-state gradient), then')
         s("dΔ = dΔ_loc + Kb dS' and dS <- exp(G_C) dS' + Qgᵀ dO" + (" - Wᵀ dΔ" if plan.delta else "") + '."""')
@@ -165,26 +139,26 @@ def _emit_dstate(plan: Plan) -> Kernel:
         e.state_tiles(s, "b_dS", "HAS_DHT", "dht")
         with s.block("for icr in range(0, NT):"):
             s("ic = NT - 1 - icr", "t0 = bos + ic * C", "L = tl.minimum(eos - t0, C)")
-            e.bases(s, bases)
+            e.bases(s, params)
             for b in e.blocks:
                 s(f"tl.store(dh + ((first + ic) * HV + i_h) * K * V + s_off{b}, b_dS{b}, mask=s_mask{b})")
             if plan.spec.has_decay:
                 e.load_glast(s)
             with s.block("for j in range(C // RB):"):
                 s("rj = j * RB + rb", "okj = rj < L")
-                e.load_v(s, "b_dd", "dvl", "rj", "okj")
+                e.load(s, "b_dd", "dvl", "rj", "okj")
                 s("b_acc = tl.zeros([RB, BV], dtype=tl.float32)")
                 if plan.scalar:
                     e.load_G(s, "b_G", "rj", "okj")
                 for b in e.blocks:
-                    e.load_qk(s, "b_k", "k", "rj", "okj", b)
+                    e.load(s, "b_k", "k", "rj", "okj", b)
                     if plan.channel:
                         e.load_G(s, "b_Gb", "rj", "okj", b)
                     kb = "b_k" + (e.kb_factor("b_Gb", b) if plan.channel else "")
                     s(f"b_acc += {e.dot(kb, f'b_dS{b}')}")
                 factor = " * tl.exp(b_Glast - b_G)[:, None]" if plan.scalar else ""
                 s(f"b_dd += b_acc{factor}")
-                e.store_v(s, "dvn", "b_dd", "rj", "okj")
+                e.store(s, "dvn", "b_dd", "rj", "okj")
             s("tl.debug_barrier()  # dΔ written by all threads before it is read back")
             for b in e.blocks:
                 if plan.channel:
@@ -193,14 +167,14 @@ def _emit_dstate(plan: Plan) -> Kernel:
                     s(f"b_dS{b} = b_dS{b} * tl.exp(b_Glast)")
             with s.block("for j in range(C // RB):"):
                 s("rj = j * RB + rb", "okj = rj < L")
-                e.load_v(s, "b_do", "dO", "rj", "okj")
+                e.load(s, "b_do", "dO", "rj", "okj")
                 if plan.delta:
-                    e.load_v(s, "b_dd", "dvn", "rj", "okj")
+                    e.load(s, "b_dd", "dvn", "rj", "okj")
                 if plan.scalar:
                     e.load_G(s, "b_G", "rj", "okj")
                     s("b_do = b_do * tl.exp(b_G)[:, None]")
                 for b in e.blocks:
-                    e.load_qk(s, "b_q", "q", "rj", "okj", b)
+                    e.load(s, "b_q", "q", "rj", "okj", b)
                     qg = "b_q * scale"
                     if plan.channel:
                         e.load_G(s, "b_Gb", "rj", "okj", b)
@@ -215,29 +189,30 @@ def _emit_dstate(plan: Plan) -> Kernel:
         s("if STORE_DH0:")
         for b in e.blocks:
             s(f"    tl.store(dh0 + (i_n * HV + i_h) * K * V + s_off{b}, b_dS{b}, mask=s_mask{b})")
-    return Kernel("dstate_bwd", tuple(params), "seqs_v", s.text(), plan.warps_state, num_stages=1)
+    return Kernel("dstate_bwd", params, ("N", "HV", "NV"), s.text(), plan.warps_state, num_stages=1)
 
 
 # ============================================================================ 3. dqk
 def _emit_dqk(plan: Plan) -> Kernel:
     e = _B(plan, plan.KBB)
-    params = [("q", "io"), ("k", "io")]
+    params = ["q", "k"]
     if plan.spec.has_decay:
-        params.append(("G", "f32"))
+        params.append("G")
     params += _delta_param(plan)
-    params += [("hs", "st"), ("dh", "f32"), ("dO", "io"), ("dvn", "f32"), ("dq", "f32"), ("dk", "f32")]
+    params += ["hs", "dh", "dO", *(["dvn"] if plan.delta else []), out("dq"), out("dk")]
     if plan.delta:
-        params.append(("dW", "f32"))
+        params.append(out("dW"))
     if plan.spec.has_decay:
-        params.append(("dG", "f32"))
-    params += [("dAqk", "f32"), ("scale", "float"), *_CHUNK, ("MMA", "constexpr")]
+        params.append(out("dG"))
+    params += [out("dAqk"), "scale", *_CHUNK, "MMA"]
     s = Source()
     causal = "r[:, None] >= r[None, :]"
+    params = declare(plan, params)
     with s.block(signature("dqk_bwd", params)):
         s('"""Per chunk: dQg = dO Sᵀ, dKb = Δ dS\'ᵀ' + (", dW = -dΔ Sᵀ" if plan.delta else "") + ", dAqk = dO Δᵀ,")
         s('and what they give q, k and G (the start state S and dS\' are the chunk\'s)."""')
         e.chunk_prologue(s)
-        e.bases(s, [n for n, _ in params if n in e.LAYOUT])
+        e.bases(s, params)
         s("cvb = tl.arange(0, BV)")
         if plan.scalar:
             e.load_glast(s)
@@ -248,7 +223,7 @@ def _emit_dqk(plan: Plan) -> Kernel:
         s("b_dA = tl.zeros([C, C], dtype=tl.float32)")
         with s.block("for i_v in range(NV):"):
             s("cv = i_v * BV + cvb", "cv_ok = cv < V")
-            e.load_v(s, "b_do", "dO", "r", "row_ok")
+            e.load(s, "b_do", "dO", "r", "row_ok")
             _load_delta(e, s, "b_d", "r", "row_ok")
             s(f"b_dA += {e.dot('b_do', 'tl.trans(b_d)')}")
         s(
@@ -265,61 +240,63 @@ def _emit_dqk(plan: Plan) -> Kernel:
                 s("cv = i_v * BV + cvb", "cv_ok = cv < V")
                 e.load_state(s, "b_S", "hs", "i_c", b)
                 e.load_state(s, "b_dS", "dh", "i_c", b)
-                e.load_v(s, "b_do", "dO", "r", "row_ok")
+                e.load(s, "b_do", "dO", "r", "row_ok")
                 _load_delta(e, s, "b_d", "r", "row_ok")
                 s(f"b_dq += {e.dot('b_do', 'tl.trans(b_S)')}")
                 s(f"b_dk += {e.dot('b_d', 'tl.trans(b_dS)')}")
                 if plan.delta:
-                    e.load_v(s, "b_dd", "dvn", "r", "row_ok")
+                    e.load(s, "b_dd", "dvn", "r", "row_ok")
                     s(f"b_dw -= {e.dot('b_dd', 'tl.trans(b_S)')}")
                 if plan.channel:
                     s("b_dGC += tl.sum(b_S * b_dS, 1)")
                 elif plan.scalar:
                     s("b_dGS += tl.sum(tl.sum(b_S * b_dS, 1), 0)")
-            e.load_qk(s, "b_q", "q", "r", "row_ok", b)
-            e.load_qk(s, "b_k", "k", "r", "row_ok", b)
+            e.load(s, "b_q", "q", "r", "row_ok", b)
+            e.load(s, "b_k", "k", "r", "row_ok", b)
             if plan.channel:
                 e.load_G(s, "b_Gb", "r", "row_ok", b)
             G = "b_Gb" if plan.channel else "b_G"
             s(f"b_dq = {e.gated('b_dq', G, b)} * scale")
-            s(f"b_dk = b_dk{e.kb_factor(G, b)}")
-            e.store_kh(s, "dq", "b_dq", "r", "row_ok", b)
-            e.store_kh(s, "dk", "b_dk", "r", "row_ok", b)
+            if e.kb_factor(G, b):
+                s(f"b_dk = b_dk{e.kb_factor(G, b)}")
+            e.store(s, "dq", "b_dq", "r", "row_ok", b)
+            e.store(s, "dk", "b_dk", "r", "row_ok", b)
             if plan.delta:
-                e.store_kh(s, "dW", "b_dw", "r", "row_ok", b)
+                e.store(s, "dW", "b_dw", "r", "row_ok", b)
             if plan.channel:
                 # G_C feeds exp(G_C) S and every Kb row: its gradient lands on the chunk's last row
                 s(f"b_dGC = b_dGC * tl.exp(b_Glast{b}) + tl.sum(b_k * b_dk, 0)")
                 s("b_dG = b_q * b_dq - b_k * b_dk + tl.where(r[:, None] == L - 1, b_dGC[None, :], 0.0)")
-                e.store_kh(s, "dG", "b_dG", "r", "row_ok", b)
+                e.store(s, "dG", "b_dG", "r", "row_ok", b)
             elif plan.scalar:
                 s("b_dGr += tl.sum(b_q * b_dq - b_k * b_dk, 1)")
                 s("b_dGK += tl.sum(tl.sum(b_k * b_dk, 1), 0)")
         if plan.scalar:
             s("b_dGr += tl.where(r == L - 1, b_dGS * tl.exp(b_Glast) + b_dGK, 0.0)")
-            e.store_h(s, "dG", "b_dGr", "r", "row_ok")
-    return Kernel("dqk_bwd", tuple(params), "chunks", s.text(), plan.warps_output, num_stages=1)
+            e.store(s, "dG", "b_dGr", "r", "row_ok")
+    return Kernel("dqk_bwd", params, ("NCH", "HV"), s.text(), plan.warps_output, num_stages=1)
 
 
 # ============================================================================ 4. dwy
 def _emit_dwy(plan: Plan) -> Kernel:
     e = _B(plan, plan.KBB)
-    params = [("k", "io"), ("v", "io")]
+    params = ["k", "v"]
     if plan.spec.has_decay:
-        params.append(("G", "f32"))
+        params.append("G")
     if plan.beta:
-        params.append(("beta", "f32"))
-    params += [("Tm", "st"), ("dW", "f32"), ("dvn", "f32"), ("dk", "f32"), ("dv", "f32")]
+        params.append("beta")
+    params += ["Tm", "dW", "dvn", inout("dk"), out("dv")]
     if plan.beta:
-        params.append(("dbeta", "f32"))
+        params.append(out("dbeta"))
     if plan.spec.has_decay:
-        params.append(("dG", "f32"))
-    params += [("dAkk", "f32"), *_CHUNK, ("MMA", "constexpr")]
+        params.append(inout("dG"))
+    params += [out("dAkk"), *_CHUNK, "MMA"]
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("dwy_bwd", params)):
         s('"""Per chunk, the WY form backward: d(βKg) = Tᵀ dW, d(βV) = Tᵀ dΔ, dT -> dAkk = -Tᵀ dT Tᵀ."""')
         e.chunk_prologue(s)
-        e.bases(s, [n for n, _ in params if n in e.LAYOUT])
+        e.bases(s, params)
         s("cvb = tl.arange(0, BV)")
         e.load_cc(s, "b_T", "Tm", "r[:, None] >= r[None, :]")
         if plan.scalar:
@@ -327,49 +304,51 @@ def _emit_dwy(plan: Plan) -> Kernel:
             e.load_G(s, "b_G", "r", "row_ok")
             s("b_dGr = tl.zeros([C], dtype=tl.float32)")
         if plan.beta:
-            e.load_beta(s, "b_b", "r", "row_ok")
+            e.load(s, "b_b", "beta", "r", "row_ok")
             s("b_db = tl.zeros([C], dtype=tl.float32)")
         s("b_dT = tl.zeros([C, C], dtype=tl.float32)")
         bcol = " * b_b[:, None]" if plan.beta else ""
         with s.block("for i_v in range(NV):"):
             s("cv = i_v * BV + cvb", "cv_ok = cv < V")
-            e.load_v(s, "b_v", "v", "r", "row_ok")
-            e.load_v(s, "b_dd", "dvn", "r", "row_ok")
+            e.load(s, "b_v", "v", "r", "row_ok")
+            e.load(s, "b_dd", "dvn", "r", "row_ok")
             s(f"b_dbv = {e.dot('tl.trans(b_T)', 'b_dd')}")
-            e.store_v(s, "dv", "b_dbv" + bcol, "r", "row_ok")
+            e.store(s, "dv", "b_dbv" + bcol, "r", "row_ok")
             if plan.beta:
                 s("b_db += tl.sum(b_dbv * b_v, 1)")
             s(f"b_dT += {e.dot('b_dd', f'tl.trans(b_v{bcol})')}")
         with e.key_loop(s) as b:
-            e.load_qk(s, "b_k", "k", "r", "row_ok", b)
+            e.load(s, "b_k", "k", "r", "row_ok", b)
             if plan.channel:
                 e.load_G(s, "b_Gb", "r", "row_ok", b)
-            s(f"b_kg = {e.gated('b_k', 'b_Gb' if plan.channel else 'b_G', b)}")
-            e.load_kh(s, "b_dw", "dW", "r", "row_ok", b)
+            kg = "b_kg" if plan.spec.has_decay else "b_k"  # k ⊙ exp(G)
+            if plan.spec.has_decay:
+                s(f"b_kg = {e.gated('b_k', 'b_Gb' if plan.channel else 'b_G', b)}")
+            e.load(s, "b_dw", "dW", "r", "row_ok", b)
             s(f"b_dbk = {e.dot('tl.trans(b_T)', 'b_dw')}")
             if plan.beta:
-                s("b_db += tl.sum(b_dbk * b_kg, 1)")
+                s(f"b_db += tl.sum(b_dbk * {kg}, 1)")
             s(f"b_dkg = b_dbk{bcol}")
-            e.load_kh(s, "b_dk", "dk", "r", "row_ok", b)
+            e.load(s, "b_dk", "dk", "r", "row_ok", b)
             g = "b_Gb" if plan.channel else "b_G"
-            e.store_kh(s, "dk", f"b_dk + {e.gated('b_dkg', g, b)}", "r", "row_ok", b)
+            e.store(s, "dk", f"b_dk + {e.gated('b_dkg', g, b)}", "r", "row_ok", b)
             if plan.channel:
-                e.load_kh(s, "b_dG", "dG", "r", "row_ok", b)
-                e.store_kh(s, "dG", "b_dG + b_dkg * b_kg", "r", "row_ok", b)
+                e.load(s, "b_dG", "dG", "r", "row_ok", b)
+                e.store(s, "dG", "b_dG + b_dkg * b_kg", "r", "row_ok", b)
             elif plan.scalar:
                 s("b_dGr += tl.sum(b_dkg * b_kg, 1)")
-            s(f"b_dT += {e.dot('b_dw', f'tl.trans(b_kg{bcol})')}")
+            s(f"b_dT += {e.dot('b_dw', f'tl.trans({kg}{bcol})')}")
         s(f"b_dAkk = -{e.dot(e.dot('tl.trans(b_T)', 'b_dT'), 'tl.trans(b_T)')}")
         s(
             "tl.store(p_dAkk + r[:, None] * (HV * C) + r[None, :], "
             "tl.where(r[:, None] > r[None, :], b_dAkk, 0.0), mask=row_ok[:, None])"
         )
         if plan.beta:
-            e.store_h(s, "dbeta", "b_db", "r", "row_ok")
+            e.store(s, "dbeta", "b_db", "r", "row_ok")
         if plan.scalar:
-            e.load_h(s, "b_dG0", "dG", "r", "row_ok")
-            e.store_h(s, "dG", "b_dG0 + b_dGr", "r", "row_ok")
-    return Kernel("dwy_bwd", tuple(params), "chunks", s.text(), plan.warps_wu, num_stages=1)
+            e.load(s, "b_dG0", "dG", "r", "row_ok")
+            e.store(s, "dG", "b_dG0 + b_dGr", "r", "row_ok")
+    return Kernel("dwy_bwd", params, ("NCH", "HV"), s.text(), plan.warps_wu, num_stages=1)
 
 
 # ============================================================================ 5. dprod
@@ -382,24 +361,25 @@ def _emit_dprod(plan: Plan) -> Kernel:
     if plan.channel:
         return _emit_dprod_channel(plan)
     e = _B(plan, plan.KBB)
-    params = [("q", "io"), ("k", "io")]
+    params = ["q", "k"]
     if plan.scalar:
-        params.append(("G", "f32"))
+        params.append("G")
     if plan.delta and plan.beta:
-        params += [("beta", "f32"), ("dbeta", "f32")]
-    params += [("dAqk", "f32")]
+        params += ["beta", inout("dbeta")]
+    params += ["dAqk"]
     if plan.delta:
-        params.append(("dAkk", "f32"))
-    params += [("dq", "f32"), ("dk", "f32")]
+        params.append("dAkk")
+    params += [inout("dq"), inout("dk")]
     if plan.scalar:
-        params.append(("dG", "f32"))
-    params += [("scale", "float"), *_CHUNK, ("MMA", "constexpr")]
+        params.append(inout("dG"))
+    params += ["scale", *_CHUNK, "MMA"]
     s = Source()
     causal, strict = "r[:, None] >= r[None, :]", "r[:, None] > r[None, :]"
+    params = declare(plan, params)
     with s.block(signature("dprod_bwd", params)):
         s('"""Per chunk: dAqk' + (" and dAkk" if plan.delta else "") + ' pushed to q, k' + (", β" if plan.delta and plan.beta else "") + (" and G" if plan.scalar else "") + '."""')
         e.chunk_prologue(s)
-        e.bases(s, [n for n, _ in params if n in e.LAYOUT])
+        e.bases(s, params)
         if plan.scalar:
             e.load_glast(s)
             e.load_G(s, "b_G", "r", "row_ok")
@@ -413,13 +393,14 @@ def _emit_dprod(plan: Plan) -> Kernel:
             s("b_P = tl.zeros([C, C], dtype=tl.float32)")
         if plan.delta:
             e.load_cc(s, "b_N", "dAkk", strict)
-            s(f"b_N = b_N{decay(strict)}")
+            if decay(strict):
+                s(f"b_N = b_N{decay(strict)}")
             s("b_Pk = tl.zeros([C, C], dtype=tl.float32)  # dAkk ⊙ Akk without β")
             if plan.beta:
-                e.load_beta(s, "b_b", "r", "row_ok")
+                e.load(s, "b_b", "beta", "r", "row_ok")
         with e.key_loop(s) as b:
-            e.load_qk(s, "b_q", "q", "r", "row_ok", b)
-            e.load_qk(s, "b_k", "k", "r", "row_ok", b)
+            e.load(s, "b_q", "q", "r", "row_ok", b)
+            e.load(s, "b_k", "k", "r", "row_ok", b)
             s(f"b_dqa = {e.dot('b_M', 'b_k')}", f"b_dka = {e.dot('tl.trans(b_M)', 'b_q')}")
             if plan.scalar:
                 s(f"b_P += b_M * {e.dot('b_q', 'tl.trans(b_k)')}")
@@ -430,20 +411,20 @@ def _emit_dprod(plan: Plan) -> Kernel:
                 nb = "b_N * b_b[:, None]" if plan.beta else "b_N"
                 s(f"b_dkr = {e.dot(nb, 'b_k')}", f"b_dkc = {e.dot(f'tl.trans({nb})', 'b_k')}")
                 grads += ["b_dkr", "b_dkc"]
-            e.load_kh(s, "b_x", "dq", "r", "row_ok", b)
-            e.store_kh(s, "dq", "b_x + b_dqa", "r", "row_ok", b)
-            e.load_kh(s, "b_x", "dk", "r", "row_ok", b)
-            e.store_kh(s, "dk", "b_x + " + " + ".join(grads), "r", "row_ok", b)
+            e.load(s, "b_x", "dq", "r", "row_ok", b)
+            e.store(s, "dq", "b_x + b_dqa", "r", "row_ok", b)
+            e.load(s, "b_x", "dk", "r", "row_ok", b)
+            e.store(s, "dk", "b_x + " + " + ".join(grads), "r", "row_ok", b)
         if plan.delta and plan.beta:
-            e.load_h(s, "b_x", "dbeta", "r", "row_ok")
-            e.store_h(s, "dbeta", "b_x + tl.sum(b_Pk, 1)", "r", "row_ok")
+            e.load(s, "b_x", "dbeta", "r", "row_ok")
+            e.store(s, "dbeta", "b_x + tl.sum(b_Pk, 1)", "r", "row_ok")
         if plan.scalar:
             if plan.delta:
                 s("b_P += b_Pk" + (" * b_b[:, None]" if plan.beta else ""))
             s("b_dGr = tl.sum(b_P, 1) - tl.sum(b_P, 0)")
-            e.load_h(s, "b_x", "dG", "r", "row_ok")
-            e.store_h(s, "dG", "b_x + b_dGr", "r", "row_ok")
-    return Kernel("dprod_bwd", tuple(params), "chunks", s.text(), plan.warps_output, num_stages=1)
+            e.load(s, "b_x", "dG", "r", "row_ok")
+            e.store(s, "dG", "b_x + b_dGr", "r", "row_ok")
+    return Kernel("dprod_bwd", params, ("NCH", "HV"), s.text(), plan.warps_output, num_stages=1)
 
 
 def _emit_dprod_channel(plan: Plan) -> Kernel:
@@ -452,33 +433,31 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
     against later rows: G at j's last token), diagonal blocks pairwise."""
     e = _B(plan, min(plan.KBI, 16))
     NS, BC = plan.NS, plan.BC
-    params = [("q", "io"), ("k", "io"), ("G", "f32")]
+    params = ["q", "k", "G"]
     if plan.delta and plan.beta:
-        params += [("beta", "f32"), ("dbeta", "f32")]
-    params += [("dAqk", "f32")]
+        params += ["beta", inout("dbeta")]
+    params += ["dAqk"]
     if plan.delta:
-        params.append(("dAkk", "f32"))
-    params += [("dq", "f32"), ("dk", "f32"), ("dG", "f32"), ("scale", "float"), *_CHUNK, ("MMA", "constexpr")]
+        params.append("dAkk")
+    params += [inout("dq"), inout("dk"), inout("dG"), "scale", *_CHUNK, "MMA"]
     # the products: (weights, row operand, column operand, gradient of rows, gradient of columns)
     prods = [("dAqk", "q", "k", "dq", "dk", ">=")]
     if plan.delta:
         prods.append(("dAkk", "k", "k", "dk", "dk", ">"))
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("dprod_bwd", params)):
         s('"""Per chunk: dAqk' + (" and dAkk" if plan.delta else "") + ' pushed to q, k' + (", β" if plan.delta and plan.beta else "") + ' and G (channel decay)."""')
         e.chunk_prologue(s)
-        e.bases(s, [n for n, _ in params if n in e.LAYOUT])
+        e.bases(s, params)
         s("ri = tl.arange(0, BC)")
         if plan.delta and plan.beta:
             for i in range(NS):
                 s(f"b_db{i} = tl.zeros([BC], dtype=tl.float32)")
-        with s.block(f"for kb in range({len(e.blocks)}):  # key blocks"):
-            b = "x"
-            s(f"ckx = kb * {e.kb} + tl.arange(0, {e.kb})", "ck_okx = ckx < K")
-            s("b_Glastx = tl.load(p_G + (L - 1) * (HV * K) + ckx, mask=ckx < tl.where(L > 0, K, 0), other=0.0)")
+        with e.key_loop(s) as b:
             for i in range(NS):
                 s(f"# ---- sub-chunk {i}")
-                s(f"ri{i} = {i * BC} + ri", f"ok{i} = ri{i} < L")
+                s(f"ri{i} = {plus(i * BC, 'ri')}", f"ok{i} = ri{i} < L")
                 e.load_G(s, "b_Gi", f"ri{i}", f"ok{i}", b)
                 s(f"b_dqi = tl.zeros([BC, {e.kb}], dtype=tl.float32)")  # row-side gradient, per product
                 if plan.delta:
@@ -491,9 +470,9 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
                     s(f"ref_ok = {i * BC - 1} < L")
                     e.load_G_row(s, "b_Gref", f"{i * BC - 1}", "ref_ok", b)
                     for j in range(i):
-                        s(f"rj = {j * BC} + ri", "okj = rj < L")
+                        s(f"rj = {plus(j * BC, 'ri')}", "okj = rj < L")
                         e.load_G(s, "b_Gj", "rj", "okj", b)
-                        e.load_qk(s, "b_kj", "k", "rj", "okj", b)
+                        e.load(s, "b_kj", "k", "rj", "okj", b)
                         s("b_kb = b_kj * tl.exp(b_Gref[None, :] - b_Gj)")
                         for wname, _a, _b, _ga, _gb, _m in prods:
                             s(
@@ -512,17 +491,17 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
                     s(f"ref_ok = {last} < L")
                     e.load_G_row(s, "b_Gref", f"{last}", "ref_ok", b)
                     for j in range(i + 1, NS):
-                        s(f"rj = {j * BC} + ri", "okj = rj < L")
+                        s(f"rj = {plus(j * BC, 'ri')}", "okj = rj < L")
                         e.load_G(s, "b_Gj", "rj", "okj", b)
                         for wname, a_name, _b, _ga, _gb, _m in prods:
-                            e.load_qk(s, "b_aj", a_name, "rj", "okj", b)
+                            e.load(s, "b_aj", a_name, "rj", "okj", b)
                             s("b_aj = b_aj * tl.exp(b_Gj - b_Gref[None, :])")
                             s(
                                 f"b_w = tl.load(p_{wname} + rj[:, None] * (HV * C) + ri{i}[None, :], "
                                 f"mask=okj[:, None], other=0.0)"
                             )
                             if wname == "dAkk" and plan.beta:
-                                e.load_beta(s, "b_bj", "rj", "okj")
+                                e.load(s, "b_bj", "beta", "rj", "okj")
                                 s("b_w = b_w * b_bj[:, None]")
                             target = "b_dkci" if wname == "dAqk" else "b_dkcq"
                             s(f"{target} += {e.dot('tl.trans(b_w)', 'b_aj')}")
@@ -531,12 +510,12 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
                     if plan.delta:
                         s("b_dkcq = b_dkcq * b_e")
                 # the diagonal block, pairwise: one column c at a time
-                e.load_qk(s, "b_qi", "q", f"ri{i}", f"ok{i}", b)
-                e.load_qk(s, "b_ki", "k", f"ri{i}", f"ok{i}", b)
+                e.load(s, "b_qi", "q", f"ri{i}", f"ok{i}", b)
+                e.load(s, "b_ki", "k", f"ri{i}", f"ok{i}", b)
                 if plan.delta and plan.beta:
-                    e.load_beta(s, "b_bi", f"ri{i}", f"ok{i}")
+                    e.load(s, "b_bi", "beta", f"ri{i}", f"ok{i}")
                 with s.block("for c in range(BC):"):
-                    s(f"ok_c = {i * BC} + c < L", f"rc = {i * BC} + c")
+                    s(f"rc = {plus(i * BC, 'c')}", "ok_c = rc < L")
                     e.load_qk_row(s, "b_kc", "k", "rc", "ok_c", b)
                     e.load_G_row(s, "b_Gc", "rc", "ok_c", b)
                     s("b_e = tl.exp(tl.where(ri[:, None] >= c, b_Gi - b_Gc[None, :], 0.0))")
@@ -565,24 +544,25 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
                         s(f"b_db{i} += tl.sum(b_ki * b_dkri, 1)", "b_dkri = b_dkri * b_bi[:, None]")
                     dG += " + b_ki * b_dkri - b_ki * b_dkcq"
                     dk += " + b_dkcq + b_dkri"
-                e.load_kh(s, "b_x", "dq", f"ri{i}", f"ok{i}", b)
-                e.store_kh(s, "dq", "b_x + b_dqi", f"ri{i}", f"ok{i}", b)
-                e.load_kh(s, "b_x", "dk", f"ri{i}", f"ok{i}", b)
-                e.store_kh(s, "dk", f"b_x + {dk}", f"ri{i}", f"ok{i}", b)
-                e.load_kh(s, "b_x", "dG", f"ri{i}", f"ok{i}", b)
-                e.store_kh(s, "dG", f"b_x + {dG}", f"ri{i}", f"ok{i}", b)
+                e.load(s, "b_x", "dq", f"ri{i}", f"ok{i}", b)
+                e.store(s, "dq", "b_x + b_dqi", f"ri{i}", f"ok{i}", b)
+                e.load(s, "b_x", "dk", f"ri{i}", f"ok{i}", b)
+                e.store(s, "dk", f"b_x + {dk}", f"ri{i}", f"ok{i}", b)
+                e.load(s, "b_x", "dG", f"ri{i}", f"ok{i}", b)
+                e.store(s, "dG", f"b_x + {dG}", f"ri{i}", f"ok{i}", b)
         if plan.delta and plan.beta:
             for i in range(NS):
-                s(f"ri{i} = {i * BC} + ri", f"ok{i} = ri{i} < L")
-                e.load_h(s, "b_x", "dbeta", f"ri{i}", f"ok{i}")
-                e.store_h(s, "dbeta", f"b_x + b_db{i}", f"ri{i}", f"ok{i}")
-    return Kernel("dprod_bwd", tuple(params), "chunks", s.text(), plan.warps_intra, num_stages=1)
+                s(f"ri{i} = {plus(i * BC, 'ri')}", f"ok{i} = ri{i} < L")
+                e.load(s, "b_x", "dbeta", f"ri{i}", f"ok{i}")
+                e.store(s, "dbeta", f"b_x + b_db{i}", f"ri{i}", f"ok{i}")
+    return Kernel("dprod_bwd", params, ("NCH", "HV"), s.text(), plan.warps_intra, num_stages=1)
 
 
 # ============================================================================ 6. dgate
 def _emit_dgate(plan: Plan) -> Kernel:
-    params = [("dG", "f32"), ("dg", "f32"), ("chunk_t0", "i64"), ("chunk_len", "i32"), ("HV", "int")]
+    params = ["dG", out("dg"), "chunk_t0", "chunk_len", "HV"]
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("dgate_bwd", params)):
         s('"""dg = the reverse cumsum of dG inside the chunk (G_t = g_1 + ... + g_t)."""')
         s("i_c = tl.program_id(0)", "i_h = tl.program_id(1)", "i_k = tl.program_id(2)")
@@ -596,7 +576,7 @@ def _emit_dgate(plan: Plan) -> Kernel:
         s("b_dG = tl.load(dG + offs, mask=mask, other=0.0)")
         s("b_dg = tl.sum(b_dG, 0)" + ("[None, :]" if plan.channel else "") + " - tl.cumsum(b_dG, 0) + b_dG")
         s("tl.store(dg + offs, b_dg, mask=mask)")
-    return Kernel("dgate_bwd", tuple(params), "chunks_k" if plan.channel else "chunks", s.text(), plan.warps_gates)
+    return Kernel("dgate_bwd", params, ("NCH", "HV", "NKB") if plan.channel else ("NCH", "HV"), s.text(), plan.warps_gates)
 
 
 def backward_kernels(plan: Plan) -> list[Kernel]:

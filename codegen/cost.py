@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 from linattn.spec import OutputGate, Role, Skip
 
+from .manifest import Kernel, resolve
 from .plan import Plan
 
-__all__ = ["Cost", "cost"]
+__all__ = ["Cost", "cost", "kernel_bytes", "hbm_bytes"]
 
-_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8, "int32": 4, "int64": 8, "index": 4}
 
 
 @dataclass(frozen=True)
@@ -83,3 +84,66 @@ def cost(plan: Plan, *, B: int, T: int, H: int, HV: int, mode: str = "forward", 
     elif mode != "forward":
         raise ValueError(f"mode: expected 'forward', 'forward_backward' or 'step', got {mode!r}")
     return Cost(flops, moved)
+
+
+def kernel_bytes(kernel: Kernel, sizes: dict[str, int], present: set[str] | None = None) -> tuple[int, int]:
+    """``(read, written)``: the bytes of the tensors one launch of ``kernel`` reads and writes,
+    each counted once, from its manifest (``sizes``: the runtime and compile-time sizes;
+    ``present``: the tensors passed, where optional ones may be None). What it re-reads
+    through its grid is not counted: this is the kernel's unique traffic."""
+    read = written = 0
+    for p in kernel.params:
+        if not p.tensor or (present is not None and p.name not in present):
+            continue
+        n = 1
+        for d in resolve(p.shape, sizes):
+            n *= d
+        n *= _BYTES[p.dtype]
+        read += n if "r" in p.access else 0
+        written += n if p.written else 0
+    return read, written
+
+
+#: the tensor dimensions each grid dimension walks (a program of the grid owns a slice of them)
+_WALKS = {"NCH": {"TT", "NCH"}, "N": {"TT", "N", "N+1"}, "HV": {"HV", "H"}, "H": {"H"}, "NV": {"V"}, "NKB": {"K"}}
+
+
+def _walks(dim) -> set[str]:
+    return {dim[0]} if isinstance(dim, tuple) else _WALKS.get(dim, set())
+
+
+def hbm_bytes(kernel: Kernel, sizes: dict[str, int], resident: int, present: set[str] | None = None) -> tuple[int, int]:
+    """``(read, written)``: the bytes one launch of ``kernel`` likely moves to and from HBM,
+    counting the re-reads its grid makes (from its manifest).
+
+    A tensor is read once per program along every grid dimension that does not walk it
+    (q, k in a kernel tiled over V: once per V tile; a q/k head once per value head it
+    serves). Programs launch in grid order, dimension 0 fastest; the copies a re-read
+    needs are served by L2 when the programs sharing a slice are launched within
+    ``resident`` programs of each other (those that fit on the GPU at once), else each
+    comes from HBM again. Written tensors are written once.
+    """
+    # the grid as simple dimensions, fastest first ("A*B" enumerates B fastest)
+    axes = []
+    for dim in kernel.grid:
+        parts = dim.split("*")[::-1] if isinstance(dim, str) and "*" in dim else [dim]
+        axes += [(part, resolve((part,), sizes)[0]) for part in parts]
+    read = written = 0
+    for p in kernel.params:
+        if not p.tensor or (present is not None and p.name not in present):
+            continue
+        n = 1
+        for d in resolve(p.shape, sizes):
+            n *= d
+        n *= _BYTES[p.dtype]
+        dims = {d for d in p.shape if isinstance(d, str)}
+        factor, stride = 1, 1
+        for dim, extent in axes:
+            walked = _walks(dim) & dims
+            copies = extent if not walked else (sizes["HV"] // sizes["H"] if walked == {"H"} and dim == "HV" else 1)
+            if copies > 1 and stride * copies > resident:  # the sharing programs are not resident together
+                factor *= copies
+            stride *= extent
+        read += n * factor if "r" in p.access else 0
+        written += n if p.written else 0
+    return read, written

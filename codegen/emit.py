@@ -4,37 +4,15 @@ prologues, key blocks, loads and stores by buffer layout, signatures).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
 
 from linattn.spec import QK_L2NORM_EPS, Role
 
+from .manifest import Kernel, Param, buffers
 from .plan import Plan
 from .source import Source
 
-__all__ = ["Kernel", "Emitter", "L2NORM_EPS", "signature", "operand_params", "beta_kind"]
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """One emitted kernel: its name, parameters (name, kind), launch grid and source.
-
-    Parameter kinds: ``io`` (a tensor in the input dtype), ``st`` (a stored intermediate,
-    in the plan's :data:`~codegen.plan.STORE_DTYPE`), ``f32``/``i32``/``i64`` (tensors of
-    that dtype), ``idx`` (an int32 or int64 index tensor), ``int`` and ``float`` (scalars),
-    ``constexpr``.
-    ``grid``: ``chunks`` (chunk, value head), ``chunks_k`` (chunk, value head, key block),
-    ``chunks_v`` (chunk, value head, V tile), ``seqs_v`` (sequence, value head, V tile),
-    ``rows_qk`` (block of ``epilogue.NORM_ROWS`` tokens, q/k head).
-    """
-
-    name: str
-    params: tuple[tuple[str, str], ...]
-    grid: str
-    source: str
-    num_warps: int
-    #: software-pipelining depth; None: Triton's default. 1 where prefetching the next
-    #: iteration's tiles would cost more registers than its latency hiding is worth
-    num_stages: int | None = None
+__all__ = ["Kernel", "Emitter", "L2NORM_EPS", "signature", "operand_params", "plus"]
 
 
 L2NORM_EPS = repr(QK_L2NORM_EPS)
@@ -49,6 +27,7 @@ class Emitter:
         self.dt = {"bf16": "tl.bfloat16", "fp16": "tl.float16", "fp32": "tl.float32", "fp64": "tl.float64"}[plan.mma]
         self.prec = f', input_precision="{plan.mma_precision}"' if plan.mma_precision else ""
         self.kb = kb or plan.KB  # this kernel's key block
+        self.table = buffers(plan)  # every buffer's dtype and shape (the layouts of loads and stores)
         self.blocks = range(plan.BK // self.kb)
 
     # ------------------------------------------------------------------ products
@@ -96,32 +75,19 @@ class Emitter:
         if v_tile:
             s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
 
-    #: where each buffer's rows live: q/k heads x K, value heads x K / V / C, or one per head
-    LAYOUT = {
-        "q": "qk", "k": "qk",
-        "v": "v", "vnew": "v", "o": "v", "z": "v", "U": "v", "dO": "v", "dvl": "v", "dvn": "v", "dv": "v",
-        "W": "kh", "dq": "kh", "dk": "kh", "dW": "kh",
-        "G": "g", "dG": "g", "dg": "g",
-        "beta": "h", "dbeta": "h",
-        "Tm": "c", "Aqk": "c", "dAqk": "c", "dAkk": "c",
-    }  # fmt: skip
-
-    def bases(self, s: Source, names: list[str]) -> None:
-        """64-bit base pointers of the chunk's first token; offsets inside a chunk stay 32-bit
-        (per-element 64-bit index tiles would double the registers of every load)."""
-        for n in names:
-            lay = self.LAYOUT[n]
-            if lay == "g":
-                lay = "kh" if self.p.channel else "h"
-            s(
-                {
-                    "qk": f"p_{n} = {n} + (t0 * H + i_hk) * K",
-                    "v": f"p_{n} = {n} + (t0 * HV + i_h) * V",
-                    "kh": f"p_{n} = {n} + (t0 * HV + i_h) * K",
-                    "h": f"p_{n} = {n} + t0 * HV + i_h",
-                    "c": f"p_{n} = {n} + (t0 * HV + i_h) * C",
-                }[lay]
-            )
+    def bases(self, s: Source, params: tuple[Param, ...]) -> None:
+        """64-bit base pointers ``p_<name>`` of the chunk's first token, for every per-token
+        tensor among ``params`` (its row: a q/k head or a value head, of the manifest's
+        width). Offsets inside a chunk stay 32-bit (per-element 64-bit index tiles would
+        double the registers of every load)."""
+        for p in params:
+            if not (p.tensor and p.shape[0] == "TT"):
+                continue
+            heads, head = ("H", "i_hk") if p.shape[1] == "H" else ("HV", "i_h")
+            if len(p.shape) == 2:
+                s(f"p_{p.name} = {p.name} + t0 * {heads} + {head}")
+            else:
+                s(f"p_{p.name} = {p.name} + (t0 * {heads} + {head}) * {p.shape[2]}")
 
     def sequence_prologue(self, s: Source) -> None:
         """A (sequence, value head, V tile) program of a sequential pass: its bounds and state tiles' offsets."""
@@ -156,15 +122,43 @@ class Emitter:
 
     def key_blocks(self, s: Source) -> None:
         for b in self.blocks:
-            s(f"ck{b} = {b * self.kb} + tl.arange(0, {self.kb})", f"ck_ok{b} = ck{b} < K")
+            s(f"ck{b} = {plus(b * self.kb, f'tl.arange(0, {self.kb})')}", f"ck_ok{b} = ck{b} < K")
 
-    # ------------------------------------------------------------------ loads
-    def load_qk(self, s: Source, var: str, ptr: str, rows: str, ok: str, b: int) -> None:
-        """Rows ``rows`` of the chunk of q or k, key block ``b``, in fp32 (raw: normalisation is a row scale)."""
-        s(
-            f"{var} = tl.load(p_{ptr} + {rows}[:, None] * (H * K) + ck{b}[None, :], "
-            f"mask={ok}[:, None] & ck_ok{b}[None, :], other=0.0).to(tl.float32)"
-        )
+    @contextmanager
+    def key_loop(self, s: Source):
+        """The key blocks as a runtime loop (bounds the live tiles where unrolled blocks would
+        keep several alive); yields the blocks' suffix ``x`` (``ckx``, ``ck_okx``, channel
+        decay's ``b_Glastx``). The unrolled walk is ``for b in self.blocks`` after
+        :meth:`key_blocks`, with suffixes 0, 1, ...; loads and stores take either suffix."""
+        with s.block(f"for kb in range({len(self.blocks)}):  # key blocks"):
+            s(f"ckx = kb * {self.kb} + tl.arange(0, {self.kb})", "ck_okx = ckx < K")
+            if self.p.channel:
+                self._glast(s, "x")
+            yield "x"
+
+    # ------------------------------------------------------------------ loads and stores by layout
+    def _tile(self, name: str, rows: str, ok: str, b) -> tuple[str, str]:
+        """``(offsets, mask)`` of rows ``rows`` of a per-token buffer, by its manifest shape:
+        one value per row, a key block ``b`` of K, the V tile, or the chunk's C columns."""
+        shape = self.table[name][1]
+        heads = shape[1]
+        if len(shape) == 2:
+            return f"p_{name} + {rows} * {heads}", ok
+        width = shape[2]
+        cols, cols_ok = {"K": (f"ck{b}", f"ck_ok{b}"), "V": ("cv", "cv_ok")}[width]
+        return f"p_{name} + {rows}[:, None] * ({heads} * {width}) + {cols}[None, :]", f"{ok}[:, None] & {cols_ok}[None, :]"
+
+    def load(self, s: Source, var: str, name: str, rows: str, ok: str, b=None) -> None:
+        """``var`` = rows ``rows`` (valid where ``ok``) of buffer ``name`` in fp32, zeros elsewhere.
+        Its layout comes from the manifest: q/k rows of a q/k head, the V tile of a value
+        head's row, key block ``b`` of a value head's row (raw: normalisation is a row scale)."""
+        offsets, mask = self._tile(name, rows, ok, b)
+        s(f"{var} = tl.load({offsets}, mask={mask}, other=0.0).to(tl.float32)")
+
+    def store(self, s: Source, name: str, value: str, rows: str, ok: str, b=None) -> None:
+        """Rows ``rows`` (where ``ok``) of buffer ``name`` = ``value``, in the buffer's dtype."""
+        offsets, mask = self._tile(name, rows, ok, b)
+        s(f"tl.store({offsets}, ({value}).to({name}.dtype.element_ty), mask={mask})")
 
     def load_qk_row(self, s: Source, var: str, ptr: str, row: str, ok: str, b: int) -> None:
         s(
@@ -176,18 +170,19 @@ class Emitter:
         """``1 / |row|`` of q or k (the in-kernel L2 normalisation), over all key blocks."""
         s(f"{var} = tl.zeros_like({rows}).to(tl.float32)")
         for b in self.blocks:
-            self.load_qk(s, "b_x", ptr, rows, ok, b)
+            self.load(s, "b_x", ptr, rows, ok, b)
             s(f"{var} += tl.sum(b_x * b_x, 1)")
         s(f"{var} = tl.rsqrt({var} + {L2NORM_EPS})")
+
+    @staticmethod
+    def _glast(s: Source, b) -> None:
+        s(f"b_Glast{b} = tl.load(p_G + (L - 1) * (HV * K) + ck{b}, mask=ck{b} < tl.where(L > 0, K, 0), other=0.0)")
 
     def load_glast(self, s: Source) -> None:
         """``G`` at the chunk's last token: the decay of the whole chunk, and the fill of padding rows."""
         if self.p.channel:
             for b in self.blocks:
-                s(
-                    f"b_Glast{b} = tl.load(p_G + (L - 1) * (HV * K) + ck{b}, "
-                    f"mask=ck{b} < tl.where(L > 0, K, 0), other=0.0)"
-                )
+                self._glast(s, b)
         else:
             s("b_Glast = tl.load(p_G + (L - 1) * HV, mask=L > 0, other=0.0)")
 
@@ -208,33 +203,17 @@ class Emitter:
         s(f"{var} = tl.load(p_G + {row} * (HV * K) + ck{b}, mask=ck{b} < tl.where({ok}, K, 0), other=0.0)")
         s(f"{var} = tl.where({ok}, {var}, b_Glast{b})")
 
-    def load_beta(self, s: Source, var: str, rows: str, ok: str) -> None:
-        s(f"{var} = tl.load(p_beta + {rows} * HV, mask={ok}, other=0.0).to(tl.float32)")
 
-    def load_v(self, s: Source, var: str, ptr: str, rows: str, ok: str) -> None:
-        s(
-            f"{var} = tl.load(p_{ptr} + {rows}[:, None] * (HV * V) + cv[None, :], "
-            f"mask={ok}[:, None] & cv_ok[None, :], other=0.0).to(tl.float32)"
-        )
-
-    def store_v(self, s: Source, ptr: str, value: str, rows: str, ok: str) -> None:
-        s(
-            f"tl.store(p_{ptr} + {rows}[:, None] * (HV * V) + cv[None, :], "
-            f"({value}).to({ptr}.dtype.element_ty), mask={ok}[:, None] & cv_ok[None, :])"
-        )
+def plus(n: int, expr: str) -> str:
+    """``n + expr`` as source, or ``expr`` alone where the offset is 0."""
+    return f"{n} + {expr}" if n else expr
 
 
-def signature(name: str, params: list[tuple[str, str]]) -> str:
-    args = ", ".join(f"{n}: tl.constexpr" if kind == "constexpr" else n for n, kind in params)
+def signature(name: str, params: tuple[Param, ...]) -> str:
+    args = ", ".join(f"{p.name}: tl.constexpr" if p.kind == "constexpr" else p.name for p in params)
     return f"def {name}({args}):"
 
 
-def operand_params(plan: Plan) -> list[tuple[str, str]]:
-    out = []
-    for o in plan.spec.operands:
-        out.append((f"s_{o.name}", "float") if o.role is Role.SCALAR else (f"x_{o.name}", "io"))
-    return out
-
-
-def beta_kind(plan: Plan) -> str:
-    return "f32" if plan.beta_computed else "io"
+def operand_params(plan: Plan) -> list[str]:
+    """The spec's operands as kernel parameters: ``s_<name>`` scalars, ``x_<name>`` tensors."""
+    return [f"s_{o.name}" if o.role is Role.SCALAR else f"x_{o.name}" for o in plan.spec.operands]

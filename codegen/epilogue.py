@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from linattn.spec import Role, Term
 
-from .exprs import to_triton
-from .emit import L2NORM_EPS, Kernel, signature
+from .exprs import assign
+from .emit import L2NORM_EPS, Kernel, plus, signature
+from .manifest import declare, out, partial_name
 from .plan import Plan
 from .source import Source
 
@@ -39,11 +40,6 @@ def derivative_terms(plan: Plan) -> list[tuple[str, Term]]:
     if plan.beta_computed:
         out.append(("dbeta", spec.beta))
     return out
-
-
-def partial_name(name: str) -> str:
-    """The partial-sum buffer of per-head operand ``name``."""
-    return f"p_d{name}"
 
 
 def epilogue_kernels(plan: Plan) -> list:
@@ -76,8 +72,9 @@ def _row_block(s: Source) -> None:
 
 
 def _emit_qknorm_fwd(plan: Plan) -> Kernel:
-    params = [("q", "io"), ("k", "io"), ("qn", "f32"), ("kn", "f32"), ("TT", "int"), ("H", "int")]
+    params = ["q", "k", out("qn"), out("kn"), "TT", "H"]
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("qknorm_fwd", params)):
         s('"""q and k of a block of tokens of one q/k head, L2-normalised per row, in fp32."""')
         _row_block(s)
@@ -85,13 +82,13 @@ def _emit_qknorm_fwd(plan: Plan) -> Kernel:
             s(f"b_x = tl.load({x} + rows[:, None] + ck[None, :], mask=m, other=0.0).to(tl.float32)")
             s(f"rn = tl.rsqrt(tl.sum(b_x * b_x, 1) + {L2NORM_EPS})")
             s(f"tl.store({x}n + rows[:, None] + ck[None, :], b_x * rn[:, None], mask=m)")
-    return Kernel("qknorm_fwd", tuple(params), "rows_qk", s.text(), 4)
+    return Kernel("qknorm_fwd", params, (("TT", NORM_ROWS), "H"), s.text(), 4)
 
 
 def _emit_qknorm_bwd(plan: Plan) -> Kernel:
-    params = [("q", "io"), ("k", "io"), ("dq", "f32"), ("dk", "f32"), ("dq_out", "f32"), ("dk_out", "f32"),
-              ("TT", "int"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
+    params = ["q", "k", "dq", "dk", out("dq_out"), out("dk_out"), "TT", "H", "HV", "GROUP"]
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("qknorm_bwd", params)):
         s('"""dq, dk of a block of tokens of one q/k head: summed over the value heads it serves,'
           ' then back through the norm."""')
@@ -105,7 +102,7 @@ def _emit_qknorm_bwd(plan: Plan) -> Kernel:
             s(f"rn = tl.rsqrt(tl.sum(b_x * b_x, 1) + {L2NORM_EPS})")
             s("c3 = rn * rn * rn * tl.sum(b_x * b_dy, 1)  # r³ (x · dy)")
             s(f"tl.store(d{x}_out + rows[:, None] + ck[None, :], rn[:, None] * b_dy - b_x * c3[:, None], mask=m)")
-    return Kernel("qknorm_bwd", tuple(params), "rows_qk", s.text(), 4)
+    return Kernel("qknorm_bwd", params, (("TT", NORM_ROWS), "H"), s.text(), 4)
 
 
 # ============================================================================ terms
@@ -116,11 +113,11 @@ def _emit_terms_bwd(plan: Plan) -> Kernel:
     grads = [o for o in used.values() if o.role is not Role.SCALAR]
     params = []
     for o in used.values():
-        params.append((f"s_{o.name}", "float") if o.role is Role.SCALAR else (f"x_{o.name}", "io"))
-    params += [(buf, "f32") for buf, _ in terms]
+        params.append(f"s_{o.name}" if o.role is Role.SCALAR else f"x_{o.name}")
+    params += [buf for buf, _ in terms]
     for o in grads:
-        params.append((partial_name(o.name) if o.role in (Role.HEAD, Role.HEAD_CHANNEL) else f"d_{o.name}", "f32"))
-    params += [("chunk_t0", "i64"), ("chunk_len", "i32"), ("HV", "int")]
+        params.append(out(partial_name(o.name) if o.role in (Role.HEAD, Role.HEAD_CHANNEL) else f"d_{o.name}"))
+    params += ["chunk_t0", "chunk_len", "HV"]
 
     def name(ctx: str, b: int = 0):
         """Operand variables in a context: ``row`` ([C]) or ``tile`` ([C, KB], key block b)."""
@@ -140,6 +137,7 @@ def _emit_terms_bwd(plan: Plan) -> Kernel:
         return f
 
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("terms_bwd", params)):
         s('"""Gradients of the gate/β terms\' operands for one (chunk, value head); per-head ones as chunk partials."""')
         _chunk_rows(s)
@@ -153,21 +151,21 @@ def _emit_terms_bwd(plan: Plan) -> Kernel:
         for o in grads:
             if o.role in (Role.TOKEN, Role.HEAD):
                 s(f"acc_{o.name} = tl.zeros([C], dtype=tl.float32)")
-        # per-token terms (β, a scalar gate): [C] rows
-        for buf, t in terms:
-            if channel and buf == "dg":
-                continue
+        # per-token terms (β, a scalar gate): [C] rows, their derivatives' shared parts computed once
+        rows = [(buf, t) for buf, t in terms if not (channel and buf == "dg")]
+        pairs = [(buf, t, o) for buf, t in rows for o in t.operands if o.role is not Role.SCALAR]
+        for buf, _ in rows:
             s(f"b_{buf} = tl.load({buf} + base + r * HV, mask=row_ok, other=0.0)")
-            for o in t.operands:
-                if o.role is Role.SCALAR:
-                    continue
-                s(f"acc_{o.name} += tl.where(row_ok, b_{buf} * ({to_triton(t.diff(o.name), name('row'))}), 0.0)")
+        if pairs:
+            s(*assign([(f"{buf}_{o.name}", t.diff(o.name)) for buf, t, o in pairs], name("row"), "t_"))
+        for buf, _, o in pairs:
+            s(f"acc_{o.name} += tl.where(row_ok, b_{buf} * {buf}_{o.name}, 0.0)")
         # a channel gate: [C, KB] tiles, key block by key block
         if channel and any(buf == "dg" for buf, _ in terms):
             # key blocks of the backward's width: a gate's derivatives hold several [C, kb] tiles
             gate, kb = spec.gate, plan.KBB
             for b in range(plan.BK // kb):
-                s(f"ck = {b * kb} + tl.arange(0, {kb})", "ck_ok = ck < K", "m = row_ok[:, None] & ck_ok[None, :]")
+                s(f"ck = {plus(b * kb, f'tl.arange(0, {kb})')}", "ck_ok = ck < K", "m = row_ok[:, None] & ck_ok[None, :]")
                 for o in gate.operands:
                     if o.role is Role.TOKEN_CHANNEL:
                         s(
@@ -177,10 +175,10 @@ def _emit_terms_bwd(plan: Plan) -> Kernel:
                     elif o.role is Role.HEAD_CHANNEL:
                         s(f"o_{o.name}_{b} = tl.load(x_{o.name} + i_h * K + ck, mask=ck_ok, other=0.0).to(tl.float32)")
                 s("b_dg = tl.load(dg + base * K + r[:, None] * (HV * K) + ck[None, :], mask=m, other=0.0)")
-                for o in gate.operands:
-                    if o.role is Role.SCALAR:
-                        continue
-                    d = f"tl.where(m, b_dg * ({to_triton(gate.diff(o.name), name('tile', b))}), 0.0)"
+                wrt = [o for o in gate.operands if o.role is not Role.SCALAR]
+                s(*assign([(f"dg_{o.name}", gate.diff(o.name)) for o in wrt], name("tile", b), f"t{b}_"))
+                for o in wrt:
+                    d = f"tl.where(m, b_dg * dg_{o.name}, 0.0)"
                     if o.role is Role.TOKEN_CHANNEL:
                         s(f"tl.store(d_{o.name} + base * K + r[:, None] * (HV * K) + ck[None, :], {d}, mask=m)")
                     elif o.role is Role.HEAD_CHANNEL:
@@ -192,4 +190,4 @@ def _emit_terms_bwd(plan: Plan) -> Kernel:
                 s(f"tl.store(d_{o.name} + base + r * HV, acc_{o.name}, mask=row_ok)")
             elif o.role is Role.HEAD:
                 s(f"tl.store({partial_name(o.name)} + i_c * HV + i_h, tl.sum(acc_{o.name}, 0))")
-    return Kernel("terms_bwd", tuple(params), "chunks", s.text(), 4)
+    return Kernel("terms_bwd", params, ("NCH", "HV"), s.text(), 4)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from linattn.spec import OutputGate, Role, Skip
 
-from .emit import L2NORM_EPS, Emitter, Kernel, beta_kind, operand_params, signature
-from .exprs import to_triton
+from .emit import L2NORM_EPS, Emitter, Kernel, operand_params, plus, signature
+from .manifest import declare, out
+from .exprs import assign
 from .plan import GATE_FLOOR, Plan
 from .source import Source
 
@@ -30,13 +31,14 @@ __all__ = ["Kernel", "forward_kernels"]
 def _emit_gates(plan: Plan) -> Kernel:
     spec = plan.spec
     used = {o.name: o for t in (spec.gate, spec.beta if plan.beta_computed else None) if t for o in t.operands}
-    params = [(n, k) for n, k in operand_params(plan) if n[2:] in used]
+    params = [n for n in operand_params(plan) if n[2:] in used]
     if spec.has_decay:
-        params.append(("G", "f32"))
+        params.append(out("G"))
     if plan.beta_computed:
-        params.append(("beta", "f32"))
-    params += [("chunk_t0", "i64"), ("chunk_len", "i32"), ("HV", "int")]
+        params.append(out("beta"))
+    params += ["chunk_t0", "chunk_len", "HV"]
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("gates_fwd", params)):
         s('"""Evaluate the gate (and β) terms per token; G = their cumsum inside each chunk, in fp32."""')
         s("i_c = tl.program_id(0)", "i_h = tl.program_id(1)", "i_k = tl.program_id(2)")
@@ -72,9 +74,21 @@ def _emit_gates(plan: Plan) -> Kernel:
 
             return f
 
+        rows = "{} + tl.zeros([C], dtype=tl.float32)"  # a term of per-head operands alone is a scalar
+        terms = []
         if spec.has_decay:
-            shape, mask = ("[C, KB]", "row_ok[:, None] & ck_ok[None, :]") if plan.channel else ("[C]", "row_ok")
-            s(f"b_g = {to_triton(spec.gate.expr, name(plan.channel))} + tl.zeros({shape}, dtype=tl.float32)")
+            tile = "{} + tl.zeros([C, KB], dtype=tl.float32)" if plan.channel else rows
+            terms.append(("g", [("b_g", spec.gate.expr, tile)], name(plan.channel)))
+        if plan.beta_computed:
+            beta = ("b_beta", spec.beta.expr, rows)
+            if terms and not plan.channel:  # same rows: subexpressions shared with the gate (Mamba's dt) once
+                terms[0][1].append(beta)
+            else:
+                terms.append(("b", [beta], name(False)))
+        for prefix, targets, names in terms:
+            s(*assign(targets, names, f"{prefix}_"))
+        if spec.has_decay:
+            mask = "row_ok[:, None] & ck_ok[None, :]" if plan.channel else "row_ok"
             s(f"b_g = tl.where(b_g < {GATE_FLOOR}, {GATE_FLOOR}, b_g)  # exp(g) = 0 below: an exact reset, finite G")
             s(f"b_g = tl.where({mask}, b_g, 0.0)")
             s("b_G = tl.cumsum(b_g, 0)")
@@ -83,31 +97,31 @@ def _emit_gates(plan: Plan) -> Kernel:
             else:
                 s("tl.store(G + base + r * HV, b_G, mask=row_ok)")
         if plan.beta_computed:
-            s(f"b_beta = {to_triton(spec.beta.expr, name(False))} + tl.zeros([C], dtype=tl.float32)")
             s("tl.store(beta + base + r * HV, b_beta, mask=r < tl.where(i_k == 0, L, 0))  # once per chunk")
-    grid = "chunks_k" if plan.channel else "chunks"
-    return Kernel("gates_fwd", tuple(params), grid, s.text(), plan.warps_gates)
+    grid = ("NCH", "HV", "NKB") if plan.channel else ("NCH", "HV")
+    return Kernel("gates_fwd", params, grid, s.text(), plan.warps_gates)
 
 
 # ============================================================================ intra
 def _emit_intra(plan: Plan) -> Kernel:
     e = Emitter(plan, plan.KBI)
     NS, BC, l2 = plan.NS, plan.BC, plan.spec.qk_l2norm
-    params = [("k", "io")]
+    params = ["k"]
     if plan.aqk_stored:
-        params.append(("q", "io"))
+        params.append("q")
     if plan.spec.has_decay:
-        params.append(("G", "f32"))
+        params.append("G")
     if plan.delta and plan.beta:
-        params.append(("beta", beta_kind(plan)))
+        params.append("beta")
     if plan.delta:
-        params.append(("Tm", "st"))
+        params.append(out("Tm"))
     if plan.aqk_stored:
-        params += [("Aqk", "st"), ("scale", "float")]
-    params += [("chunk_t0", "i64"), ("chunk_len", "i32"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
-    params.append(("MMA", "constexpr"))
+        params += [out("Aqk"), "scale"]
+    params += ["chunk_t0", "chunk_len", "H", "HV", "GROUP"]
+    params.append("MMA")
 
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("intra_fwd", params)):
         what = []
         if plan.delta:
@@ -116,7 +130,7 @@ def _emit_intra(plan: Plan) -> Kernel:
             what.append("Aqk")
         s(f'"""Per chunk: {"; ".join(what)}."""')
         e.chunk_prologue(s)
-        e.bases(s, [n for n, kind in params if n in ("q", "k", "G", "beta", "Tm", "Aqk")])
+        e.bases(s, params)
         if plan.scalar:
             e.load_glast(s)
         s("ri = tl.arange(0, BC)")
@@ -125,7 +139,7 @@ def _emit_intra(plan: Plan) -> Kernel:
 
         for i in range(NS):
             s("", f"# ---- rows of sub-chunk {i}")
-            s(f"r{i} = {i * BC} + ri", f"ok{i} = r{i} < L")
+            s(f"r{i} = {plus(i * BC, 'ri')}", f"ok{i} = r{i} < L")
             if l2:
                 e.rnorm(s, f"rk{i}", "k", f"r{i}", f"ok{i}")
                 if plan.aqk_stored:
@@ -139,17 +153,10 @@ def _emit_intra(plan: Plan) -> Kernel:
                     s(f"b_Q{i}{j} = {zero}")
             if plan.channel and i > 0:
                 s(f"ref_ok = {i * BC - 1} < L  # reference point: the last token before sub-chunk {i}")
-            with s.block(f"for kb in range({len(e.blocks)}):  # key blocks (a loop: bounds the live tiles)"):
-                b = "x"
-                s(f"ckx = kb * {e.kb} + tl.arange(0, {e.kb})", "ck_okx = ckx < K")
-                if plan.channel:
-                    s(
-                        "b_Glastx = tl.load(p_G + (L - 1) * (HV * K) + ckx, "
-                        "mask=ckx < tl.where(L > 0, K, 0), other=0.0)"
-                    )
-                e.load_qk(s, "b_ki", "k", f"r{i}", f"ok{i}", b)
+            with e.key_loop(s) as b:
+                e.load(s, "b_ki", "k", f"r{i}", f"ok{i}", b)
                 if plan.aqk_stored:
-                    e.load_qk(s, "b_qi", "q", f"r{i}", f"ok{i}", b)
+                    e.load(s, "b_qi", "q", f"r{i}", f"ok{i}", b)
                 if plan.channel:
                     e.load_G(s, "b_Gi", f"r{i}", f"ok{i}", b)
                     if i > 0:
@@ -160,8 +167,8 @@ def _emit_intra(plan: Plan) -> Kernel:
                         if plan.aqk_stored:
                             s("b_qa = b_qi * tl.exp(b_Gi - b_Gref[None, :])")
                 for j in range(i):
-                    s(f"okj = {j * BC} + ri < L", f"rj = {j * BC} + ri")
-                    e.load_qk(s, "b_kj", "k", "rj", "okj", b)
+                    s(f"rj = {plus(j * BC, 'ri')}", "okj = rj < L")
+                    e.load(s, "b_kj", "k", "rj", "okj", b)
                     if plan.channel:
                         e.load_G(s, "b_Gj", "rj", "okj", b)
                         s("b_kb = b_kj * tl.exp(b_Gref[None, :] - b_Gj)")
@@ -175,7 +182,7 @@ def _emit_intra(plan: Plan) -> Kernel:
                 if plan.channel:
                     # pairwise, one column at a time: exp(G_r - G_c) only where c <= r
                     with s.block("for c in range(BC):"):
-                        s(f"ok_c = {i * BC} + c < L", f"rc = {i * BC} + c")
+                        s(f"rc = {plus(i * BC, 'c')}", "ok_c = rc < L")
                         e.load_qk_row(s, "b_kc", "k", "rc", "ok_c", b)
                         e.load_G_row(s, "b_Gc", "rc", "ok_c", b)
                         s("b_e = tl.exp(tl.where(ri[:, None] >= c, b_Gi - b_Gc[None, :], 0.0))")
@@ -194,7 +201,7 @@ def _emit_intra(plan: Plan) -> Kernel:
                     f = f"b_A{i}{j}"
                     if plan.scalar:
                         if j < i:
-                            s(f"okj = {j * BC} + ri < L", f"rj = {j * BC} + ri")
+                            s(f"rj = {plus(j * BC, 'ri')}", "okj = rj < L")
                             e.load_G(s, "b_Gj", "rj", "okj")
                             s(f"{f} = {f} * tl.exp(b_G{i}[:, None] - b_Gj[None, :])")
                         else:
@@ -203,7 +210,7 @@ def _emit_intra(plan: Plan) -> Kernel:
                         s(f"{f} = {f} * rk{i}[:, None] * rk{j}[None, :]")
                     if plan.beta:
                         if j == 0:
-                            e.load_beta(s, f"b_b{i}", f"r{i}", f"ok{i}")
+                            e.load(s, f"b_b{i}", "beta", f"r{i}", f"ok{i}")
                         s(f"{f} = {f} * b_b{i}[:, None]")
                     if j == i:  # the select comes last: a later token's column scale is never multiplied in
                         s(f"{f} = tl.where({strict}, {f}, 0.0)")
@@ -214,7 +221,7 @@ def _emit_intra(plan: Plan) -> Kernel:
                     if j == i:
                         s(f"{f} = tl.where({causal}, {f}, 0.0)")
                     s(
-                        f"tl.store(p_Aqk + r{i}[:, None] * (HV * C) + ({j * BC} + ri)[None, :], "
+                        f"tl.store(p_Aqk + r{i}[:, None] * (HV * C) + {plus(j * BC, 'ri')}[None, :], "
                         f"{f}.to(Aqk.dtype.element_ty), mask=ok{i}[:, None])"
                     )
 
@@ -233,29 +240,30 @@ def _emit_intra(plan: Plan) -> Kernel:
                     s(f"b_T{i}{j} = -b_T{i}{j}")
                 for j in range(i + 1):
                     s(
-                        f"tl.store(p_Tm + r{i}[:, None] * (HV * C) + ({j * BC} + ri)[None, :], "
+                        f"tl.store(p_Tm + r{i}[:, None] * (HV * C) + {plus(j * BC, 'ri')}[None, :], "
                         f"b_T{i}{j}.to(Tm.dtype.element_ty), mask=ok{i}[:, None])"
                     )
 
-    return Kernel("intra_fwd", tuple(params), "chunks", s.text(), plan.warps_intra)
+    return Kernel("intra_fwd", params, ("NCH", "HV"), s.text(), plan.warps_intra)
 
 
 # ============================================================================ wu
 def _emit_wu(plan: Plan) -> Kernel:
     e, l2 = Emitter(plan), plan.spec.qk_l2norm
-    params = [("k", "io"), ("v", "io")]
+    params = ["k", "v"]
     if plan.spec.has_decay:
-        params.append(("G", "f32"))
+        params.append("G")
     if plan.beta:
-        params.append(("beta", beta_kind(plan)))
-    params += [("Tm", "st"), ("W", "st"), ("U", "st")]
-    params += [("chunk_t0", "i64"), ("chunk_len", "i32"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
-    params.append(("MMA", "constexpr"))
+        params.append("beta")
+    params += ["Tm", out("W"), out("U")]
+    params += ["chunk_t0", "chunk_len", "H", "HV", "GROUP"]
+    params.append("MMA")
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("wu_fwd", params)):
         s('"""Per chunk: W = T (β ⊙ Kg), U = T (β ⊙ V), so that the state pass needs Δ = U - W S only."""')
         e.chunk_prologue(s)
-        e.bases(s, [n for n, _ in params if n in ("k", "v", "G", "beta", "Tm", "W", "U")])
+        e.bases(s, params)
         if plan.spec.has_decay:
             e.load_glast(s)
             if plan.scalar:
@@ -266,7 +274,7 @@ def _emit_wu(plan: Plan) -> Kernel:
         )
         rows = []
         if plan.beta:
-            e.load_beta(s, "b_b", "r", "row_ok")
+            e.load(s, "b_b", "beta", "r", "row_ok")
             rows.append("b_b")
         if plan.scalar:
             rows.append("tl.exp(b_G)")
@@ -275,7 +283,7 @@ def _emit_wu(plan: Plan) -> Kernel:
             rows.append("b_rk")
         scale = f" * ({' * '.join(rows)})[:, None]" if rows else ""
         for b in e.blocks:
-            e.load_qk(s, "b_k", "k", "r", "row_ok", b)
+            e.load(s, "b_k", "k", "r", "row_ok", b)
             kg = "b_k"
             if plan.channel:
                 e.load_G(s, "b_Gb", "r", "row_ok", b)
@@ -288,29 +296,29 @@ def _emit_wu(plan: Plan) -> Kernel:
         vb = " * b_b[:, None]" if plan.beta else ""
         with s.block("for i_v in tl.static_range(NV):"):
             s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
-            e.load_v(s, "b_v", "v", "r", "row_ok")
+            e.load(s, "b_v", "v", "r", "row_ok")
             e.causal_dot(s, "b_u", "b_T", "b_v" + vb)
-            e.store_v(s, "U", "b_u", "r", "row_ok")
-    return Kernel("wu_fwd", tuple(params), "chunks", s.text(), plan.warps_wu)
+            e.store(s, "U", "b_u", "r", "row_ok")
+    return Kernel("wu_fwd", params, ("NCH", "HV"), s.text(), plan.warps_wu)
 
 
 # ============================================================================ state
 def _emit_state(plan: Plan) -> Kernel:
     e, l2 = Emitter(plan), plan.spec.qk_l2norm
-    params = [("k", "io")]
+    params = ["k"]
     if plan.spec.has_decay:
-        params.append(("G", "f32"))
+        params.append("G")
     if plan.delta:
-        params += [("W", "st"), ("U", "st"), ("vnew", "st")]
+        params += ["W", "U", out("vnew")]
     else:
-        params.append(("v", "io"))
+        params.append("v")
         if plan.beta:
-            params.append(("beta", beta_kind(plan)))
-    params += [("hs", "st"), ("h0", "f32"), ("ht", "f32"), ("cu_seqlens", "idx"), ("chunk_off", "i32")]
-    params += [("TT", "int"), ("H", "int"), ("HV", "int"), ("GROUP", "int"), ("HAS_H0", "constexpr"), ("STORE_HT", "constexpr")]
-    params.append(("MMA", "constexpr"))
-    state_bases = [n for n, _ in params if n in ("k", "G", "v", "beta", "W", "U", "vnew")]
+            params.append("beta")
+    params += [out("hs"), "h0", out("ht"), "cu_seqlens", "chunk_off"]
+    params += ["TT", "H", "HV", "GROUP", "HAS_H0", "STORE_HT"]
+    params.append("MMA")
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("state_fwd", params)):
         s('"""Sequential over one sequence\'s chunks: store each start state S, then')
         if plan.delta:
@@ -321,7 +329,7 @@ def _emit_state(plan: Plan) -> Kernel:
         e.state_tiles(s, "b_S", "HAS_H0", "h0")
         with s.block("for ic in range(0, NT):"):
             s("t0 = bos + ic * C", "L = tl.minimum(eos - t0, C)")
-            e.bases(s, state_bases)
+            e.bases(s, params)
             for b in e.blocks:
                 s(
                     f"tl.store(hs + ((first + ic) * HV + i_h) * K * V + s_off{b}, "
@@ -333,14 +341,14 @@ def _emit_state(plan: Plan) -> Kernel:
                 # Δ of every row block, from the chunk's start state
                 with s.block("for j in range(C // RB):"):
                     s("rj = j * RB + rb", "okj = rj < L")
-                    e.load_v(s, "b_d", "U", "rj", "okj")
+                    e.load(s, "b_d", "U", "rj", "okj")
                     for b in e.blocks:
                         s(
                             f"b_w = tl.load(p_W + rj[:, None] * (HV * K) + ck{b}[None, :], "
                             f"mask=okj[:, None] & ck_ok{b}[None, :], other=0.0)"
                         )
                         s(f"b_d -= {e.dot('b_w', f'b_S{b}')}")
-                    e.store_v(s, "vnew", "b_d", "rj", "okj")
+                    e.store(s, "vnew", "b_d", "rj", "okj")
                 s("tl.debug_barrier()  # Δ written by all threads before it is read back")
             # S_b <- exp(G_C) S_b + Σ_rows (k ⊙ exp(G_C - G))ᵀ Δ
             for b in e.blocks:
@@ -351,11 +359,11 @@ def _emit_state(plan: Plan) -> Kernel:
             with s.block("for j in range(C // RB):"):
                 s("rj = j * RB + rb", "okj = rj < L")
                 if plan.delta:
-                    e.load_v(s, "b_d", "vnew", "rj", "okj")
+                    e.load(s, "b_d", "vnew", "rj", "okj")
                 else:
-                    e.load_v(s, "b_d", "v", "rj", "okj")
+                    e.load(s, "b_d", "v", "rj", "okj")
                     if plan.beta:
-                        e.load_beta(s, "b_b", "rj", "okj")
+                        e.load(s, "b_b", "beta", "rj", "okj")
                         s("b_d = b_d * b_b[:, None]")
                 # row scales of Kb = k ⊙ exp(G_C - G) / |k| go on Δ (scalar decay, L2 norm)
                 factors = []
@@ -368,7 +376,7 @@ def _emit_state(plan: Plan) -> Kernel:
                 if factors:
                     s(f"b_d = b_d * {' * '.join(factors)}")
                 for b in e.blocks:
-                    e.load_qk(s, "b_k", "k", "rj", "okj", b)
+                    e.load(s, "b_k", "k", "rj", "okj", b)
                     if plan.channel:
                         e.load_G(s, "b_Gb", "rj", "okj", b)
                         s(f"b_k = b_k * tl.exp(b_Glast{b}[None, :] - b_Gb)")
@@ -376,38 +384,39 @@ def _emit_state(plan: Plan) -> Kernel:
         s("if STORE_HT:")
         for b in e.blocks:
             s(f"    tl.store(ht + (i_n * HV + i_h) * K * V + s_off{b}, b_S{b}, mask=s_mask{b})")
-    return Kernel("state_fwd", tuple(params), "seqs_v", s.text(), plan.warps_state)
+    return Kernel("state_fwd", params, ("N", "HV", "NV"), s.text(), plan.warps_state)
 
 
 # ============================================================================ output
 def _emit_output(plan: Plan) -> Kernel:
     e, spec, l2 = Emitter(plan), plan.spec, plan.spec.qk_l2norm
-    params = [("q", "io")]
+    params = ["q"]
     if not plan.aqk_stored:
-        params.append(("k", "io"))
+        params.append("k")
     if spec.has_decay:
-        params.append(("G", "f32"))
+        params.append("G")
     if plan.aqk_stored:
-        params.append(("Aqk", "st"))
+        params.append("Aqk")
     if plan.delta:
-        params.append(("vnew", "st"))
+        params.append("vnew")
     need_v = not plan.delta or spec.skip is not Skip.NONE
     if need_v:
-        params.append(("v", "io"))
+        params.append("v")
     if not plan.delta and plan.beta:
-        params.append(("beta", beta_kind(plan)))
+        params.append("beta")
     if spec.skip is not Skip.NONE:
-        params.append(("D", "io"))
+        params.append("D")
     if spec.output_gate is OutputGate.SILU:
-        params.append(("z", "io"))
-    params += [("hs", "st"), ("o", "io"), ("scale", "float")]
-    params += [("chunk_t0", "i64"), ("chunk_len", "i32"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
-    params.append(("MMA", "constexpr"))
+        params.append("z")
+    params += ["hs", out("o"), "scale"]
+    params += ["chunk_t0", "chunk_len", "H", "HV", "GROUP"]
+    params.append("MMA")
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("output_fwd", params)):
         s('"""Per chunk and V tile: O = Qg S + Aqk Δ, then the layer-side output terms."""')
         e.chunk_prologue(s, v_tile=True)
-        e.bases(s, [n for n, _ in params if n in ("q", "k", "G", "Aqk", "vnew", "v", "beta", "z", "o")])
+        e.bases(s, params)
         causal = "r[:, None] >= r[None, :]"
         if spec.has_decay:
             e.load_glast(s)
@@ -421,7 +430,7 @@ def _emit_output(plan: Plan) -> Kernel:
             if not plan.aqk_stored:
                 s("b_nk = tl.zeros([C], dtype=tl.float32)")
         for b in e.blocks:
-            e.load_qk(s, "b_q", "q", "r", "row_ok", b)
+            e.load(s, "b_q", "q", "r", "row_ok", b)
             if l2:
                 s("b_nq += tl.sum(b_q * b_q, 1)")
             # spare programs (L = 0) must not read the never-written state of a chunk that does not exist
@@ -435,7 +444,7 @@ def _emit_output(plan: Plan) -> Kernel:
                 qg = "b_q * tl.exp(b_Gb)"
             s(f"b_o += {e.dot(qg, 'b_S')}")
             if not plan.aqk_stored:
-                e.load_qk(s, "b_k", "k", "r", "row_ok", b)
+                e.load(s, "b_k", "k", "r", "row_ok", b)
                 if l2:
                     s("b_nk += tl.sum(b_k * b_k, 1)")
                 s(f"b_A += {e.dot('b_q', 'tl.trans(b_k)')}")
@@ -457,25 +466,24 @@ def _emit_output(plan: Plan) -> Kernel:
                 scales.append(f"tl.exp(tl.where({causal}, b_G[:, None] - b_G[None, :], 0.0))")
             s(f"b_A = tl.where({causal}, b_A * {' * '.join(scales)}, 0.0)")
         if need_v:
-            e.load_v(s, "b_v", "v", "r", "row_ok")
+            e.load(s, "b_v", "v", "r", "row_ok")
         if plan.delta:
-            e.load_v(s, "b_d", "vnew", "r", "row_ok")
-        elif plan.beta:
-            e.load_beta(s, "b_b", "r", "row_ok")
-            s("b_d = b_v * b_b[:, None]")
-        else:
-            s("b_d = b_v")
-        e.causal_dot(s, "b_ad", "b_A", "b_d")
+            e.load(s, "b_d", "vnew", "r", "row_ok")
+        delta = "b_d" if plan.delta else "b_v"  # Δ: stored by the state pass, or V (times β)
+        if not plan.delta and plan.beta:
+            e.load(s, "b_b", "beta", "r", "row_ok")
+            delta = "b_v * b_b[:, None]"
+        e.causal_dot(s, "b_ad", "b_A", delta)
         s("b_o += b_ad")
         if spec.skip is Skip.HEAD:
             s("b_o += tl.load(D + i_h).to(tl.float32) * b_v")
         elif spec.skip is Skip.CHANNEL:
             s("b_o += tl.load(D + i_h * V + cv, mask=cv_ok, other=0.0).to(tl.float32)[None, :] * b_v")
         if spec.output_gate is OutputGate.SILU:
-            e.load_v(s, "b_z", "z", "r", "row_ok")
+            e.load(s, "b_z", "z", "r", "row_ok")
             s("b_o = b_o * b_z / (1.0 + tl.exp(-b_z))")
-        e.store_v(s, "o", "b_o", "r", "row_ok")
-    return Kernel("output_fwd", tuple(params), "chunks_v", s.text(), plan.warps_output)
+        e.store(s, "o", "b_o", "r", "row_ok")
+    return Kernel("output_fwd", params, ("NCH", "HV", "NV"), s.text(), plan.warps_output)
 
 
 _EMITTERS = {

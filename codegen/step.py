@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from linattn.spec import OutputGate, Role, Skip
 
-from .exprs import to_triton
+from .exprs import assign
 from .emit import L2NORM_EPS, Emitter, Kernel, operand_params, signature
+from .manifest import declare, inout, out
 from .plan import Plan
 from .source import Source
 
@@ -21,16 +22,17 @@ __all__ = ["step_kernel"]
 
 def step_kernel(plan: Plan) -> Kernel:
     e, spec = Emitter(plan), plan.spec
-    params = [("q", "io"), ("k", "io"), ("v", "io"), *operand_params(plan)]
+    params = ["q", "k", "v", *operand_params(plan)]
     if spec.skip is not Skip.NONE:
-        params.append(("D", "io"))
+        params.append("D")
     if spec.output_gate is OutputGate.SILU:
-        params.append(("z", "io"))
-    params += [("state", "f32"), ("state_idx", "idx"), ("pool_err", "i32"), ("o", "io"), ("cu_seqlens", "idx")]
-    params += [("scale", "float"), ("NSLOT", "int"), ("TT", "int"), ("H", "int"), ("HV", "int"), ("GROUP", "int")]
-    params.append(("HAS_IDX", "constexpr"))
+        params.append("z")
+    params += [inout("state"), "state_idx", out("pool_err"), out("o"), "cu_seqlens"]
+    params += ["scale", "NSLOT", "TT", "H", "HV", "GROUP"]
+    params.append("HAS_IDX")
     ops = {o.name: o for o in spec.operands}
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("step_fwd", params)):
         s('"""Decode: run one sequence\'s new tokens through the recurrence on its state, in place."""')
         s("i_n = tl.program_id(0)", "i_h = tl.program_id(1)", "i_v = tl.program_id(2)", "i_hk = i_h // GROUP")
@@ -85,22 +87,34 @@ def step_kernel(plan: Plan) -> Kernel:
 
                 return f
 
+            # the gate and β terms of this token (subexpressions shared between them computed once)
+            terms = []
+            if plan.scalar:
+                terms.append(("b_g", spec.gate.expr))
+            if plan.beta:
+                terms.append(("b_beta", spec.beta.expr))
+            if terms:
+                s(*assign(terms, name(""), "t_"))
             # decay
             if plan.scalar:
-                s(f"b_a = tl.exp({to_triton(spec.gate.expr, name(''))})")
+                s("b_a = tl.exp(b_g)")
                 for b in e.blocks:
                     s(f"b_S{b} = b_S{b} * b_a")
             elif plan.channel:
                 for b in e.blocks:
-                    s(f"b_S{b} = b_S{b} * tl.exp({to_triton(spec.gate.expr, name(b))})[:, None]")
+                    s(*assign([(f"b_g{b}", spec.gate.expr)], name(b), f"t{b}_"))
+                    s(f"b_S{b} = b_S{b} * tl.exp(b_g{b})[:, None]")
             # correction and write: S += k (β (v - Sᵀ k))ᵀ
-            s("b_u = b_v")
+            u = "b_v"
             if plan.delta:
-                s("b_u = b_u - (" + " + ".join(f"tl.sum(b_k{b}[:, None] * b_S{b}, 0)" for b in e.blocks) + ")")
+                u = "(b_v - (" + " + ".join(f"tl.sum(b_k{b}[:, None] * b_S{b}, 0)" for b in e.blocks) + "))"
             if plan.beta:
-                s(f"b_u = b_u * ({to_triton(spec.beta.expr, name(''))})")
+                s(f"b_u = {u} * b_beta")
+            elif plan.delta:
+                s(f"b_u = {u}")
+            u = "b_u" if plan.beta or plan.delta else "b_v"
             for b in e.blocks:
-                s(f"b_S{b} += b_k{b}[:, None] * b_u[None, :]")
+                s(f"b_S{b} += b_k{b}[:, None] * {u}[None, :]")
             s("b_o = scale * (" + " + ".join(f"tl.sum(b_q{b}[:, None] * b_S{b}, 0)" for b in e.blocks) + ")")
             if spec.skip is not Skip.NONE:
                 s("b_o += b_D * b_v")
@@ -111,4 +125,4 @@ def step_kernel(plan: Plan) -> Kernel:
             s("tl.store(o + p_h * V + cv, b_o.to(o.dtype.element_ty), mask=cv_ok)")
         for b in e.blocks:
             s(f"tl.store(state + (slot * HV + i_h) * K * V + s_off{b}, b_S{b}, mask=s_mask{b})")
-    return Kernel("step_fwd", tuple(params), "seqs_v", s.text(), plan.warps_state)
+    return Kernel("step_fwd", params, ("N", "HV", "NV"), s.text(), plan.warps_state)

@@ -14,6 +14,7 @@ starts at 0, ends at TT, strictly increasing.
 from __future__ import annotations
 
 from .emit import Kernel, signature
+from .manifest import declare, out
 from .plan import Plan
 from .source import Source
 
@@ -26,9 +27,10 @@ _SEQS = 16
 
 
 def table_kernel(plan: Plan) -> Kernel:
-    params = [("cu_seqlens", "idx"), ("chunk_t0", "i64"), ("chunk_len", "i32"), ("chunk_off", "i32"), ("cu_ok", "i32")]
-    params += [("N", "int"), ("TT", "int"), ("NCH", "int")]
+    params = ["cu_seqlens", out("chunk_t0"), out("chunk_len"), out("chunk_off"), out("cu_ok")]
+    params += ["N", "TT", "NCH"]
     s = Source()
+    params = declare(plan, params)
     with s.block(signature("chunk_table", params)):
         s('"""chunk_t0 (first token), chunk_len (0 for spare programs) of chunks p of this program;')
         s('program 0 also writes chunk_off [N + 1] (each sequence\'s first chunk) and cu_ok."""')
@@ -56,4 +58,4 @@ def table_kernel(plan: Plan) -> Kernel:
         s("in_grid = p < NCH")
         s("tl.store(chunk_t0 + p, b_t0, mask=in_grid)")
         s("tl.store(chunk_len + p, tl.minimum(b_end - b_t0, C).to(tl.int32), mask=in_grid)")
-    return Kernel("chunk_table", tuple(params), "table", s.text(), 4)
+    return Kernel("chunk_table", params, (("NCH", TABLE_ROWS),), s.text(), 4)

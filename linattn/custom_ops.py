@@ -13,14 +13,16 @@ import hashlib
 
 import torch
 
-from linattn.codegen.plan import beta_computed
+from linattn.codegen import manifest
 
 from .inputs import check_call
-from .spec import Decay, Role
+from .spec import Role
 
 __all__ = ["register", "forward"]
 
 _REGISTRY: dict = {}
+#: the forward's buffers the backward reuses, in the custom op's output order
+SAVED = ("G", "Tm", "Aqk", "beta")
 
 
 def register(op) -> str:
@@ -69,35 +71,34 @@ def _forward(
     call = _call(op, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale)
     saved: dict = {}
     o, ht = op._forward(call, output_final_state, keep=saved)
-    kept = [saved[n] if n in saved else _empty(q) for n in ("G", "Tm", "Aqk")]
-    # β is saved only where the gates stage computed it (a β operand is saved as an input)
-    kept.append(saved["beta"] if beta_computed(op.spec) else _empty(q))
+    # the buffers the forward wrote and the backward reuses (a β operand is saved as an input)
+    kept = [saved[n] if n in saved else _empty(q) for n in SAVED]
     return o, (ht if ht is not None else _empty(q)), *kept
 
 
-def _shapes(key, q, v, cu_seqlens, output_final_state):
-    from .op import store_dtype
+@_forward.register_fake
+def _(key, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale, output_final_state):
+    """The outputs' shapes and dtypes from the manifest of the module the call would run."""
+    from .op import _DTYPE_NAMES, TORCH_DTYPES, saved_buffers
 
     op = _REGISTRY[key]
     B, T, _, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    C = op.options.chunk_size
-    spec = op.spec
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = {"o": ((B, T, HV, V), q.dtype), "ht": ((N, HV, K, V) if output_final_state else (0,), acc)}
-    out["G"] = ((B * T, HV, K) if spec.decay is Decay.CHANNEL else (B * T, HV)) if spec.has_decay else (0,), acc
-    st = store_dtype(q.dtype)
-    out["Tm"] = ((B * T, HV, C) if spec.has_delta else (0,)), st
-    out["Aqk"] = ((B * T, HV, C) if spec.decay is Decay.CHANNEL else (0,)), st
-    out["beta"] = ((B * T, HV) if beta_computed(op.spec) else (0,)), acc
-    return out
+    gen = op.module(_DTYPE_NAMES[q.dtype], K, V)[0]
+    sizes = {"TT": B * T, "N": N, "HV": HV, **manifest.constants(gen.plan)}
+    table = manifest.buffers(gen.plan)
 
+    def empty(name: str, shape=None) -> torch.Tensor:
+        dtype, dims = table[name]
+        return q.new_empty(shape or manifest.resolve(dims, sizes), dtype=TORCH_DTYPES[dtype])
 
-@_forward.register_fake
-def _(key, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale, output_final_state):
-    shapes = _shapes(key, q, v, cu_seqlens, output_final_state)
-    return tuple(q.new_empty(shape, dtype=dtype) for shape, dtype in shapes.values())
+    kept = saved_buffers(gen)
+    return (
+        empty("o", (B, T, HV, V)),
+        empty("ht") if output_final_state else empty("ht", (0,)),
+        *(empty(n) if n in kept else empty(n, (0,)) for n in SAVED),
+    )
 
 
 @torch.library.custom_op("linattn::backward", mutates_args=())

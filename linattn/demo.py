@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from linattn.codegen import manifest
+
 from . import specs
 from .op import compile as compile_spec
 from .specs import BUILTIN
@@ -62,8 +64,8 @@ def _compiled_kda() -> Iterator[str]:
     yield f"compiled {spec!r}"
     yield f"  stages: {' -> '.join(gen.plan.stages)}; generated source: {len(gen.source.splitlines())} lines"
     for k in gen.kernels:
-        first = k.source.splitlines()[1].strip().strip('"')
-        yield f"    {k.name:<11} grid={k.grid:<9} warps={k.num_warps}  {first}"
+        first = next(ln for ln in k.source.splitlines() if ln.strip().startswith('"""')).strip().strip('"')
+        yield f"    {k.symbol:<22} grid={manifest.dims_text(k.grid):<12} warps={k.num_warps}  {first}"
     where = "compiled on " + torch.cuda.get_device_name() if device == "cuda" else "Triton's interpreter on the CPU"
     yield f"  running it ({where}) against the float64 oracle, B=2 T=150 H=2 HV=4 K=V=64, h0, g down to -5:"
     for dtype in (torch.float32, torch.bfloat16):

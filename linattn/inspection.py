@@ -8,9 +8,12 @@ memory (:mod:`codegen.aot`). So the no-spill check sees the variant that runs.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from linattn.codegen.aot import KernelReport, compile_launch
+from linattn.codegen.cost import kernel_bytes
 
 from . import runtime
 from .inputs import check_call
@@ -38,27 +41,32 @@ def _meta_call(spec: Spec, dtype: torch.dtype, B: int, T: int, H: int, HV: int, 
 
 def captured_launches(
     spec: Spec, dtype: str = "bf16", K: int = 128, V: int = 128, *, T: int = 8192, H: int = 16,
-    HV: int = 32, backward: bool = False, **options,
+    HV: int = 32, B: int = 1, packed: int = 4, step: bool = True, backward: bool = False, **options,
 ) -> list[runtime.Launch]:
-    """The launches of one call of ``spec`` at these sizes (Qwen3-Next's heads by default; four
-    sequences packed into T tokens): the forward and a decode step, or with ``backward`` the
-    backward (recomputation included)."""
+    """The launches of one call of ``spec`` at these sizes (Qwen3-Next's heads by default):
+    ``packed`` sequences packed into the T tokens of batch 1 (``cu_seqlens``), or with
+    ``packed=0`` B sequences of T tokens. The forward and (with ``step``) a decode step, or
+    with ``backward`` the backward (recomputation included)."""
     op = compile_spec(spec, **options)
-    call = _meta_call(spec, _DTYPES[dtype], 1, T, H, HV, K, V, N=4)
+    if packed and B != 1:
+        raise ValueError(f"B: packed sequences are batch 1, got B={B}")
+    call = _meta_call(spec, _DTYPES[dtype], B, T, H, HV, K, V, N=packed)
     with torch.no_grad():
         if backward:
             saved: dict = {}
             with runtime.capture():  # the forward only provides the saved buffers (meta)
                 op._forward(call, False, keep=saved)
             with runtime.capture() as launches:
-                do = torch.empty(1, T, HV, V, dtype=_DTYPES[dtype], device="meta")
+                do = torch.empty(B, T, HV, V, dtype=_DTYPES[dtype], device="meta")
                 op._backward(call, saved, do, None)
             return launches
         with runtime.capture() as launches:
             op._forward(call, False)
-            step = _meta_call(spec, _DTYPES[dtype], 64, 1, H, HV, K, V)
+            if not step:
+                return launches
+            one = _meta_call(spec, _DTYPES[dtype], 64, 1, H, HV, K, V)  # a token for each of 64 sequences
             state = torch.empty(64, HV, K, V, dtype=torch.float32, device="meta")
-            op.step(step.q, step.k, step.v, state, z=step.z, D=step.D, **step.operands)
+            op.step(one.q, one.k, one.v, state, z=one.z, D=one.D, **one.operands)
         return launches
 
 
@@ -69,5 +77,8 @@ def inspect_spec(spec: Spec, dtype: str = "bf16", K: int = 128, V: int = 128, ar
     for launch in captured_launches(spec, dtype, K, V, backward=backward, **options):
         name = launch.fn.__name__
         if name not in reports:
-            reports[name] = compile_launch(launch.fn, launch.args, launch.num_warps, launch.num_stages, arch)
+            report = compile_launch(launch.fn, launch.args, launch.num_warps, launch.num_stages, arch, launch.kernel.name)
+            present = {n for n, v in launch.args.items() if v is not None}
+            read, written = kernel_bytes(launch.kernel, launch.sizes, present)
+            reports[name] = dataclasses.replace(report, bytes_read=read, bytes_written=written)
     return list(reports.values())

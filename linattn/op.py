@@ -14,6 +14,7 @@ import threading
 import torch
 
 from linattn import codegen
+from linattn.codegen import manifest
 from linattn.codegen.plan import Options, Plan
 
 from . import custom_ops, runtime
@@ -37,17 +38,11 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-
-
-def _store(plan: Plan) -> torch.dtype:
-    """The torch dtype of the plan's stored intermediates (``codegen.plan.STORE_DTYPE``)."""
-    return _TORCH_DTYPES[plan.store]
-
-
-def store_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The torch dtype of the stored intermediates for inputs of ``dtype`` (fake shapes use it)."""
-    return _TORCH_DTYPES[codegen.plan.STORE_DTYPE[_DTYPE_NAMES[dtype]]]
+#: torch dtypes of the manifest's dtype names (``index`` tensors are given, never allocated)
+TORCH_DTYPES = {
+    "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64,
+    "int32": torch.int32, "int64": torch.int64,
+}  # fmt: skip
 
 
 #: ``cu_seqlens`` of equal-length batches by (B, T, device): a function of those alone, made
@@ -88,19 +83,17 @@ def chunk_tables(gen, mod, cu_seqlens: torch.Tensor, TT: int, n_chunks: int, che
     surfaces at the next synchronisation; the kernels never leave the tensors meanwhile).
     """
     device = cu_seqlens.device
-    N = cu_seqlens.numel() - 1
-    env = {
-        "cu_seqlens": cu_seqlens,
-        "chunk_t0": _alloc((n_chunks,), torch.int64, device),
-        "chunk_len": _alloc((n_chunks,), torch.int32, device),
-        "chunk_off": _alloc((N + 1,), torch.int32, device),
-        "cu_ok": _alloc((1,), torch.int32, device),
-        "N": N, "TT": TT, "NCH": n_chunks, "_n_chunks": n_chunks,
-    }
+    env = {"cu_seqlens": cu_seqlens, "N": cu_seqlens.numel() - 1, "TT": TT, "NCH": n_chunks}
     CompiledOp._launch(gen, mod, ["chunk_table"], env, device)
     if check and device.type == "cuda":
         torch._assert_async(env["cu_ok"], "cu_seqlens: must start at 0, end at the packed length and increase")
     return env["chunk_t0"], env["chunk_len"], env["chunk_off"]
+
+
+def saved_buffers(gen) -> list[str]:
+    """Which of ``custom_ops.SAVED`` the forward kernels of ``gen`` write (what the backward reuses)."""
+    written = {p.name for stage in gen.plan.stages for p in gen.kernel(f"{stage}_fwd").params if p.written}
+    return [n for n in custom_ops.SAVED if n in written]
 
 
 def uniform_tables(gen, mod, B: int, T: int, device: torch.device) -> tuple:
@@ -209,9 +202,8 @@ class CompiledOp:
             "GROUP": HV // H,
             "scale": call.scale,
             "MMA": runtime.mma_dtype(gen.plan.mma, q.device),
-            "_TT": TT,
-            "_N": call.n_seqs,
-            "_n_chunks": n_chunks,
+            "N": call.n_seqs,
+            "NCH": n_chunks,
         }
 
     def _term_args(self, call) -> dict:
@@ -230,10 +222,27 @@ class CompiledOp:
 
     @staticmethod
     def _launch(gen, mod, names, env: dict, device) -> None:
+        """Launch the kernels ``names`` of ``gen`` in order, on the buffers and sizes in ``env``.
+
+        Each kernel's manifest drives it: a buffer it writes that ``env`` does not hold yet is
+        allocated (shape and dtype from the manifest; None where its flag is off) and left in
+        ``env`` for the kernels after it; the grid is resolved from the sizes.
+        """
+        sizes = {**manifest.constants(gen.plan), **{n: env[n] for n in manifest.SIZES if n in env}}
         for name in names:
             kern = gen.kernel(name)
-            args = {p: env[p] for p, _ in kern.params}
-            runtime.launch(getattr(mod, kern.name), device, _grid(gen.plan, kern.grid, env), args, kern.num_warps, kern.num_stages)
+            for p in kern.params:
+                if p.name in env:
+                    continue
+                if p.flag is not None and not env.get(p.flag):
+                    env[p.name] = None
+                elif p.tensor and p.access == "w":
+                    env[p.name] = _alloc(manifest.resolve(p.shape, sizes), TORCH_DTYPES[p.dtype], device)
+                else:
+                    raise RuntimeError(f"{kern.symbol}: no value for its parameter {p.name!r} (nothing before it provides one)")
+            args = {p.name: env[p.name] for p in kern.params}
+            grid = manifest.resolve(kern.grid, sizes)
+            runtime.launch(getattr(mod, kern.symbol), device, grid, args, kern.num_warps, kern.num_stages, kernel=kern, sizes=sizes)
 
     def _forward(self, call, output_final_state: bool, keep: dict | None = None):
         """Run the forward kernels; with ``keep`` (a dict) also hand back what the backward needs."""
@@ -245,7 +254,6 @@ class CompiledOp:
         gen, mod = self.module(*key)
         self._last = key
         plan = gen.plan
-        C = plan.C
         if T == 0:
             o = q.new_zeros(B, 0, HV, V)
             acc = _acc(q.dtype)
@@ -253,37 +261,16 @@ class CompiledOp:
             return o, (h.clone() if output_final_state else None)
 
         env = self._geometry(call, gen, mod)
-        TT, n_chunks, io, st = env["_TT"], env["_n_chunks"], q.dtype, _store(plan)
         env["HAS_H0"] = call.initial_state is not None
         env["STORE_HT"] = output_final_state
-        env["h0"] = None if call.initial_state is None else call.initial_state.to(_acc(io)).contiguous()
+        env["h0"] = None if call.initial_state is None else call.initial_state.to(_acc(q.dtype)).contiguous()
         env.update(self._term_args(call))
-        if self.spec.has_decay:
-            shape = (TT, HV, K) if plan.channel else (TT, HV)
-            env["G"] = _alloc(shape, _acc(io), device)
-        if plan.beta:
-            if plan.beta_computed:
-                env["beta"] = _alloc((TT, HV), _acc(io), device)
-            else:
-                env["beta"] = env[f"x_{self.spec.beta.operands[0].name}"]
-        if "intra" in plan.stages:
-            if plan.delta:
-                env["Tm"] = _alloc((TT, HV, C), st, device)
-                env["W"] = _alloc((TT, HV, K), st, device)
-                env["U"] = _alloc((TT, HV, V), st, device)
-            if plan.aqk_stored:
-                env["Aqk"] = _alloc((TT, HV, C), st, device)
-        if plan.delta:
-            env["vnew"] = _alloc((TT, HV, V), st, device)
-        env["hs"] = _alloc((n_chunks, HV, K, V), st, device)
-        env["o"] = _alloc((TT, HV, V), io, device)
-        env["ht"] = _alloc((N, HV, K, V), _acc(io), device) if output_final_state else None
+        if plan.beta and not plan.beta_computed:  # a β operand is the kernels' β as it is
+            env["beta"] = env[f"x_{self.spec.beta.operands[0].name}"]
         self._launch(gen, mod, [f"{stage}_fwd" for stage in plan.stages], env, device)
         if keep is not None:
             # per-token and cheap: the backward reuses them instead of recomputing
-            for name in ("G", "beta", "Tm", "Aqk"):
-                if name in env:
-                    keep[name] = env[name]
+            keep.update((n, env[n]) for n in saved_buffers(gen))
         return env["o"].reshape(B, T, HV, V), env["ht"]
 
     # ------------------------------------------------------------------ decoding
@@ -340,8 +327,7 @@ class CompiledOp:
             # written only for a slot outside the pool; read only on CUDA (the CPU checked on the host)
             "pool_err": torch.zeros(1, dtype=torch.int32, device=q.device) if pooled_cuda else _alloc((1,), torch.int32, q.device),
             "HAS_IDX": state_indices is not None, "cu_seqlens": cu, "scale": call.scale, "NSLOT": S, "TT": TT,
-            "H": call.H, "HV": HV, "GROUP": HV // call.H, "o": _alloc((TT, HV, V), q.dtype, q.device),
-            "_n_chunks": 0, "_N": N,
+            "H": call.H, "HV": HV, "GROUP": HV // call.H, "N": N,
         }
         env.update(self._term_args(call))
         with torch.no_grad():
@@ -366,21 +352,12 @@ class CompiledOp:
             return grads
         args = dict(env)
         args.update(self._term_args(call))
-        outputs = {}
-        for o in {o.name: o for _, t in terms for o in t.operands}.values():
-            if o.role is Role.SCALAR:
-                continue
-            if o.role in (Role.HEAD, Role.HEAD_CHANNEL):
-                buf = codegen.epilogue.partial_name(o.name)
-                cols = (env["_n_chunks"], call.HV) + ((call.K,) if o.role is Role.HEAD_CHANNEL else ())
-            else:
-                buf = f"d_{o.name}"
-                cols = (env["_TT"], call.HV) + ((call.K,) if o.role is Role.TOKEN_CHANNEL else ())
-            args[buf] = outputs[o.name] = _alloc(cols, torch.float32, call.q.device)
         self._launch(gen, mod, ["terms_bwd"], args, call.q.device)
-        for name, d in outputs.items():
-            role = next(o.role for o in spec.operands if o.name == name)
-            _add(grads, name, (d.sum(0) if role in (Role.HEAD, Role.HEAD_CHANNEL) else d).reshape(shape(name)))
+        for o in {o.name: o for _, t in terms for o in t.operands}.values():
+            if o.role in (Role.HEAD, Role.HEAD_CHANNEL):  # per-chunk partial sums
+                _add(grads, o.name, args[manifest.partial_name(o.name)].sum(0).reshape(shape(o.name)))
+            elif o.role is not Role.SCALAR:
+                _add(grads, o.name, args[f"d_{o.name}"].reshape(shape(o.name)))
         return grads
 
     def core_module(self, dtype: str, K: int, V: int):
@@ -409,14 +386,12 @@ class CompiledOp:
         # the layer-side kernels (q/k norm, the terms' derivatives) live in the spec's own module
         fgen, fmod = self.module(_DTYPE_NAMES[q.dtype], K, V)
         plan = gen.plan
-        C = plan.C
         f32 = _acc(q.dtype)
 
         core_call = type(call)(plan.spec, q, k, v, {}, None, None, call.scale, call.initial_state, call.cu_seqlens)
         env = self._geometry(core_call, gen, mod)
-        TT, n_chunks, N, io, st = env["_TT"], env["_n_chunks"], env["_N"], q.dtype, _store(plan)
+        TT = env["TT"]
         if spec.qk_l2norm:  # the core kernels take normalised q, k
-            env["qn"], env["kn"] = _alloc((TT, H, K), f32, device), _alloc((TT, H, K), f32, device)
             self._launch(fgen, fmod, ["qknorm_fwd"], env, device)
             raw_q, raw_k = env["q"], env["k"]
             env["q"], env["k"] = env["qn"], env["kn"]
@@ -427,20 +402,15 @@ class CompiledOp:
             env["beta"] = beta_t.reshape(TT, HV).to(f32).contiguous()
         if plan.delta:
             env["Tm"] = saved["Tm"]
-            env["W"] = _alloc((TT, HV, K), st, device)
-            env["U"] = _alloc((TT, HV, V), st, device)
-            env["vnew"] = _alloc((TT, HV, V), st, device)
         if plan.aqk_stored:
             env["Aqk"] = saved["Aqk"]
-        env.update(HAS_H0=call.initial_state is not None, STORE_HT=False, ht=None)
+        env.update(HAS_H0=call.initial_state is not None, STORE_HT=False)
         env["h0"] = None if call.initial_state is None else call.initial_state.to(f32).contiguous()
-        env["hs"] = _alloc((n_chunks, HV, K, V), st, device)
         recompute = (["wu_fwd"] if plan.delta else []) + ["state_fwd"]
 
         # ---- the output terms: dO of the core from dO of the op
         grads: dict[str, torch.Tensor] = {}
         if spec.skip is not Skip.NONE or spec.output_gate is not OutputGate.NONE:
-            env["o"] = _alloc((TT, HV, V), io, device)
             self._launch(gen, mod, recompute + ["output_fwd"], env, device)
             do, grads = finish_vjp(call, env["o"].reshape(B, T, HV, V).to(f32), do.to(f32))
         else:
@@ -448,26 +418,9 @@ class CompiledOp:
 
         # ---- the core backward kernels
         env["dO"] = do.reshape(TT, HV, V).contiguous()
-        env["dvl"] = _alloc((TT, HV, V), f32, device)
-        env["dvn"] = _alloc((TT, HV, V), f32, device)
-        env["dh"] = _alloc((n_chunks, HV, K, V), f32, device)
         env["dht"] = None if dht is None else dht.to(f32).contiguous()
         env["HAS_DHT"] = dht is not None
         env["STORE_DH0"] = call.initial_state is not None
-        env["dh0"] = _alloc((N, HV, K, V), f32, device) if call.initial_state is not None else None
-        env["dq"] = _alloc((TT, HV, K), f32, device)
-        env["dk"] = _alloc((TT, HV, K), f32, device)
-        env["dAqk"] = _alloc((TT, HV, C), f32, device)
-        if plan.delta:
-            env["dW"] = _alloc((TT, HV, K), f32, device)
-            env["dAkk"] = _alloc((TT, HV, C), f32, device)
-            env["dv"] = _alloc((TT, HV, V), f32, device)
-        if plan.beta:
-            env["dbeta"] = _alloc((TT, HV), f32, device)
-        if spec.has_decay:
-            gshape = (TT, HV, K) if plan.channel else (TT, HV)
-            env["dG"] = _alloc(gshape, f32, device)
-            env["dg"] = _alloc(gshape, f32, device)
         names = [k.name for k in gen.kernels if k.name.endswith("_bwd")]
         self._launch(gen, mod, names, env, device)
         if stages is not None:
@@ -479,7 +432,6 @@ class CompiledOp:
             env["dbeta"] = (env["dvn"] * env["v"].to(f32)).sum(-1)
         if spec.qk_l2norm:
             env["q"], env["k"] = raw_q, raw_k
-            env["dq_out"], env["dk_out"] = _alloc((TT, H, K), f32, device), _alloc((TT, H, K), f32, device)
             self._launch(fgen, fmod, ["qknorm_bwd"], env, device)
             grads["q"], grads["k"] = env["dq_out"].reshape(B, T, H, K), env["dk_out"].reshape(B, T, H, K)
         else:
@@ -504,20 +456,6 @@ def _check_state_indices(idx: object, N: int, S: int, device: torch.device) -> N
         if bad:
             shown = ", ".join(f"[{n}] = {slot}" for n, slot in bad[:4]) + (", ..." if len(bad) > 4 else "")
             raise ValueError(f"state_indices: {shown} outside the state pool of {S} rows (use -1 to skip a sequence)")
-
-
-def _grid(plan: Plan, grid: str, env: dict) -> tuple[int, ...]:
-    """The launch grid named by a kernel (see :class:`codegen.Kernel`) for the sizes in ``env``."""
-    if grid == "table":
-        return (-(-env["_n_chunks"] // codegen.table.TABLE_ROWS),)
-    if grid == "rows_qk":
-        return (-(-env["_TT"] // codegen.epilogue.NORM_ROWS), env["H"])
-    return {
-        "chunks": lambda: (env["_n_chunks"], env["HV"]),
-        "chunks_k": lambda: (env["_n_chunks"], env["HV"], plan.NKB),
-        "chunks_v": lambda: (env["_n_chunks"], env["HV"], plan.NV),
-        "seqs_v": lambda: (env["_N"], env["HV"], plan.NV),
-    }[grid]()
 
 
 def _add(grads: dict, name: str, d: torch.Tensor) -> None:

@@ -85,11 +85,13 @@ def _interpreting():
 class Launch:
     """One launch of a generated kernel, as :func:`capture` records it."""
 
-    fn: Callable
+    fn: Callable  # the kernel's Python function (undecorated)
     grid: tuple[int, ...]
     args: dict
     num_warps: int
     num_stages: int | None
+    kernel: object = None  # its manifest entry (codegen.manifest.Kernel), when launched by an op
+    sizes: dict | None = None  # the sizes its manifest's shapes and grid were resolved with
 
 
 _captured: list[Launch] | None = None
@@ -109,15 +111,20 @@ def capture():
 
 
 def launch(
-    fn: Callable, device: torch.device, grid: tuple[int, ...], args: dict, num_warps: int, num_stages: int | None = None
+    fn: Callable, device: torch.device, grid: tuple[int, ...], args: dict, num_warps: int,
+    num_stages: int | None = None, kernel: object = None, sizes: dict | None = None,
 ) -> None:
-    """Launch the generated kernel ``fn`` (a plain function from a generated module)."""
+    """Launch the generated kernel ``fn`` (a ``@triton.jit`` function of a generated module,
+    or its plain Python function); ``kernel`` and ``sizes``: its manifest entry and the sizes
+    it was resolved with, kept by :func:`capture` and seen by launch counters."""
     global _warned_cpu
+    jitted = fn if isinstance(fn, triton.runtime.JITFunction) else None
+    fn = getattr(fn, "fn", fn)  # the Python function (the interpreter and captures take it)
     if _captured is not None:
-        _captured.append(Launch(fn, tuple(grid), dict(args), num_warps, num_stages))
+        _captured.append(Launch(fn, tuple(grid), dict(args), num_warps, num_stages, kernel, sizes))
         return
     if device.type == "cuda":
-        k = _jitted.get(fn)
+        k = jitted or _jitted.get(fn)
         if k is None:
             k = _jitted[fn] = triton.jit(fn)
         k[grid](**args, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))

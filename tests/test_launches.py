@@ -19,9 +19,13 @@ def test_launches(spec):
     fixed = count_spec(spec, B=2, T=20)
     # forward: one launch per stage; the chunk tables of an equal-length batch are cached
     assert (fixed["forward"].triton, fixed["forward"].torch) == (len(plan.stages), 0), fixed["forward"].torch_ops
+    assert fixed["forward"].kernels == [f"{stage}_fwd" for stage in plan.stages]
     # a packed batch builds its table on every call (one kernel; nothing to go stale), and
     # (on CUDA only) asserts on the device that cu_seqlens was valid
     assert (counts["forward"].triton, counts["forward"].torch) == (len(plan.stages) + 1, 0)
+    assert counts["forward"].kernels == ["chunk_table", *fixed["forward"].kernels]
+    # the bytes the manifests declare: the packed call's table on top of the same kernels
+    assert counts["forward"].kernel_bytes > fixed["forward"].kernel_bytes > 0
     assert counts["backward"].triton == fixed["backward"].triton + 1
     # decoding: the step kernel alone
     assert (fixed["step"].triton, fixed["step"].torch) == (1, 0)
