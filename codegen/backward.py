@@ -116,7 +116,7 @@ def _emit_dvl(plan: Plan) -> Kernel:
         _causal_A(e, s)
         e.load(s, "b_do", "dO", "r", "row_ok")
         e.store(s, "dvl", e.dot("tl.trans(b_A)", "b_do"), "r", "row_ok")
-    return Kernel("dvl_bwd", params, ("NCH", "HV", "NV"), s.text(), plan.warps_output, num_stages=1)
+    return Kernel("dvl_bwd", params, ("NCH*NV", "HV"), s.text(), plan.warps_output, num_stages=1)
 
 
 # ============================================================================ 2. dstate
@@ -189,7 +189,7 @@ def _emit_dstate(plan: Plan) -> Kernel:
         s("if STORE_DH0:")
         for b in e.blocks:
             s(f"    tl.store(dh0 + (i_n * HV + i_h) * K * V + s_off{b}, b_dS{b}, mask=s_mask{b})")
-    return Kernel("dstate_bwd", params, ("N", "HV", "NV"), s.text(), plan.warps_state, num_stages=1)
+    return Kernel("dstate_bwd", params, ("N*NV", "HV"), s.text(), plan.warps_state, num_stages=1)
 
 
 # ============================================================================ 3. dqk

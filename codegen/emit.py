@@ -64,9 +64,10 @@ class Emitter:
 
     # ------------------------------------------------------------------ prologues
     def chunk_prologue(self, s: Source, v_tile: bool = False) -> None:
-        s("i_c = tl.program_id(0)", "i_h = tl.program_id(1)")
         if v_tile:
-            s("i_v = tl.program_id(2)")
+            self.v_tiled_ids(s, "c")
+        else:
+            s("i_c = tl.program_id(0)", "i_h = tl.program_id(1)")
         s("i_hk = i_h // GROUP  # the q/k head serving this value head")
         s("t0 = tl.load(chunk_t0 + i_c)  # first token of the chunk (int64)")
         s("L = tl.load(chunk_len + i_c)  # tokens in the chunk; 0 for spare programs")
@@ -91,7 +92,8 @@ class Emitter:
 
     def sequence_prologue(self, s: Source) -> None:
         """A (sequence, value head, V tile) program of a sequential pass: its bounds and state tiles' offsets."""
-        s("i_n = tl.program_id(0)", "i_h = tl.program_id(1)", "i_v = tl.program_id(2)", "i_hk = i_h // GROUP")
+        self.v_tiled_ids(s, "n")
+        s("i_hk = i_h // GROUP")
         self.sequence_bounds(s)
         s("first = tl.load(chunk_off + i_n)  # global index of the sequence's first chunk")
         s("NT = tl.load(chunk_off + i_n + 1) - first  # its chunks (the table never exceeds the grid)")
@@ -100,6 +102,14 @@ class Emitter:
         s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
         for b in self.blocks:
             s(f"s_mask{b} = ck_ok{b}[:, None] & cv_ok[None, :]", f"s_off{b} = ck{b}[:, None] * V + cv[None, :]")
+
+    @staticmethod
+    def v_tiled_ids(s: Source, outer: str) -> None:
+        """Program ids of a V-tiled kernel on grid ``("<OUTER>*NV", "HV")``: the V tiles of one
+        chunk or sequence are adjacent in launch order, so what they all read (q, k, G, W)
+        comes from L2 after the first, and the outer index keeps the 2^31 range of axis 0."""
+        s(f"i_{outer}v = tl.program_id(0)", f"i_{outer} = i_{outer}v // NV", f"i_v = i_{outer}v % NV")
+        s("i_h = tl.program_id(1)")
 
     @staticmethod
     def sequence_bounds(s: Source) -> None:

@@ -384,7 +384,7 @@ def _emit_state(plan: Plan) -> Kernel:
         s("if STORE_HT:")
         for b in e.blocks:
             s(f"    tl.store(ht + (i_n * HV + i_h) * K * V + s_off{b}, b_S{b}, mask=s_mask{b})")
-    return Kernel("state_fwd", params, ("N", "HV", "NV"), s.text(), plan.warps_state)
+    return Kernel("state_fwd", params, ("N*NV", "HV"), s.text(), plan.warps_state)
 
 
 # ============================================================================ output
@@ -483,7 +483,7 @@ def _emit_output(plan: Plan) -> Kernel:
             e.load(s, "b_z", "z", "r", "row_ok")
             s("b_o = b_o * b_z / (1.0 + tl.exp(-b_z))")
         e.store(s, "o", "b_o", "r", "row_ok")
-    return Kernel("output_fwd", params, ("NCH", "HV", "NV"), s.text(), plan.warps_output)
+    return Kernel("output_fwd", params, ("NCH*NV", "HV"), s.text(), plan.warps_output)
 
 
 _EMITTERS = {

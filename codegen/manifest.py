@@ -129,7 +129,7 @@ def buffers(plan: Plan) -> dict[str, tuple[str, tuple[Dim, ...]]]:
         "dq": (acc, ("TT", "HV", K)), "dk": (acc, ("TT", "HV", K)), "dW": (acc, ("TT", "HV", K)),
         "dAqk": (acc, ("TT", "HV", C)), "dAkk": (acc, ("TT", "HV", C)),
         "dbeta": (acc, ("TT", "HV")), "dG": (acc, g), "dg": (acc, g),
-        "dq_out": (acc, ("TT", "H", K)), "dk_out": (acc, ("TT", "H", K)),
+        "dq_out": (io, ("TT", "H", K)), "dk_out": (io, ("TT", "H", K)),  # the op's gradients, in the inputs' dtype
     }  # fmt: skip
     if spec.skip is not Skip.NONE:
         t["D"] = (io, ("HV", V) if spec.skip is Skip.CHANNEL else ("HV",))

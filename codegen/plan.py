@@ -253,6 +253,9 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         warps_gates=nw or 4,
         warps_intra=nw or (4 if BK <= 64 else 8),
         warps_wu=nw or (4 if BK <= 64 else 8),
-        warps_state=nw or (4 if BK <= 64 else 8),
+        # the sequential passes: 4 warps keep two programs per SM at K = V = 128 and 256 (sm_90:
+        # 202-218 registers, no spills), where 8 warps fit one (2.9 waves at B1 T8192 H96, 15.5
+        # at B8 T2048 H32 K256; 1.5 and 7.8 with 4)
+        warps_state=nw or 4,
         warps_output=nw or (4 if BK <= 64 else 8),
     )

@@ -35,7 +35,8 @@ def step_kernel(plan: Plan) -> Kernel:
     params = declare(plan, params)
     with s.block(signature("step_fwd", params)):
         s('"""Decode: run one sequence\'s new tokens through the recurrence on its state, in place."""')
-        s("i_n = tl.program_id(0)", "i_h = tl.program_id(1)", "i_v = tl.program_id(2)", "i_hk = i_h // GROUP")
+        e.v_tiled_ids(s, "n")
+        s("i_hk = i_h // GROUP")
         e.sequence_bounds(s)
         s("if HAS_IDX:", "    slot = tl.load(state_idx + i_n).to(tl.int64)", "else:", "    slot = i_n.to(tl.int64)")
         s("# the pool's contract: slot -1 skips the sequence (zero outputs, no state touched); a slot")
@@ -125,4 +126,4 @@ def step_kernel(plan: Plan) -> Kernel:
             s("tl.store(o + p_h * V + cv, b_o.to(o.dtype.element_ty), mask=cv_ok)")
         for b in e.blocks:
             s(f"tl.store(state + (slot * HV + i_h) * K * V + s_off{b}, b_S{b}, mask=s_mask{b})")
-    return Kernel("step_fwd", params, ("N", "HV", "NV"), s.text(), plan.warps_state)
+    return Kernel("step_fwd", params, ("N*NV", "HV"), s.text(), plan.warps_state)

@@ -127,7 +127,20 @@ def _backward(
     grads = op._backward(call, saved, do, dht)
     names = [o.name for o in op.spec.operands if o.role is not Role.SCALAR]
     order = [("q", q), ("k", k), ("v", v), *zip(names, operands), ("z", z), ("D", D), ("initial_state", h0)]
-    return [grads[n].to(t.dtype).clone() if t is not None and n in grads else _empty(q) for n, t in order]
+    # a custom op's outputs may alias neither each other nor its inputs: copy only where one would
+    taken = {t.untyped_storage().data_ptr() for t in (q, k, v, *operands, z, D, h0, G, Tm, Aqk, beta, do, dht)
+             if t is not None and t.numel()}
+    out = []
+    for n, t in order:
+        if t is None or n not in grads:
+            out.append(_empty(q))
+            continue
+        g = grads[n].to(t.dtype)  # a no-op where a kernel wrote the input's dtype
+        if g.numel() and g.untyped_storage().data_ptr() in taken:
+            g = g.clone()
+        taken.add(g.untyped_storage().data_ptr())
+        out.append(g)
+    return out
 
 
 @_backward.register_fake

@@ -399,7 +399,7 @@ class CompiledOp:
             env["G"] = saved["G"]
         if plan.beta:  # computed β was kept by the forward; a β operand is the input itself
             beta_t = saved["beta"] if "beta" in saved else call.operands[spec.beta.operands[0].name]
-            env["beta"] = beta_t.reshape(TT, HV).to(f32).contiguous()
+            env["beta"] = beta_t.reshape(TT, HV).contiguous()  # the kernels load it in fp32
         if plan.delta:
             env["Tm"] = saved["Tm"]
         if plan.aqk_stored:
@@ -434,7 +434,9 @@ class CompiledOp:
             env["q"], env["k"] = raw_q, raw_k
             self._launch(fgen, fmod, ["qknorm_bwd"], env, device)
             grads["q"], grads["k"] = env["dq_out"].reshape(B, T, H, K), env["dk_out"].reshape(B, T, H, K)
-        else:
+        elif HV == H:  # one value head per q/k head: the gradients as they are
+            grads["q"], grads["k"] = env["dq"].reshape(B, T, H, K), env["dk"].reshape(B, T, H, K)
+        else:  # summed over the value heads each q/k head serves
             grads["q"] = env["dq"].reshape(B, T, H, HV // H, K).sum(3)
             grads["k"] = env["dk"].reshape(B, T, H, HV // H, K).sum(3)
         grads.update(self._term_grads(call, fgen, fmod, env))

@@ -1,0 +1,253 @@
+"""The static report: what each kernel of a call would cost on an H100, judged without a GPU.
+
+For an op at a shape, the launches a real call makes are captured on meta tensors (ours
+through :func:`linattn.inspection.captured_launches`; fla's Triton path, when fla is
+installed, through :func:`bench.peers.fla_launches`), each is compiled for sm_90 with its
+launch's specialization, and per kernel the report gives CTAs, warps, stages, registers,
+spills, shared memory, the tensor-core and TMA instructions of its SASS, occupancy and
+waves on 132 SMs, and its bytes: unique (each tensor once) and, for ours, the likely HBM
+traffic with the re-reads its grid makes (:func:`codegen.cost.hbm_bytes`). Torch ops
+outside the kernels are counted with their bytes.
+
+    python -m bench.static                       # the registry shapes -> bench/results/static-sm90.md
+    python -m bench.static --op gdn --shape s1   # one op, one shape
+
+Nothing here changes the library: the fake H100 lives in the capture of fla's launches
+(``bench.peers``) and ours needs none (meta tensors and the launcher's capture mode).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from linattn import specs
+from linattn.codegen.aot import KernelReport, compile_launch
+from linattn.codegen.cost import hbm_bytes, kernel_bytes
+
+RESULTS = Path(__file__).parent / "results"
+
+#: H100 SXM: what occupancy and waves are computed against
+SMS, REGS_PER_SM, SMEM_PER_SM, MAX_WARPS, MAX_BLOCKS = 132, 65536, 228 * 1024, 64, 32
+
+#: fla's registry shapes (benchmarks/ops/registry.py): B, T, H, K = V
+SHAPES = {"s1": {"B": 1, "T": 8192, "H": 96, "K": 128}, "s2": {"B": 8, "T": 2048, "H": 32, "K": 256}}
+
+#: our spec and fla's op for each compared op
+OPS = {
+    "gdn": ("GDN core", specs.GDN, "gdn"),
+    "gdn_fused": ("Qwen3-Next GDN (gate, β, l2norm fused)", specs.QWEN3_NEXT_GDN, "gdn_fused"),
+    "kda": ("KDA core", specs.KDA, "kda"),
+    "kda_fused": ("Kimi KDA (fused)", specs.KIMI_KDA, "kda_fused"),
+    "mamba2": ("Mamba-2 (Nemotron-H)", specs.NEMOTRON_MAMBA2, None),
+}
+
+_FREE = frozenset({
+    "view", "_unsafe_view", "empty", "empty_strided", "reshape", "detach", "t", "transpose", "expand", "as_strided",
+    "slice", "select", "unsqueeze", "squeeze", "alias", "permute", "lift_fresh", "split", "unbind", "_reshape_alias",
+    "new_empty", "new_empty_strided", "empty_like",
+})
+
+
+@dataclass
+class Row:
+    """One launch: its kernel's compiled resources, grid and bytes."""
+
+    name: str
+    ctas: int
+    report: KernelReport
+    num_stages: int | None
+    read: int  # unique bytes
+    written: int
+    hbm_read: int | None = None  # with the grid's re-reads that miss L2 (ours only)
+
+    @property
+    def blocks_per_sm(self) -> int:
+        r = self.report
+        regs = math.ceil(max(r.registers, 1) / 8) * 8 * 32 * r.num_warps  # allocated per warp in units of 256
+        by_regs = REGS_PER_SM // regs
+        by_smem = SMEM_PER_SM // (r.shared + 1024) if r.shared else MAX_BLOCKS
+        return max(0, min(by_regs, by_smem, MAX_WARPS // r.num_warps, MAX_BLOCKS))
+
+    @property
+    def waves(self) -> float:
+        per_wave = self.blocks_per_sm * SMS
+        return self.ctas / per_wave if per_wave else math.inf
+
+
+@dataclass
+class Side:
+    """One library's launches for one call, and its torch ops outside them."""
+
+    rows: list[Row] = field(default_factory=list)
+    torch_ops: collections.Counter = field(default_factory=collections.Counter)
+    torch_bytes: int = 0
+
+    @property
+    def launches(self) -> int:
+        return len(self.rows) + sum(self.torch_ops.values())
+
+    @property
+    def unique(self) -> int:
+        return sum(r.read + r.written for r in self.rows) + self.torch_bytes
+
+    @property
+    def hbm(self) -> int:
+        return sum((r.hbm_read if r.hbm_read is not None else r.read) + r.written for r in self.rows) + self.torch_bytes
+
+
+class _TorchOps(TorchDispatchMode):
+    """Counts the torch ops that compute (and the bytes they touch) outside the generated kernels."""
+
+    def __init__(self, side: Side) -> None:
+        super().__init__()
+        self.side = side
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        if name not in _FREE:
+            self.side.torch_ops[name] += 1
+            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            self.side.torch_bytes += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+
+_COMPILED: dict = {}
+
+
+def _compile(fn, args: dict, num_warps: int, num_stages: int | None, stage: str = "") -> KernelReport:
+    from linattn.codegen.aot import specialize
+
+    signature, constexprs, attrs = specialize(args, fn if hasattr(fn, "params") else None)
+    key = (getattr(fn, "__name__", None) or fn.fn.__name__, str(signature), str(constexprs), str(attrs), num_warps, num_stages)
+    if key not in _COMPILED:
+        _COMPILED[key] = compile_launch(fn, args, num_warps, num_stages, 90, stage)
+    return _COMPILED[key]
+
+
+def ours(spec, *, B: int, T: int, H: int, K: int, V: int, backward: bool, dtype: str = "bf16") -> Side:
+    """Our launches for one call (fixed-length batch, as fla's registry runs)."""
+    from linattn.inspection import captured_launches
+
+    side = Side()
+    args = dict(B=B, T=T, H=H, HV=H, packed=0, step=False)
+    captured_launches(spec, dtype, K, V, **args)  # steady state: an equal-length batch's chunk table is cached
+    with _TorchOps(side):
+        launches = captured_launches(spec, dtype, K, V, backward=backward, **args)
+    for launch in launches:
+        report = _compile(launch.fn, launch.args, launch.num_warps, launch.num_stages, launch.kernel.name)
+        row = Row(report.name, math.prod(launch.grid), report, launch.num_stages, 0, 0)
+        present = {n for n, v in launch.args.items() if v is not None}
+        row.read, row.written = kernel_bytes(launch.kernel, launch.sizes, present)
+        row.hbm_read = hbm_bytes(launch.kernel, launch.sizes, max(row.blocks_per_sm, 1) * SMS, present)[0]
+        side.rows.append(row)
+    return side
+
+
+def fla(op: str, *, B: int, T: int, H: int, K: int, V: int, backward: bool, dtype: str = "bf16") -> Side | None:
+    """fla's Triton launches for one call (None when fla or the capture is unavailable)."""
+    try:
+        from bench.peers import fla_launches
+    except ImportError:
+        return None
+    side = Side()
+    for launch in fla_launches(op, B=B, T=T, H=H, K=K, V=V, dtype=dtype, backward=backward):
+        report = _compile(launch.fn, launch.args, launch.num_warps, launch.num_stages)
+        side.rows.append(Row(launch.name, math.prod(launch.grid), report, launch.num_stages,
+                             launch.bytes_read, launch.bytes_written))
+    return side
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.0f}"
+
+
+def kernel_table(title: str, side: Side) -> list[str]:
+    lines = [
+        f"**{title}**",
+        "",
+        "| kernel | CTAs | warps | stages | regs | spills | smem KB | wgmma | mma.sync | TMA | blocks/SM | waves "
+        "| MB read | MB written | MB from HBM |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in side.rows:
+        p = r.report
+        hbm = _mb((r.hbm_read if r.hbm_read is not None else r.read) + r.written)
+        lines.append(
+            f"| {r.name} | {r.ctas:,} | {p.num_warps} | {r.num_stages if r.num_stages is not None else '-'} "
+            f"| {p.registers} | {p.spill_stores + p.spill_loads} | {p.shared / 1024:.0f} | {p.wgmma} | {p.mma_sync} "
+            f"| {p.tma} | {r.blocks_per_sm} | {r.waves:.2f} | {_mb(r.read)} | {_mb(r.written)} | {hbm} |"
+        )
+    if side.torch_ops:
+        ops = ", ".join(f"{k} {v}" for k, v in side.torch_ops.most_common())
+        lines.append(f"| torch ops: {ops} | | | | | | | | | | | | | | {_mb(side.torch_bytes)} |")
+    return lines + [""]
+
+
+def compare(key: str, shape: str | dict, progress=lambda _: None, modes=("forward", "backward")) -> tuple[list[str], dict]:
+    """The report section of one op at one shape (a name of :data:`SHAPES`, or its sizes), and its totals."""
+    title, spec, fla_op = OPS[key]
+    s = SHAPES[shape] if isinstance(shape, str) else shape
+    dims = {"B": s["B"], "T": s["T"], "H": s["H"], "K": s["K"], "V": s["K"]}
+    name = shape if isinstance(shape, str) else "custom"
+    lines = [f"### {title}, {name}: B{s['B']} T{s['T']} H{s['H']} K=V={s['K']}, bf16", ""]
+    totals = {}
+    for mode in modes:
+        progress(f"{key} {shape} {mode}: ours")
+        mine = ours(spec, backward=mode == "backward", **dims)
+        progress(f"{key} {shape} {mode}: fla")
+        peer = fla(fla_op, backward=mode == "backward", **dims) if fla_op else None
+        totals[mode] = (mine, peer)
+        lines += kernel_table(f"linattn {mode}", mine)
+        if peer is not None:
+            lines += kernel_table(f"fla {mode} (first autotune candidate)", peer)
+    lines += ["| | linattn | peer | ratio |", "| --- | ---: | ---: | ---: |"]
+    fwd_m, fwd_p = totals["forward"]
+    if "backward" not in totals:
+        rows = [("forward MB from HBM", fwd_m.hbm, fwd_p.hbm if fwd_p else None, _mb),
+                ("forward launches", fwd_m.launches, fwd_p.launches if fwd_p else None, str)]
+    bwd_m, bwd_p = totals.get("backward", (None, None))
+    rows = rows if bwd_m is None else [
+        ("forward MB from HBM", fwd_m.hbm, fwd_p.hbm if fwd_p else None, _mb),
+        ("fwd+bwd MB from HBM", fwd_m.hbm + bwd_m.hbm, (fwd_p.hbm + bwd_p.hbm) if fwd_p and bwd_p else None, _mb),
+        ("fwd+bwd launches", fwd_m.launches + bwd_m.launches,
+         (fwd_p.launches + bwd_p.launches) if fwd_p and bwd_p else None, str),
+        ("torch-side share of backward bytes", bwd_m.torch_bytes / max(bwd_m.hbm, 1), None, lambda x: f"{100 * x:.1f}%"),
+    ]
+    summary = {}
+    for label, a, b, fmt in rows:
+        ratio = f"{a / b:.2f}" if b else "-"
+        lines.append(f"| {label} | {fmt(a)} | {fmt(b) if b is not None else '-'} | {ratio} |")
+        summary[label] = (a, b)
+    return lines + [""], summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--op", choices=sorted(OPS), action="append")
+    parser.add_argument("--shape", choices=sorted(SHAPES), action="append")
+    parser.add_argument("--out", type=Path, default=RESULTS / "static-sm90.md")
+    args = parser.parse_args(argv)
+
+    def progress(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    lines = ["# Static report: sm_90 (H100), compiled ahead of time on a CPU", "", __doc__.split("\n\n")[1], ""]
+    for key in args.op or list(OPS):
+        for shape in args.shape or list(SHAPES):
+            section, _ = compare(key, shape, progress)
+            lines += section
+    args.out.write_text("\n".join(lines) + "\n")
+    progress(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
