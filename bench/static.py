@@ -158,7 +158,15 @@ def fla(op: str, *, B: int, T: int, H: int, K: int, V: int, backward: bool, dtyp
     except ImportError:
         return None
     side = Side()
-    for launch in fla_launches(op, B=B, T=T, H=H, K=K, V=V, dtype=dtype, backward=backward):
+    with _TorchOps(side):
+        launches = fla_launches(op, B=B, T=T, H=H, K=K, V=V, dtype=dtype, backward=backward)
+    if backward:  # its capture of the backward runs the forward first: count the backward's torch ops alone
+        forward = Side()
+        with _TorchOps(forward):
+            fla_launches(op, B=B, T=T, H=H, K=K, V=V, dtype=dtype, backward=False)
+        side.torch_ops -= forward.torch_ops
+        side.torch_bytes -= forward.torch_bytes
+    for launch in launches:
         report = _compile(launch.fn, launch.args, launch.num_warps, launch.num_stages)
         side.rows.append(Row(launch.name, math.prod(launch.grid), report, launch.num_stages,
                              launch.bytes_read, launch.bytes_written))
@@ -221,12 +229,47 @@ def compare(key: str, shape: str | dict, progress=lambda _: None, modes=("forwar
          (fwd_p.launches + bwd_p.launches) if fwd_p and bwd_p else None, str),
         ("torch-side share of backward bytes", bwd_m.torch_bytes / max(bwd_m.hbm, 1), None, lambda x: f"{100 * x:.1f}%"),
     ]
-    summary = {}
+    summary = {"sides": totals}
     for label, a, b, fmt in rows:
         ratio = f"{a / b:.2f}" if b else "-"
         lines.append(f"| {label} | {fmt(a)} | {fmt(b) if b is not None else '-'} | {ratio} |")
         summary[label] = (a, b)
     return lines + [""], summary
+
+
+def svg(sections: list[tuple[str, dict]]) -> str:
+    """Bars of each kernel's MB from HBM, ours beside the peer's, per op, shape and pass (launch
+    order top to bottom; torch ops as one bar): a picture of where the bytes go."""
+    bar, gap, label_w, scale_w = 11, 4, 330, 520
+    rows: list[tuple[str, str, float]] = []  # (kind, label, MB): kind "title", "ours", "peer"
+    for title, summary in sections:
+        for mode, (mine, peer) in summary["sides"].items():
+            rows.append(("title", f"{title}: {mode} (launches {mine.launches} vs {peer.launches if peer else '-'})", 0.0))
+            for kind, side in (("ours", mine), ("peer", peer)):
+                if side is None:
+                    continue
+                for r in side.rows:
+                    rows.append((kind, r.name, ((r.hbm_read if r.hbm_read is not None else r.read) + r.written) / 1e6))
+                if side.torch_bytes:
+                    rows.append((kind, "torch ops", side.torch_bytes / 1e6))
+    top = max([mb for _, _, mb in rows] + [1.0])
+    height = len(rows) * (bar + gap) + 40
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + scale_w + 90}" height="{height}" '
+           'font-family="monospace" font-size="10">',
+           f'<text x="4" y="14" font-size="12">MB from HBM per kernel on sm_90: linattn (blue), fla (orange); '
+           f'full width = {top:,.0f} MB</text>']
+    y = 30
+    for kind, label, mb in rows:
+        if kind == "title":
+            out.append(f'<text x="4" y="{y + bar - 1}" font-weight="bold">{label}</text>')
+        else:
+            colour = "#3b6fb6" if kind == "ours" else "#e08a2e"
+            w = max(1.0, scale_w * mb / top)
+            out.append(f'<text x="{label_w - 4}" y="{y + bar - 2}" text-anchor="end">{label[:52]}</text>')
+            out.append(f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar}" fill="{colour}"/>')
+            out.append(f'<text x="{label_w + w + 4:.1f}" y="{y + bar - 2}">{mb:,.0f}</text>')
+        y += bar + gap
+    return "\n".join(out + ["</svg>"]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,12 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     def progress(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    lines = ["# Static report: sm_90 (H100), compiled ahead of time on a CPU", "", __doc__.split("\n\n")[1], ""]
+    plot = args.out.with_suffix(".svg")
+    lines = ["# Static report: sm_90 (H100), compiled ahead of time on a CPU", "", __doc__.split("\n\n")[1], "",
+             f"![MB from HBM per kernel, ours and fla's]({plot.name})", ""]
+    sections = []
     for key in args.op or list(OPS):
         for shape in args.shape or list(SHAPES):
-            section, _ = compare(key, shape, progress)
+            section, summary = compare(key, shape, progress)
             lines += section
+            sections.append((f"{OPS[key][0]}, {shape}", summary))
     args.out.write_text("\n".join(lines) + "\n")
+    plot.write_text(svg(sections))
     progress(f"wrote {args.out}")
     return 0
 

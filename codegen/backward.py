@@ -141,7 +141,7 @@ def _emit_dstate(plan: Plan) -> Kernel:
             s("ic = NT - 1 - icr", "t0 = bos + ic * C", "L = tl.minimum(eos - t0, C)")
             e.bases(s, params)
             for b in e.blocks:
-                s(f"tl.store(dh + ((first + ic) * HV + i_h) * K * V + s_off{b}, b_dS{b}, mask=s_mask{b})")
+                s(f"tl.store(dh + ((first + ic) * HV + i_h) * K * V + s_off{b}, b_dS{b}.to(dh.dtype.element_ty), mask=s_mask{b})")
             if plan.spec.has_decay:
                 e.load_glast(s)
             with s.block("for j in range(C // RB):"):
@@ -369,7 +369,7 @@ def _emit_dprod(plan: Plan) -> Kernel:
     params += ["dAqk"]
     if plan.delta:
         params.append("dAkk")
-    params += [inout("dq"), inout("dk")]
+    params += ["dq", "dk", out("dqo"), out("dko")]  # the final dq, dk: in the inputs' dtype where nothing follows
     if plan.scalar:
         params.append(inout("dG"))
     params += ["scale", *_CHUNK, "MMA"]
@@ -412,9 +412,9 @@ def _emit_dprod(plan: Plan) -> Kernel:
                 s(f"b_dkr = {e.dot(nb, 'b_k')}", f"b_dkc = {e.dot(f'tl.trans({nb})', 'b_k')}")
                 grads += ["b_dkr", "b_dkc"]
             e.load(s, "b_x", "dq", "r", "row_ok", b)
-            e.store(s, "dq", "b_x + b_dqa", "r", "row_ok", b)
+            e.store(s, "dqo", "b_x + b_dqa", "r", "row_ok", b)
             e.load(s, "b_x", "dk", "r", "row_ok", b)
-            e.store(s, "dk", "b_x + " + " + ".join(grads), "r", "row_ok", b)
+            e.store(s, "dko", "b_x + " + " + ".join(grads), "r", "row_ok", b)
         if plan.delta and plan.beta:
             e.load(s, "b_x", "dbeta", "r", "row_ok")
             e.store(s, "dbeta", "b_x + tl.sum(b_Pk, 1)", "r", "row_ok")
@@ -439,7 +439,7 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
     params += ["dAqk"]
     if plan.delta:
         params.append("dAkk")
-    params += [inout("dq"), inout("dk"), inout("dG"), "scale", *_CHUNK, "MMA"]
+    params += ["dq", "dk", out("dqo"), out("dko"), inout("dG"), "scale", *_CHUNK, "MMA"]
     # the products: (weights, row operand, column operand, gradient of rows, gradient of columns)
     prods = [("dAqk", "q", "k", "dq", "dk", ">=")]
     if plan.delta:
@@ -545,9 +545,9 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
                     dG += " + b_ki * b_dkri - b_ki * b_dkcq"
                     dk += " + b_dkcq + b_dkri"
                 e.load(s, "b_x", "dq", f"ri{i}", f"ok{i}", b)
-                e.store(s, "dq", "b_x + b_dqi", f"ri{i}", f"ok{i}", b)
+                e.store(s, "dqo", "b_x + b_dqi", f"ri{i}", f"ok{i}", b)
                 e.load(s, "b_x", "dk", f"ri{i}", f"ok{i}", b)
-                e.store(s, "dk", f"b_x + {dk}", f"ri{i}", f"ok{i}", b)
+                e.store(s, "dko", f"b_x + {dk}", f"ri{i}", f"ok{i}", b)
                 e.load(s, "b_x", "dG", f"ri{i}", f"ok{i}", b)
                 e.store(s, "dG", f"b_x + {dG}", f"ri{i}", f"ok{i}", b)
         if plan.delta and plan.beta:

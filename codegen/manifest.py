@@ -102,8 +102,12 @@ def partial_name(operand: str) -> str:
 
 def buffers(plan: Plan) -> dict[str, tuple[str, tuple[Dim, ...]]]:
     """``name -> (dtype, shape)`` of every tensor the plan's kernels may take: the one place
-    the dtypes of intermediates (:data:`~codegen.plan.STORE_DTYPE`) meet the buffers."""
-    io, st = plan.dtype, plan.store
+    the dtypes of intermediates (:data:`~codegen.plan.STORE_DTYPE`) meet the buffers.
+
+    A gradient buffer whose readers use it only as a product operand (``dh``, ``dW``, and
+    ``dvn`` with the delta rule) is stored in the product operand dtype (``MMA_DTYPE``): the product rounds it to
+    that dtype anyway (bf16 inputs), so nothing changes but its bytes."""
+    io, st, mma = plan.dtype, plan.store, plan.mma
     acc = "fp64" if plan.dtype == "fp64" else "fp32"  # accumulation and state dtype
     K, V, C, spec = "K", "V", "C", plan.spec
     g = ("TT", "HV", K) if plan.channel else ("TT", "HV")
@@ -124,9 +128,12 @@ def buffers(plan: Plan) -> dict[str, tuple[str, tuple[Dim, ...]]]:
         "qn": (acc, ("TT", "H", K)), "kn": (acc, ("TT", "H", K)),
         # backward
         "dO": (io, ("TT", "HV", V)), "dht": (acc, ("N", "HV", K, V)), "dh0": (acc, ("N", "HV", K, V)),
-        "dh": (acc, ("NCH", "HV", K, V)),
-        "dvl": (acc, ("TT", "HV", V)), "dvn": (acc, ("TT", "HV", V)), "dv": (acc, ("TT", "HV", V)),
-        "dq": (acc, ("TT", "HV", K)), "dk": (acc, ("TT", "HV", K)), "dW": (acc, ("TT", "HV", K)),
+        "dh": (mma, ("NCH", "HV", K, V)),
+        "dvl": (acc, ("TT", "HV", V)), "dvn": (mma if plan.delta else acc, ("TT", "HV", V)), "dv": (io, ("TT", "HV", V)),  # v's gradient, written once (delta rule), in its dtype
+        "dq": (acc, ("TT", "HV", K)), "dk": (acc, ("TT", "HV", K)),
+        # dq, dk complete (the last kernel's): the op's gradients as they are where each q/k head
+        # serves one value head and no norm follows; the launcher gives fp32 ones otherwise
+        "dqo": (io, ("TT", "HV", K)), "dko": (io, ("TT", "HV", K)), "dW": (mma, ("TT", "HV", K)),
         "dAqk": (acc, ("TT", "HV", C)), "dAkk": (acc, ("TT", "HV", C)),
         "dbeta": (acc, ("TT", "HV")), "dG": (acc, g), "dg": (acc, g),
         "dq_out": (io, ("TT", "H", K)), "dk_out": (io, ("TT", "H", K)),  # the op's gradients, in the inputs' dtype

@@ -18,7 +18,7 @@ from linattn.codegen import manifest
 from .inputs import check_call
 from .spec import Role
 
-__all__ = ["register", "forward"]
+__all__ = ["register", "forward", "finish_grads"]
 
 _REGISTRY: dict = {}
 #: the forward's buffers the backward reuses, in the custom op's output order
@@ -125,22 +125,7 @@ def _backward(
     call = _call(op, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale)
     saved = {n: t for n, t in (("G", G), ("Tm", Tm), ("Aqk", Aqk), ("beta", beta)) if t.numel()}
     grads = op._backward(call, saved, do, dht)
-    names = [o.name for o in op.spec.operands if o.role is not Role.SCALAR]
-    order = [("q", q), ("k", k), ("v", v), *zip(names, operands), ("z", z), ("D", D), ("initial_state", h0)]
-    # a custom op's outputs may alias neither each other nor its inputs: copy only where one would
-    taken = {t.untyped_storage().data_ptr() for t in (q, k, v, *operands, z, D, h0, G, Tm, Aqk, beta, do, dht)
-             if t is not None and t.numel()}
-    out = []
-    for n, t in order:
-        if t is None or n not in grads:
-            out.append(_empty(q))
-            continue
-        g = grads[n].to(t.dtype)  # a no-op where a kernel wrote the input's dtype
-        if g.numel() and g.untyped_storage().data_ptr() in taken:
-            g = g.clone()
-        taken.add(g.untyped_storage().data_ptr())
-        out.append(g)
-    return out
+    return finish_grads(op, call, grads, (G, Tm, Aqk, beta, do, dht))
 
 
 @_backward.register_fake
@@ -174,6 +159,32 @@ def _backward_rule(ctx, do, dht, *_):
 
 
 _forward.register_autograd(_backward_rule, setup_context=_setup)
+
+
+def finish_grads(op, call, grads: dict, others=()) -> list[torch.Tensor]:
+    """The custom op's gradient outputs: one per tensor argument of ``call`` in order (empty
+    where it has none), each in its input's dtype. A custom op's outputs may alias neither
+    each other nor its inputs (``others``: its other tensor arguments), so a gradient is
+    copied only where it would."""
+    names = [o.name for o in op.spec.operands if o.role is not Role.SCALAR]
+    q = call.q
+    order = [("q", q), ("k", call.k), ("v", call.v), *((n, call.operands[n]) for n in names), ("z", call.z),
+             ("D", call.D), ("initial_state", call.initial_state)]
+    real = q.device.type != "meta"  # meta tensors have no storage to alias (the static report runs on them)
+    taken = {t.untyped_storage().data_ptr() for _, t in order if t is not None and t.numel() and real}
+    taken |= {t.untyped_storage().data_ptr() for t in others if t is not None and t.numel() and real}
+    out = []
+    for n, t in order:
+        if t is None or n not in grads:
+            out.append(_empty(q))
+            continue
+        g = grads[n].to(t.dtype)  # a no-op where a kernel wrote the input's dtype
+        if real and g.numel() and g.untyped_storage().data_ptr() in taken:
+            g = g.clone()
+        if real:
+            taken.add(g.untyped_storage().data_ptr())
+        out.append(g)
+    return out
 
 
 def forward(op, call, output_final_state: bool):

@@ -421,8 +421,11 @@ class CompiledOp:
         env["dht"] = None if dht is None else dht.to(f32).contiguous()
         env["HAS_DHT"] = dht is not None
         env["STORE_DH0"] = call.initial_state is not None
+        if spec.qk_l2norm or HV != H:  # the final dq, dk feed the norm or a sum over a group: fp32
+            env["dqo"], env["dko"] = _alloc((TT, HV, K), f32, device), _alloc((TT, HV, K), f32, device)
         names = [k.name for k in gen.kernels if k.name.endswith("_bwd")]
         self._launch(gen, mod, names, env, device)
+        env["dq"], env["dk"] = env["dqo"], env["dko"]  # complete
         if stages is not None:
             stages.update(env)
 
