@@ -167,10 +167,13 @@ def compile_launch(
 
 def format_reports(reports: list[KernelReport]) -> list[str]:
     """A plain-text table of kernel resources."""
-    lines = [f"{'kernel':<28} {'warps':>5} {'registers':>9} {'spill st':>9} {'spill ld':>9} {'shared':>8} {'MB read':>9} {'MB written':>10}"]
+    lines = [
+        f"{'kernel':<26} {'warps':>5} {'regs':>5} {'spill st/ld':>11} {'shared':>7} {'wgmma':>5} {'mma':>4} {'TMA':>3}"
+        f" {'MB read':>8} {'MB written':>10}"
+    ]
     for r in reports:
         lines.append(
-            f"{r.name:<28} {r.num_warps:>5} {r.registers:>9} {r.spill_stores:>9} {r.spill_loads:>9} {r.shared:>8}"
-            f" {r.bytes_read / 1e6:>9.1f} {r.bytes_written / 1e6:>10.1f}"
+            f"{r.name:<26} {r.num_warps:>5} {r.registers:>5} {f'{r.spill_stores}/{r.spill_loads}':>11} {r.shared:>7}"
+            f" {r.wgmma:>5} {r.mma_sync:>4} {r.tma:>3} {r.bytes_read / 1e6:>8.1f} {r.bytes_written / 1e6:>10.1f}"
         )
     return lines

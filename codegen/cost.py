@@ -8,6 +8,7 @@ exactly this.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from linattn.spec import OutputGate, Role, Skip
@@ -91,17 +92,7 @@ def kernel_bytes(kernel: Kernel, sizes: dict[str, int], present: set[str] | None
     each counted once, from its manifest (``sizes``: the runtime and compile-time sizes;
     ``present``: the tensors passed, where optional ones may be None). What it re-reads
     through its grid is not counted: this is the kernel's unique traffic."""
-    read = written = 0
-    for p in kernel.params:
-        if not p.tensor or (present is not None and p.name not in present):
-            continue
-        n = 1
-        for d in resolve(p.shape, sizes):
-            n *= d
-        n *= _BYTES[p.dtype]
-        read += n if "r" in p.access else 0
-        written += n if p.written else 0
-    return read, written
+    return hbm_bytes(kernel, sizes, math.inf, present)  # as if every program were resident at once
 
 
 #: the tensor dimensions each grid dimension walks (a program of the grid owns a slice of them)
@@ -112,7 +103,7 @@ def _walks(dim) -> set[str]:
     return {dim[0]} if isinstance(dim, tuple) else _WALKS.get(dim, set())
 
 
-def hbm_bytes(kernel: Kernel, sizes: dict[str, int], resident: int, present: set[str] | None = None) -> tuple[int, int]:
+def hbm_bytes(kernel: Kernel, sizes: dict[str, int], resident: float, present: set[str] | None = None) -> tuple[int, int]:
     """``(read, written)``: the bytes one launch of ``kernel`` likely moves to and from HBM,
     counting the re-reads its grid makes (from its manifest).
 
@@ -132,10 +123,7 @@ def hbm_bytes(kernel: Kernel, sizes: dict[str, int], resident: int, present: set
     for p in kernel.params:
         if not p.tensor or (present is not None and p.name not in present):
             continue
-        n = 1
-        for d in resolve(p.shape, sizes):
-            n *= d
-        n *= _BYTES[p.dtype]
+        n = math.prod(resolve(p.shape, sizes)) * _BYTES[p.dtype]
         dims = {d for d in p.shape if isinstance(d, str)}
         factor, stride = 1, 1
         for dim, extent in axes:
