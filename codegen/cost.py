@@ -95,8 +95,9 @@ def kernel_bytes(kernel: Kernel, sizes: dict[str, int], present: set[str] | None
     return hbm_bytes(kernel, sizes, math.inf, present)  # as if every program were resident at once
 
 
-#: the tensor dimensions each grid dimension walks (a program of the grid owns a slice of them)
-_WALKS = {"NCH": {"TT", "NCH"}, "N": {"TT", "N", "N+1"}, "HV": {"HV", "H"}, "H": {"H"}, "NV": {"V"}, "NKB": {"K"}}
+#: the tensor dimensions each grid dimension walks (a program of the grid owns a slice of them;
+#: a q/k head's program owns the rows of the value heads it serves)
+_WALKS = {"NCH": {"TT", "NCH"}, "N": {"TT", "N", "N+1"}, "HV": {"HV", "H"}, "H": {"H", "HV"}, "NV": {"V"}, "NKB": {"K"}}
 
 
 def _walks(dim) -> set[str]:
