@@ -101,7 +101,7 @@ def _emit_qknorm_bwd(plan: Plan) -> Kernel:
             s(f"b_x = tl.load({x} + rows[:, None] + ck[None, :], mask=m, other=0.0).to(tl.float32)")
             s(f"rn = tl.rsqrt(tl.sum(b_x * b_x, 1) + {L2NORM_EPS})")
             s("c3 = rn * rn * rn * tl.sum(b_x * b_dy, 1)  # r³ (x · dy)")
-            s(f"b_dx = rn[:, None] * b_dy - b_x * c3[:, None]")
+            s("b_dx = rn[:, None] * b_dy - b_x * c3[:, None]")
             s(f"tl.store(d{x}_out + rows[:, None] + ck[None, :], b_dx.to(d{x}_out.dtype.element_ty), mask=m)")
     return Kernel("qknorm_bwd", params, (("TT", NORM_ROWS), "H"), s.text(), 4)
 
