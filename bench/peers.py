@@ -524,28 +524,19 @@ def _table(launches: list[PeerLaunch]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The launches as a table on stdout (``python -m bench.static`` compiles and compares them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("op", choices=OPS)
     for name, default in (("B", 1), ("T", 8192), ("H", 96), ("HV", None), ("K", 128), ("V", 128)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
     parser.add_argument("--backward", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="compile each launch for sm_90 (ptxas -v)")
     a = parser.parse_args(argv)
     launches = fla_launches(a.op, B=a.B, T=a.T, H=a.H, HV=a.HV, K=a.K, V=a.V, dtype=a.dtype, backward=a.backward)
-    print("\n".join(_table(launches)))
-    if a.compile:
-        from linattn.codegen.aot import compile_launch
-
-        for l in launches:
-            try:
-                r = compile_launch(l.fn, l.args, l.num_warps, l.num_stages, arch=90)
-                print(f"{l.name:<44} registers {r.registers:>4} spills {r.spill_stores}/{r.spill_loads}"
-                      f" shared {r.shared}")
-            except Exception as e:  # noqa: BLE001 - a report line per kernel
-                print(f"{l.name:<44} compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    sys.stdout.write("\n".join(_table(launches)) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -226,17 +226,17 @@ def compare(key: str, shape: str | dict, progress=lambda _: None, modes=("forwar
             lines += kernel_table(f"fla {mode} (first autotune candidate)", peer)
     lines += ["| | linattn | peer | ratio |", "| --- | ---: | ---: | ---: |"]
     fwd_m, fwd_p = totals["forward"]
+    rows = [("forward MB from HBM", fwd_m.hbm, fwd_p.hbm if fwd_p else None, _mb)]
     if "backward" not in totals:
-        rows = [("forward MB from HBM", fwd_m.hbm, fwd_p.hbm if fwd_p else None, _mb),
-                ("forward launches", fwd_m.launches, fwd_p.launches if fwd_p else None, str)]
-    bwd_m, bwd_p = totals.get("backward", (None, None))
-    rows = rows if bwd_m is None else [
-        ("forward MB from HBM", fwd_m.hbm, fwd_p.hbm if fwd_p else None, _mb),
-        ("fwd+bwd MB from HBM", fwd_m.hbm + bwd_m.hbm, (fwd_p.hbm + bwd_p.hbm) if fwd_p and bwd_p else None, _mb),
-        ("fwd+bwd launches", fwd_m.launches + bwd_m.launches,
-         (fwd_p.launches + bwd_p.launches) if fwd_p and bwd_p else None, str),
-        ("torch-side share of backward bytes", bwd_m.torch_bytes / max(bwd_m.hbm, 1), None, lambda x: f"{100 * x:.1f}%"),
-    ]
+        rows.append(("forward launches", fwd_m.launches, fwd_p.launches if fwd_p else None, str))
+    else:
+        bwd_m, bwd_p = totals["backward"]
+        both = fwd_p is not None and bwd_p is not None
+        rows += [
+            ("fwd+bwd MB from HBM", fwd_m.hbm + bwd_m.hbm, fwd_p.hbm + bwd_p.hbm if both else None, _mb),
+            ("fwd+bwd launches", fwd_m.launches + bwd_m.launches, fwd_p.launches + bwd_p.launches if both else None, str),
+            ("torch-side share of backward bytes", bwd_m.torch_bytes / max(bwd_m.hbm, 1), None, lambda x: f"{100 * x:.1f}%"),
+        ]
     summary = {"sides": totals}
     for label, a, b, fmt in rows:
         ratio = f"{a / b:.2f}" if b else "-"
