@@ -40,14 +40,38 @@ class Emitter:
         """
         return f"tl.dot(({a}).to({self.dt}).to(MMA), ({b}).to({self.dt}).to(MMA){self.prec})"
 
+    def split(self, s: Source, var: str, value: str) -> None:
+        """Bind fp32 weights ``value`` for :meth:`dot_split`: with bf16 products as a high and a
+        low bf16 part (``{var}_h``, ``{var}_l``: about 16 mantissa bits together), else as is."""
+        if self.p.mma == "bf16":
+            s(f"{var}_h = ({value}).to({self.dt})", f"{var}_l = (({value}) - {var}_h.to(tl.float32)).to({self.dt})")
+        elif var != value:
+            s(f"{var} = {value}")
+
+    def dot_split(self, var: str, b: str, trans: bool = False) -> str:
+        """``var @ b`` (``var``ᵀ with ``trans``) for weights bound by :meth:`split`: the weights
+        keep about 16 mantissa bits (bf16 high + low parts; 3xTF32 where products run in tf32),
+        ``b`` is rounded as by :meth:`dot` (exact for operands that are inputs in the product
+        dtype). For sums whose rows and columns cancel (a gate's gradient), where one rounding
+        of the weights to the product dtype is not small against the result."""
+        t = (lambda x: f"tl.trans({x})") if trans else (lambda x: x)
+        if self.p.mma == "bf16":
+            return f"({self.dot(t(f'{var}_h'), b)} + {self.dot(t(f'{var}_l'), b)})"
+        if self.p.mma_precision == "tf32":
+            return f"tl.dot(({t(var)}).to(MMA), ({b}).to(MMA), input_precision=\"tf32x3\")"
+        return self.dot(t(var), b)
+
     @staticmethod
     def dot32(a: str, b: str) -> str:
         """An exact fp32 product (the triangular solve)."""
         return f'tl.dot({a}, {b}, input_precision="ieee")'
 
-    def causal_dot(self, s: Source, var: str, lower: str, rows: str, row: str = "r", exact: bool = False) -> None:
+    def causal_dot(
+        self, s: Source, var: str, lower: str, rows: str, row: str = "r", exact: bool = False, out_row: str | None = None
+    ) -> None:
         """``var = lower @ rows`` where ``lower`` mixes tokens causally (zero above the diagonal,
-        by select) and ``rows`` holds one token per row (``row``: the rows' index vector).
+        by select) and ``rows`` holds one token per row (``row``: the rows' index vector;
+        ``out_row``: the token index of ``lower``'s rows where they are not the same tokens).
 
         A non-finite value in ``rows`` at token t would reach every earlier row through
         ``0 · inf`` or ``0 · NaN``. So the rows from t on enter the product as 0, and the
@@ -57,10 +81,12 @@ class Emitter:
         """
         s(f"x_rows = {rows}")
         s("x_bad = tl.max(tl.where(tl.abs(x_rows) < float('inf'), 0, 1), 1)  # rows holding inf or NaN")
+        if out_row:  # the output rows' own "a bad row at or before"
+            s(f"x_out = tl.max(tl.where({row}[None, :] <= {out_row}[:, None], x_bad[None, :], 0), 1)")
         s(f"x_bad = tl.max(tl.where({row}[None, :] <= {row}[:, None], x_bad[None, :], 0), 1)  # one at or before")
         clean = "tl.where(x_bad[:, None] == 0, x_rows, 0.0)"
         s(f"{var} = {self.dot32(lower, clean) if exact else self.dot(lower, clean)}")
-        s(f"{var} = tl.where(x_bad[:, None] > 0, float('nan'), {var})")
+        s(f"{var} = tl.where({'x_out' if out_row else 'x_bad'}[:, None] > 0, float('nan'), {var})")
 
     # ------------------------------------------------------------------ prologues
     def chunk_prologue(self, s: Source, v_tile: bool = False) -> None:
@@ -158,12 +184,13 @@ class Emitter:
         cols, cols_ok = {"K": (f"ck{b}", f"ck_ok{b}"), "V": ("cv", "cv_ok")}[width]
         return f"p_{name} + {rows}[:, None] * ({heads} * {width}) + {cols}[None, :]", f"{ok}[:, None] & {cols_ok}[None, :]"
 
-    def load(self, s: Source, var: str, name: str, rows: str, ok: str, b=None) -> None:
+    def load(self, s: Source, var: str, name: str, rows: str, ok: str, b=None, raw: bool = False) -> None:
         """``var`` = rows ``rows`` (valid where ``ok``) of buffer ``name`` in fp32, zeros elsewhere.
         Its layout comes from the manifest: q/k rows of a q/k head, the V tile of a value
-        head's row, key block ``b`` of a value head's row (raw: normalisation is a row scale)."""
+        head's row, key block ``b`` of a value head's row (unnormalised: normalisation is a
+        row scale). ``raw``: in the buffer's dtype (a product operand, no fp32 copy to hold)."""
         offsets, mask = self._tile(name, rows, ok, b)
-        s(f"{var} = tl.load({offsets}, mask={mask}, other=0.0).to(tl.float32)")
+        s(f"{var} = tl.load({offsets}, mask={mask}, other=0.0){'' if raw else '.to(tl.float32)'}")
 
     def store(self, s: Source, name: str, value: str, rows: str, ok: str, b=None) -> None:
         """Rows ``rows`` (where ``ok``) of buffer ``name`` = ``value``, in the buffer's dtype."""
@@ -180,8 +207,8 @@ class Emitter:
         """``1 / |row|`` of q or k (the in-kernel L2 normalisation), over all key blocks."""
         s(f"{var} = tl.zeros_like({rows}).to(tl.float32)")
         for b in self.blocks:
-            self.load(s, "b_x", ptr, rows, ok, b)
-            s(f"{var} += tl.sum(b_x * b_x, 1)")
+            self.load(s, f"{var}_x", ptr, rows, ok, b)
+            s(f"{var} += tl.sum({var}_x * {var}_x, 1)")
         s(f"{var} = tl.rsqrt({var} + {L2NORM_EPS})")
 
     @staticmethod

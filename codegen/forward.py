@@ -16,6 +16,8 @@ it never needs a whole row in registers.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from linattn.spec import OutputGate, Role, Skip
 
 from .emit import L2NORM_EPS, Emitter, Kernel, operand_params, plus, signature
@@ -177,7 +179,10 @@ def _emit_intra(plan: Plan) -> Kernel:
                         if plan.aqk_stored:
                             s(f"b_Q{i}{j} += {e.dot('b_qa', 'tl.trans(b_kb)')}")
                     else:
-                        s(f"b_A{i}{j} += {e.dot('b_ki', 'tl.trans(b_kj)')}")
+                        if plan.delta:
+                            s(f"b_A{i}{j} += {e.dot('b_ki', 'tl.trans(b_kj)')}")
+                        if plan.aqk_stored:
+                            s(f"b_Q{i}{j} += {e.dot('b_qi', 'tl.trans(b_kj)')}")
                 # diagonal block
                 if plan.channel:
                     # pairwise, one column at a time: exp(G_r - G_c) only where c <= r
@@ -192,8 +197,11 @@ def _emit_intra(plan: Plan) -> Kernel:
                         if plan.aqk_stored:
                             s("col = tl.sum(tl.where(ri[:, None] >= c, b_qi * b_kc[None, :] * b_e, 0.0), 1)")
                             s(f"b_Q{i}{i} += tl.where(ri[None, :] == c, col[:, None], 0.0)")
-                elif plan.delta:
-                    s(f"b_A{i}{i} += {e.dot('b_ki', 'tl.trans(b_ki)')}")
+                else:
+                    if plan.delta:
+                        s(f"b_A{i}{i} += {e.dot('b_ki', 'tl.trans(b_ki)')}")
+                    if plan.aqk_stored:
+                        s(f"b_Q{i}{i} += {e.dot('b_qi', 'tl.trans(b_ki)')}")
 
             # row/column scales: decay (scalar), L2 norms, β, scale
             for j in range(i + 1):
@@ -217,6 +225,12 @@ def _emit_intra(plan: Plan) -> Kernel:
                 if plan.aqk_stored:
                     f = f"b_Q{i}{j}"
                     scale = f" * rq{i}[:, None] * rk{j}[None, :]" if l2 else ""
+                    if plan.scalar:  # G of row block j: loaded above for the delta rule's A
+                        if j < i and not plan.delta:
+                            s(f"rj = {plus(j * BC, 'ri')}", "okj = rj < L")
+                            e.load_G(s, "b_Gj", "rj", "okj")
+                        diff = f"b_G{i}[:, None] - {'b_Gj' if j < i else f'b_G{i}'}[None, :]"
+                        scale += f" * tl.exp({diff})" if j < i else f" * tl.exp(tl.where({causal}, {diff}, 0.0))"
                     s(f"{f} = {f} * scale{scale}")
                     if j == i:
                         s(f"{f} = tl.where({causal}, {f}, 0.0)")
@@ -475,15 +489,168 @@ def _emit_output(plan: Plan) -> Kernel:
             delta = "b_v * b_b[:, None]"
         e.causal_dot(s, "b_ad", "b_A", delta)
         s("b_o += b_ad")
-        if spec.skip is Skip.HEAD:
-            s("b_o += tl.load(D + i_h).to(tl.float32) * b_v")
-        elif spec.skip is Skip.CHANNEL:
-            s("b_o += tl.load(D + i_h * V + cv, mask=cv_ok, other=0.0).to(tl.float32)[None, :] * b_v")
-        if spec.output_gate is OutputGate.SILU:
-            e.load(s, "b_z", "z", "r", "row_ok")
-            s("b_o = b_o * b_z / (1.0 + tl.exp(-b_z))")
-        e.store(s, "o", "b_o", "r", "row_ok")
+        _output_terms(e, s, "b_o", "b_v", "r", "row_ok")
     return Kernel("output_fwd", params, ("NCH*NV", "HV"), s.text(), plan.warps_output)
+
+
+def _output_params(plan: Plan) -> list:
+    """What the layer-side output terms read beyond Δ's inputs: v for a skip, D, z."""
+    spec, params = plan.spec, []
+    if spec.skip is not Skip.NONE:
+        params += (["v"] if plan.delta else []) + ["D"]
+    if spec.output_gate is OutputGate.SILU:
+        params.append("z")
+    return params
+
+
+def _output_terms(e: Emitter, s: Source, o: str, v: str, rows: str, ok: str) -> None:
+    """The layer-side output terms on rows ``rows`` of ``o`` (D skip on ``v``, the SiLU output
+    gate), then the store."""
+    spec = e.p.spec
+    if spec.skip is Skip.HEAD:
+        s(f"{o} += tl.load(D + i_h).to(tl.float32) * {v}")
+    elif spec.skip is Skip.CHANNEL:
+        s(f"{o} += tl.load(D + i_h * V + cv, mask=cv_ok, other=0.0).to(tl.float32)[None, :] * {v}")
+    if spec.output_gate is OutputGate.SILU:
+        e.load(s, "b_z", "z", rows, ok)
+        s(f"{o} = {o} * b_z / (1.0 + tl.exp(-b_z))")
+    e.store(s, "o", o, rows, ok)
+
+
+# ============================================================================ scan
+def _emit_scan(plan: Plan) -> Kernel:
+    """The state pass that also writes each chunk's output, so that neither the chunk start
+    states nor Δ reach memory (the backward recomputes them with ``state_fwd``)."""
+    e, spec, l2 = Emitter(plan), plan.spec, plan.spec.qk_l2norm
+    params = ["q", "k"]
+    if spec.has_decay:
+        params.append("G")
+    if plan.aqk_stored:
+        params.append("Aqk")
+    if plan.delta:
+        params += ["W", "U"]
+    else:
+        params.append("v")
+        if plan.beta:
+            params.append("beta")
+    params += _output_params(plan)
+    params += [out("o"), out("dtile"), "scale", "h0", out("ht"), "cu_seqlens", "chunk_off"]
+    params += ["TT", "H", "HV", "GROUP", "HAS_H0", "STORE_HT"]
+    params.append("MMA")
+    s = Source()
+    params = declare(plan, params)
+    causal = "ro[:, None] >= r[None, :]"
+    with s.block(signature("scan_fwd", params)):
+        s('"""Sequential over one sequence\'s chunks: Δ = U - W S (or β ⊙ V) into this program\'s')
+        s("[C, BV] tile of ``dtile`` (rewritten every chunk, so it stays in L2), O = Qg S + Aqk Δ")
+        s('with the output terms, then S <- exp(G_C) S + Kbᵀ Δ; all RB rows at a time."""')
+        e.sequence_prologue(s)
+        s("r = tl.arange(0, C)")
+        s("p_dtile = dtile + (i_n * HV + i_h) * C * V  # this program's Δ tile")
+        e.state_tiles(s, "b_S", "HAS_H0", "h0")
+        with s.block("for ic in range(0, NT):"):
+            s("t0 = bos + ic * C", "L = tl.minimum(eos - t0, C)", "row_ok = r < L")
+            e.bases(s, params)
+            if spec.has_decay:
+                e.load_glast(s)
+            if not plan.aqk_stored:  # what q·kᵀ's scales need
+                if plan.scalar:
+                    e.load_G(s, "b_G", "r", "row_ok")
+                if l2:
+                    e.rnorm(s, "b_rk", "k", "r", "row_ok")
+            # Δ of every row block, from the chunk's start state
+            with s.block("for j in range(C // RB):"):
+                s("rj = j * RB + rb", "okj = rj < L")
+                if plan.delta:
+                    e.load(s, "b_d", "U", "rj", "okj")
+                    for b in e.blocks:
+                        e.load(s, "b_w", "W", "rj", "okj", b, raw=True)
+                        s(f"b_d -= {e.dot('b_w', f'b_S{b}')}")
+                else:
+                    e.load(s, "b_d", "v", "rj", "okj")
+                    if plan.beta:
+                        e.load(s, "b_b", "beta", "rj", "okj")
+                        s("b_d = b_d * b_b[:, None]")
+                s("tl.store(p_dtile + rj[:, None] * V + cv[None, :], b_d, mask=cv_ok[None, :])")
+            s("tl.debug_barrier()  # Δ written by all threads before it is read back")
+            s("b_D = tl.load(p_dtile + r[:, None] * V + cv[None, :], mask=cv_ok[None, :], other=0.0)")
+            # O = Qg S + Aqk Δ: the whole chunk at once, or a sub-chunk's BC rows at a time where
+            # channel decay's gated q tiles would not fit beside the state (measured on sm_90 at
+            # K = V = 128: RB rows spilled 20-28 bytes, BC rows none)
+            RO = "BC" if plan.channel else "C"
+            rows = s.block("for j in range(C // BC):") if plan.channel else nullcontext()
+            rows.__enter__()
+            s(*(("ro = j * BC + tl.arange(0, BC)", "oko = ro < L") if plan.channel else ("ro = r", "oko = row_ok")))
+            s(f"b_o = tl.zeros([{RO}, BV], dtype=tl.float32)")
+            if not plan.aqk_stored:
+                s(f"b_A = tl.zeros([{RO}, C], dtype=tl.float32)")
+            if l2:  # |q| from the tiles the products load
+                s(f"b_rq = tl.zeros([{RO}], dtype=tl.float32)")
+            for b in e.blocks:
+                e.load(s, "b_qo", "q", "ro", "oko", b, raw=not (plan.channel or l2))
+                if l2:
+                    s("b_rq += tl.sum(b_qo * b_qo, 1)")
+                qg = "b_qo"
+                if plan.channel:
+                    e.load_G(s, "b_Gob", "ro", "oko", b)
+                    qg = "b_qo * tl.exp(b_Gob)"
+                s(f"b_o += {e.dot(qg, f'b_S{b}')}")
+                if not plan.aqk_stored:
+                    e.load(s, "b_kc", "k", "r", "row_ok", b, raw=True)
+                    s(f"b_A += {e.dot('b_qo', 'tl.trans(b_kc)')}")
+            if l2:
+                s(f"b_rq = tl.rsqrt(b_rq + {L2NORM_EPS})")
+            row_scale = ["scale"]
+            if plan.scalar:
+                e.load_G(s, "b_Go", "ro", "oko")
+                row_scale.append("tl.exp(b_Go)[:, None]")
+            if l2:
+                row_scale.append("b_rq[:, None]")
+            s(f"b_o = b_o * {' * '.join(row_scale)}")
+            if plan.aqk_stored:
+                s(f"b_A = tl.load(p_Aqk + ro[:, None] * (HV * C) + r[None, :], mask=oko[:, None] & ({causal}), other=0.0)")
+            else:
+                scales = ["scale"]
+                if l2:
+                    scales.append("b_rq[:, None] * b_rk[None, :]")
+                if plan.scalar:
+                    scales.append(f"tl.exp(tl.where({causal}, b_Go[:, None] - b_G[None, :], 0.0))")
+                s(f"b_A = tl.where({causal}, b_A * {' * '.join(scales)}, 0.0)")
+            e.causal_dot(s, "b_ad", "b_A", "b_D", row="r", out_row="ro" if plan.channel else None)
+            s("b_o += b_ad")
+            if spec.skip is not Skip.NONE:
+                e.load(s, "b_v", "v", "ro", "oko")
+            _output_terms(e, s, "b_o", "b_v", "ro", "oko")
+            rows.__exit__(None, None, None)
+            # S_b <- exp(G_C) S_b + Σ_rows (k ⊙ exp(G_C - G))ᵀ Δ
+            for b in e.blocks:
+                if plan.channel:
+                    s(f"b_S{b} = b_S{b} * tl.exp(b_Glast{b})[:, None]")
+                elif plan.scalar:
+                    s(f"b_S{b} = b_S{b} * tl.exp(b_Glast)")
+            with s.block("for j in range(C // RB):"):
+                s("rj = j * RB + rb", "okj = rj < L")
+                s("b_d = tl.load(p_dtile + rj[:, None] * V + cv[None, :], mask=cv_ok[None, :], other=0.0)")
+                factors = []
+                if plan.scalar:
+                    e.load_G(s, "b_Gj", "rj", "okj")
+                    factors.append("tl.exp(b_Glast - b_Gj)[:, None]")
+                if l2:
+                    e.rnorm(s, "b_rkj", "k", "rj", "okj")
+                    factors.append("b_rkj[:, None]")
+                if factors:
+                    s(f"b_d = b_d * {' * '.join(factors)}")
+                for b in e.blocks:
+                    e.load(s, "b_k", "k", "rj", "okj", b, raw=not plan.channel)
+                    if plan.channel:
+                        e.load_G(s, "b_Gb", "rj", "okj", b)
+                        s(f"b_k = b_k * tl.exp(b_Glast{b}[None, :] - b_Gb)")
+                    s(f"b_S{b} += {e.dot('tl.trans(b_k)', 'b_d')}")
+            s("tl.debug_barrier()  # every thread done with Δ before the next chunk's")
+        s("if STORE_HT:")
+        for b in e.blocks:
+            s(f"    tl.store(ht + (i_n * HV + i_h) * K * V + s_off{b}, b_S{b}, mask=s_mask{b})")
+    return Kernel("scan_fwd", params, ("N*NV", "HV"), s.text(), plan.warps_state, num_stages=1)
 
 
 _EMITTERS = {
@@ -492,9 +659,10 @@ _EMITTERS = {
     "wu": _emit_wu,
     "state": _emit_state,
     "output": _emit_output,
+    "scan": _emit_scan,
 }
 
 
 def forward_kernels(plan: Plan) -> list[Kernel]:
     """The forward kernels of ``plan``, in launch order."""
-    return [_EMITTERS[stage](plan) for stage in plan.stages]
+    return [_EMITTERS[stage](plan) for stage in (*plan.stages, "scan")]

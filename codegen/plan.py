@@ -15,7 +15,7 @@ from linattn.spec import Decay, Role, Spec
 __all__ = ["Options", "Plan", "make_plan", "core_spec", "DTYPES", "STORE_DTYPE", "MMA_DTYPE", "GATE_FLOOR", "CODEGEN_VERSION"]
 
 #: Bump when the emitted source changes for the same plan (invalidates the disk cache).
-CODEGEN_VERSION = 5
+CODEGEN_VERSION = 6
 
 #: Input dtypes the kernels take, by short name.
 #: (fp64 runs everything in float64 and exists for gradient checks through the interpreter.)
@@ -51,6 +51,12 @@ class Options:
     ``key_block``: the key-channel block every kernel walks K in (default 64).
     ``precision``: how fp32 matrix products run on tensor cores ("ieee" exact, "tf32").
     ``num_warps``: per kernel family; default chosen from the tile sizes.
+    ``fused_output``: whether the forward's state pass also writes the output (``scan``:
+    chunk start states and Δ never reach memory) instead of a chunk-parallel ``output``
+    kernel reading them back. None chooses per call: fused when the sequential pass has at
+    least one program per SM (the device is busy either way, and fusion saves the bytes),
+    separate when it leaves SMs idle that the output kernel can use. A runtime choice: the
+    generated source holds both.
     """
 
     chunk_size: int = 64
@@ -59,6 +65,7 @@ class Options:
     key_block: int | None = None
     precision: str = "ieee"
     num_warps: int | None = None
+    fused_output: bool | None = None
 
     def __post_init__(self) -> None:
         C, BC = self.chunk_size, self.subchunk_size
@@ -77,6 +84,8 @@ class Options:
         nw = self.num_warps
         if nw is not None and nw not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {nw!r}")
+        if self.fused_output not in (None, True, False):
+            raise ValueError(f"fused_output: expected True, False or None, got {self.fused_output!r}")
 
 
 @dataclass(frozen=True)
@@ -160,16 +169,24 @@ class Plan:
         if self.spec.has_decay or self.beta_computed:
             out.append("gates")  # G = chunk-local cumsum of g (and β) in fp32
         if self.delta or self.channel:
-            out.append("intra")  # Akk → T = (I + Akk)^-1 (delta); Aqk with reference points (channel)
+            out.append("intra")  # Akk → T = (I + Akk)^-1 (delta); Aqk (reference points with channel decay)
         if self.delta:
             out.append("wu")  # W = T (β Kg), U = T (β V): the chunk in WY form
         out += ["state", "output"]
         return tuple(out)
 
+    def forward_stages(self, fused_output: bool) -> tuple[str, ...]:
+        """The stages a forward call launches: :attr:`stages`, or with ``fused_output`` the
+        state pass and the output as one ``scan``."""
+        return (*self.stages[:-2], "scan") if fused_output else self.stages
+
     @property
     def aqk_stored(self) -> bool:
-        """Channel decay's Aqk needs the sub-chunk factorization: computed once in `intra`."""
-        return self.channel
+        """Aqk is computed once per chunk by `intra` and stored, wherever that stage runs:
+        channel decay needs its sub-chunk factorization, and the V-tiled kernels after it
+        (the scan, the output, the backward's dvl) load it instead of recomputing q·kᵀ per
+        V tile (in the scan, a [C, C] product beside the state overflowed the registers)."""
+        return "intra" in self.stages
 
     def key(self) -> str:
         """A stable digest of everything that shapes the generated source."""

@@ -267,11 +267,21 @@ class CompiledOp:
         env.update(self._term_args(call))
         if plan.beta and not plan.beta_computed:  # a β operand is the kernels' β as it is
             env["beta"] = env[f"x_{self.spec.beta.operands[0].name}"]
-        self._launch(gen, mod, [f"{stage}_fwd" for stage in plan.stages], env, device)
+        stages = plan.forward_stages(self._fused_output(plan, env["N"] * plan.NV * HV, device))
+        self._launch(gen, mod, [f"{stage}_fwd" for stage in stages], env, device)
         if keep is not None:
             # per-token and cheap: the backward reuses them instead of recomputing
             keep.update((n, env[n]) for n in saved_buffers(gen))
         return env["o"].reshape(B, T, HV, V), env["ht"]
+
+    def _fused_output(self, plan: Plan, programs: int, device: torch.device) -> bool:
+        """Whether the forward's state pass writes the output too (see ``Options.fused_output``).
+        By default where Aqk is stored (the scan then loads it; computing q·kᵀ beside the state
+        spills on sm_90) and the pass's ``programs`` cover every SM (always in the interpreter)."""
+        if self.options.fused_output is not None:
+            return self.options.fused_output
+        sms = runtime.sm_count(device)
+        return plan.aqk_stored and (sms is None or programs >= sms)
 
     # ------------------------------------------------------------------ decoding
     def step(

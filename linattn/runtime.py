@@ -138,6 +138,25 @@ def launch(
         raise ValueError(f"q: tensors on {device} are not supported; use CUDA tensors, or CPU tensors (interpreter)")
 
 
+_SMS: dict[int, int] = {}
+
+#: The SMs a call on meta tensors is planned for: a capture (:func:`capture`) models an H100 SXM.
+META_SMS = 132
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA ``device`` (cached), :data:`META_SMS` for meta
+    tensors; None for other devices."""
+    if device.type == "meta":
+        return META_SMS
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
 def mma_dtype(mma: str, device: torch.device):
     """The operand type of tensor-core products (the plan's ``mma``: "bf16", "fp32", "fp64");
     fp32 in the interpreter, whose bf16 products are wrong (operands are still rounded first)."""

@@ -188,3 +188,28 @@ def test_largest_heads_and_fp16(spec):
     """K = V = 256 (four key blocks, four V tiles) with fp16 inputs."""
     x = make_inputs(spec, B=1, T=40, H=1, K=256, V=256, dtype=torch.float16, h0=True, seed=9)
     check(spec, x, 5e-3)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["scan", "state+output"])
+@pytest.mark.parametrize(
+    "spec", [specs.KIMI_KDA, specs.QWEN3_NEXT_GDN, specs.NEMOTRON_MAMBA2, specs.DELTANET, specs.GLA], ids=lambda s: s.name
+)
+def test_fused_and_separate_output(spec, fused):
+    """The forward with the output written by the state pass (``scan``) and by its own kernel,
+    whichever the default picks: packed sequences, one ending mid-chunk, an initial state, two V tiles."""
+    x = make_inputs(spec, lengths=[37, 70], H=1, HV=2, K=32, V=40, dtype=torch.float32, h0=True, strength=3.0, seed=9)
+    check(spec, x, TOL[torch.float32], fused_output=fused, block_v=32)
+
+
+def test_fused_output_default():
+    """The scan where Aqk is stored and the state pass has a program for every SM (in the
+    interpreter: always), the separate output kernel elsewhere; a bad option value is refused by name."""
+    from linattn.inspection import captured_launches
+
+    # a capture on meta tensors plans for an H100 (132 SMs): 4 x 48 value heads x 1 V tile fill it, 2 x 48 do not
+    for spec, B, fused in ((specs.GDN, 4, True), (specs.KIMI_KDA, 4, True), (specs.GDN, 2, False), (specs.MAMBA2, 4, False)):
+        launches = captured_launches(spec, "fp32", 16, 16, T=20, H=48, HV=48, B=B, packed=0, step=False)
+        names = {launch.kernel.name for launch in launches}
+        assert ("scan_fwd" in names) == fused and ({"state_fwd", "output_fwd"} <= names) != fused, (spec.name, B, names)
+    with pytest.raises(ValueError, match="fused_output"):
+        linattn.compile(specs.GDN, fused_output="yes")

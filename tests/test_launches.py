@@ -17,12 +17,14 @@ def test_launches(spec):
     plan = codegen.make_plan(spec, "fp32", 16, 16, codegen.Options())
     counts = count_spec(spec, B=2, T=20, varlen=True)
     fixed = count_spec(spec, B=2, T=20)
-    # forward: one launch per stage; the chunk tables of an equal-length batch are cached
-    assert (fixed["forward"].triton, fixed["forward"].torch) == (len(plan.stages), 0), fixed["forward"].torch_ops
-    assert fixed["forward"].kernels == [f"{stage}_fwd" for stage in plan.stages]
+    # forward: one launch per stage (in the interpreter the state pass writes the output where
+    # Aqk is stored); the chunk tables of an equal-length batch are cached
+    stages = plan.forward_stages(plan.aqk_stored)
+    assert (fixed["forward"].triton, fixed["forward"].torch) == (len(stages), 0), fixed["forward"].torch_ops
+    assert fixed["forward"].kernels == [f"{stage}_fwd" for stage in stages]
     # a packed batch builds its table on every call (one kernel; nothing to go stale), and
     # (on CUDA only) asserts on the device that cu_seqlens was valid
-    assert (counts["forward"].triton, counts["forward"].torch) == (len(plan.stages) + 1, 0)
+    assert (counts["forward"].triton, counts["forward"].torch) == (len(stages) + 1, 0)
     assert counts["forward"].kernels == ["chunk_table", *fixed["forward"].kernels]
     # the bytes the manifests declare: the packed call's table on top of the same kernels
     assert counts["forward"].kernel_bytes > fixed["forward"].kernel_bytes > 0
