@@ -14,6 +14,11 @@ S, end-state gradient dS' and ``Δ`` the chunk's pseudo-values:
               (sub-chunk reference points for channel decay, as in the forward)
 6. ``dgate``  dg = the reverse cumsum of dG inside the chunk
 
+With scalar or no decay, 3-5 are one kernel, ``dchunk``: nothing between them goes through
+memory, and the delta rule's dAkk comes straight from dΔ Δᵀ (dT = dΔ (T⁻¹Δ)ᵀ, so
+-Tᵀ dT Tᵀ = -Tᵀ dΔ Δᵀ) without a walk over the key blocks. Channel decay keeps 3-5 apart:
+its products kernel works on sub-chunk blocks with their own reference points.
+
 Recompute vs save: the forward keeps G, β, T and (channel decay) Aqk, which are per
 token and cheap; W, U, the chunk start states and Δ are recomputed by re-running the
 forward's ``wu`` and ``state`` kernels, because the start states (K·V per chunk and
@@ -35,10 +40,11 @@ _CHUNK = ["chunk_t0", "chunk_len", "H", "HV", "GROUP"]
 class _B(Emitter):
     """Loads and stores of the per-value-head buffers of the backward."""
 
-    def load_cc(self, s: Source, var: str, name: str, mask: str) -> None:
-        """A chunk's ``[C, C]`` matrix, zero outside ``mask``."""
+    def load_cc(self, s: Source, var: str, name: str, mask: str, raw: bool = False) -> None:
+        """A chunk's ``[C, C]`` matrix, zero outside ``mask`` (``raw``: in its stored dtype)."""
         s(f"{var} = tl.load(p_{name} + r[:, None] * (HV * C) + r[None, :], mask=row_ok[:, None] & ({mask}), other=0.0)")
-        s(f"{var} = {var}.to(tl.float32)")
+        if not raw:
+            s(f"{var} = {var}.to(tl.float32)")
 
     def load_state(self, s: Source, var: str, name: str, index: str, b) -> None:
         s(
@@ -558,6 +564,181 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
     return Kernel("dprod_bwd", params, ("NCH", "HV"), s.text(), plan.warps_intra, num_stages=1)
 
 
+# ============================================================================ 3-5 fused
+def _emit_dchunk(plan: Plan) -> Kernel:
+    """Scalar or no decay: ``dqk``, ``dwy`` and ``dprod`` as one pass per chunk, so that no
+    partial dq, dk, dW, dAqk or dAkk goes through memory. The [C, C] weights come first (dAqk
+    from a walk over V; with the delta rule dT, whose dW part needs a first walk over the key
+    blocks, then dAkk); one more walk over the key blocks then finishes dq and dk block by
+    block, with dW recomputed from the chunk's (L2-resident) S and dΔ."""
+    # the delta rule keeps three [C, C] weights live beside the walks: key blocks of 8 channels
+    # keep them free of spills on sm_90 (measured at K = 128: 16 spilled 60 bytes, 32 spilled 224)
+    e = _B(plan, min(plan.KBB, 8) if plan.delta else plan.KBB)
+    delta, beta, scalar = plan.delta, plan.delta and plan.beta, plan.scalar
+    params = ["q", "k"]
+    if scalar:
+        params.append("G")
+    params += _delta_param(plan)
+    if delta:
+        params += ["v", "Tm"] + (["beta"] if plan.beta else [])
+    params += ["hs", "dh", "dO", "dvn", out("dqo"), out("dko"), out("dv")]
+    if plan.beta:
+        params.append(out("dbeta"))
+    if scalar:
+        params.append(out("dG"))
+    params += ["scale", *_CHUNK, "MMA"]
+    s = Source()
+    causal, strict = "r[:, None] >= r[None, :]", "r[:, None] > r[None, :]"
+    decay = lambda m: f" * tl.exp(tl.where({m}, b_G[:, None] - b_G[None, :], 0.0))" if scalar else ""  # noqa: E731
+    params = declare(plan, params)
+    with s.block(signature("dchunk_bwd", params)):
+        s('"""Per chunk: dAqk = dO Δᵀ' + (", d(βV) = Tᵀ dΔ, dT, dAkk = -Tᵀ dT Tᵀ" if delta else "") + ", then by key block")
+        s("dQg = dO Sᵀ, dKb = Δ dS'ᵀ" + (", dW = -dΔ Sᵀ through the WY form" if delta else ""))
+        s('and the weights pushed through the chunk\'s products to q, k' + (", β" if beta else "") + (" and G" if scalar else "") + '."""')
+        e.chunk_prologue(s)
+        e.bases(s, params)
+        s("cvb = tl.arange(0, BV)")
+        if scalar:
+            e.load_glast(s)
+            e.load_G(s, "b_G", "r", "row_ok")
+        if delta:
+            e.load_cc(s, "b_T", "Tm", causal, raw=True)  # a product operand only
+        if beta:
+            e.load(s, "b_b", "beta", "r", "row_ok")
+        if plan.beta:
+            s("b_db = tl.zeros([C], dtype=tl.float32)")
+            if not delta:
+                e.load(s, "b_bt", "beta", "r", "row_ok")
+        bcol = " * b_b[:, None]" if beta else ""
+
+        s("", "# ---- over V: dAqk" + ("; d(βV) = Tᵀ dΔ (dv, dβ) and its part of dT" if delta else ""))
+        s("b_dA = tl.zeros([C, C], dtype=tl.float32)")
+        if delta:
+            s("b_dT = tl.zeros([C, C], dtype=tl.float32)")
+        with s.block("for i_v in range(NV):"):
+            s("cv = i_v * BV + cvb", "cv_ok = cv < V")
+            e.load(s, "b_do", "dO", "r", "row_ok")
+            if delta:
+                e.load(s, "b_d", "vnew", "r", "row_ok")
+            else:  # Δ = β ⊙ V: dv = β ⊙ dΔ, dβ = Σ dΔ ⊙ v
+                e.load(s, "b_v", "v", "r", "row_ok")
+                e.load(s, "b_dd", "dvn", "r", "row_ok")
+                s("b_d = b_v * b_bt[:, None]" if plan.beta else "b_d = b_v")
+                e.store(s, "dv", "b_dd * b_bt[:, None]" if plan.beta else "b_dd", "r", "row_ok")
+                if plan.beta:
+                    s("b_db += tl.sum(b_dd * b_v, 1)")
+            s(f"b_dA += {e.dot('b_do', 'tl.trans(b_d)')}")
+            if delta:
+                e.load(s, "b_v", "v", "r", "row_ok")
+                e.load(s, "b_dd", "dvn", "r", "row_ok")
+                s(f"b_dbv = {e.dot('tl.trans(b_T)', 'b_dd')}")
+                e.store(s, "dv", "b_dbv" + bcol, "r", "row_ok")
+                if beta:
+                    s("b_db += tl.sum(b_dbv * b_v, 1)")
+                s(f"b_dT += {e.dot('b_dd', 'tl.trans(b_d)')}  # dΔ Δᵀ")
+        kg = "b_kg" if scalar else "b_k"  # k ⊙ exp(G)
+        if delta:
+            # dT = dW (βKg)ᵀ + dΔ (βV)ᵀ = dΔ (βV - βKg S)ᵀ = dΔ (T⁻¹Δ)ᵀ, so dAkk = -Tᵀ dT Tᵀ = -Tᵀ dΔ Δᵀ
+            s(f"b_N = -{e.dot('tl.trans(b_T)', 'b_dT')}")
+            s(f"b_N = tl.where({strict}, b_N, 0.0){decay(strict)}  # dAkk through the decay")
+        s(f"b_M = tl.where({causal}, b_dA, 0.0) * scale{decay(causal)}  # dAqk through scale and decay")
+        if scalar:
+            s("b_Md = tl.sum(tl.where(r[:, None] == r[None, :], b_M, 0.0), 1)  # the diagonal")
+            s("b_M = tl.where(r[:, None] == r[None, :], 0.0, b_M)")
+        if delta:
+            e.split(s, "b_N", "b_N")
+            if beta:
+                e.split(s, "b_NB", "b_N * b_b[:, None]")
+        if scalar:
+            s("b_dGr = tl.zeros([C], dtype=tl.float32)")
+            s("b_dGS = tl.sum(tl.zeros([C], dtype=tl.float32), 0)  # Σ S ⊙ dS' (times exp(G_C) at the end)")
+            s("b_dGK = tl.sum(tl.zeros([C], dtype=tl.float32), 0)  # Σ k ⊙ dk of the Kb term")
+
+        # the chunk's products: Aqk[r, s] = q_r·k_s (e^{G_r - G_s}), Akk[s, j] = β_s k_s·k_j (...).
+        # G's share of them, dG_r += Σ_s P[r, s] - Σ_s P[s, r] with P = dA ⊙ A, is read off the
+        # same products (Σ_s P[r, s] = q_r·(M k)_r, with q, k rounded as the products see them so
+        # that both sums add the same P); the diagonal, which does not depend on G, is left out
+        # of them and added exactly in fp32. dq and dk take a walk each (fewer live weights).
+        s("", "# ---- over the key blocks: dq = dO Sᵀ (gated) + dAqk k")
+        with e.key_loop(s) as b:
+            s(f"b_dq = tl.zeros([C, {e.kb}], dtype=tl.float32)")
+            with s.block("for i_v in range(NV):"):
+                s("cv = i_v * BV + cvb", "cv_ok = cv < V")
+                e.load_state(s, "b_S", "hs", "i_c", b)
+                e.load(s, "b_do", "dO", "r", "row_ok")
+                s(f"b_dq += {e.dot('b_do', 'tl.trans(b_S)')}")
+            e.load(s, "b_q", "q", "r", "row_ok", b)
+            e.load(s, "b_k", "k", "r", "row_ok", b)
+            s(f"b_dq = {e.gated('b_dq', 'b_G', b)} * scale")
+            s(f"b_dqa = {e.dot('b_M', 'b_k')}")
+            if scalar:
+                s("b_dGr += tl.sum(b_q * b_dq, 1)")
+                s(f"b_dGr += tl.sum(b_q.to({e.dt}).to(tl.float32) * b_dqa, 1)")
+                s("b_dqa += b_Md[:, None] * b_k")
+            e.store(s, "dqo", "b_dq + b_dqa", "r", "row_ok", b)
+
+        s("", "# ---- over the key blocks: dk = Δ dS'ᵀ (gated)" + (" + the WY form's Tᵀ dW" if delta else "") + " + dAqkᵀ q" + (" + dAkk's" if delta else ""))
+        with e.key_loop(s) as b:
+            s(f"b_dk = tl.zeros([C, {e.kb}], dtype=tl.float32)")
+            if delta:
+                s(f"b_dw = tl.zeros([C, {e.kb}], dtype=tl.float32)")
+            with s.block("for i_v in range(NV):"):
+                s("cv = i_v * BV + cvb", "cv_ok = cv < V")
+                if delta:
+                    e.load_state(s, "b_S", "hs", "i_c", b)
+                e.load_state(s, "b_dS", "dh", "i_c", b)
+                _load_delta(e, s, "b_d", "r", "row_ok")
+                s(f"b_dk += {e.dot('b_d', 'tl.trans(b_dS)')}")
+                if delta:
+                    e.load(s, "b_dd", "dvn", "r", "row_ok")
+                    s(f"b_dw -= {e.dot('b_dd', 'tl.trans(b_S)')}")
+                if scalar:
+                    if not delta:
+                        e.load_state(s, "b_S", "hs", "i_c", b)
+                    s("b_dGS += tl.sum(tl.sum(b_S * b_dS, 1), 0)")
+            e.load(s, "b_q", "q", "r", "row_ok", b)
+            e.load(s, "b_k", "k", "r", "row_ok", b)
+            if e.kb_factor("b_G", b):
+                s(f"b_dk = b_dk{e.kb_factor('b_G', b)}")
+            if scalar:
+                s("b_dGr -= tl.sum(b_k * b_dk, 1)")
+                s("b_dGK += tl.sum(tl.sum(b_k * b_dk, 1), 0)")
+            if delta:  # the WY form: d(βKg) = Tᵀ dW
+                if scalar:
+                    s(f"b_kg = {e.gated('b_k', 'b_G', b)}")
+                s(f"b_dbk = {e.dot('tl.trans(b_T)', 'b_dw')}")
+                if beta:
+                    s(f"b_db += tl.sum(b_dbk * {kg}, 1)")
+                s(f"b_dkg = b_dbk{bcol}")
+                s(f"b_dk += {e.gated('b_dkg', 'b_G', b)}")
+                if scalar:
+                    s(f"b_dGr += tl.sum(b_dkg * {kg}, 1)")
+            s(f"b_dka = {e.dot('tl.trans(b_M)', 'b_q')}")
+            if scalar or beta:
+                s(f"b_km = b_k.to({e.dt}).to(tl.float32)")
+            if scalar:
+                s("b_dGr -= tl.sum(b_km * b_dka, 1)")
+                s("b_dka += b_Md[:, None] * b_q")
+            s("b_dk += b_dka")
+            if delta:
+                s(f"b_dkr = {e.dot_split('b_N', 'b_k')}  # Σ_j N[r, j] k_j")
+                s(f"b_dkc = {e.dot_split('b_NB' if beta else 'b_N', 'b_k', trans=True)}  # Σ_s β_s N[s, r] k_s")
+                if beta or scalar:
+                    s("b_kr = tl.sum(b_km * b_dkr, 1)  # Σ_j N[r, j] k_r·k_j")
+                if beta:
+                    s("b_db += b_kr")
+                if scalar:
+                    s(f"b_dGr += {'b_b * ' if beta else ''}b_kr - tl.sum(b_km * b_dkc, 1)")
+                s(f"b_dk += b_dkr{bcol} + b_dkc")
+            e.store(s, "dko", "b_dk", "r", "row_ok", b)
+        if plan.beta:
+            e.store(s, "dbeta", "b_db", "r", "row_ok")
+        if scalar:
+            s("b_dGr += tl.where(r == L - 1, b_dGS * tl.exp(b_Glast) + b_dGK, 0.0)")
+            e.store(s, "dG", "b_dGr", "r", "row_ok")
+    return Kernel("dchunk_bwd", params, ("NCH", "HV"), s.text(), plan.warps_output, num_stages=1)
+
+
 # ============================================================================ 6. dgate
 def _emit_dgate(plan: Plan) -> Kernel:
     params = ["dG", out("dg"), "chunk_t0", "chunk_len", "HV"]
@@ -581,10 +762,14 @@ def _emit_dgate(plan: Plan) -> Kernel:
 
 def backward_kernels(plan: Plan) -> list[Kernel]:
     """The backward kernels of a core plan, in launch order."""
-    out = [_emit_dvl(plan), _emit_dstate(plan), _emit_dqk(plan)]
-    if plan.delta:
-        out.append(_emit_dwy(plan))
-    out.append(_emit_dprod(plan))
+    out = [_emit_dvl(plan), _emit_dstate(plan)]
+    if plan.channel:  # the sub-chunk factorization keeps its own products kernel
+        out.append(_emit_dqk(plan))
+        if plan.delta:
+            out.append(_emit_dwy(plan))
+        out.append(_emit_dprod(plan))
+    else:
+        out.append(_emit_dchunk(plan))
     if plan.spec.has_decay:
         out.append(_emit_dgate(plan))
     return out

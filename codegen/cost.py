@@ -43,13 +43,19 @@ def _backward_flops_per_token_head(p: Plan) -> float:
     f = 2 * K * V  # recomputed state pass: update
     f += 2 * C * V + (0 if p.aqk_stored else 2 * C * K)  # dvl: Aqkᵀ dO (Aqk recomputed)
     f += 2 * K * V + 2 * K * V  # dstate: Kb dS', Qgᵀ dO
-    f += 2 * C * V + 2 * K * V + 2 * K * V  # dqk: dO Δᵀ, dO Sᵀ, Δ dS'ᵀ
-    f += 2 * C * K + 2 * C * K + 2 * C * K  # dprod: dAqk k, dAqkᵀ q, the products for dG
+    f += 2 * C * V + 2 * K * V + 2 * K * V  # dAqk = dO Δᵀ, dO Sᵀ, Δ dS'ᵀ
+    f += 2 * C * K + 2 * C * K  # dAqk pushed to q and k
+    if p.channel:
+        f += 2 * C * K  # the products for dG
     if p.delta:
         f += 2 * C * K + 2 * C * V + 2 * K * V  # recomputed W, U, W S
-        f += 2 * K * V + 2 * K * V  # dstate: Wᵀ dΔ; dqk: dΔ Sᵀ
-        f += 4 * C * V + 4 * C * K + 4 * C  # dwy: Tᵀ dΔ, dΔ (βV)ᵀ, Tᵀ dW, dW (βKg)ᵀ, Tᵀ dT Tᵀ
-        f += 6 * C * K  # dprod: dAkk k, dAkkᵀ k, k kᵀ
+        f += 2 * K * V + 2 * K * V  # dstate: Wᵀ dΔ; dW = -dΔ Sᵀ
+        if p.channel:
+            f += 4 * C * V + 4 * C * K + 4 * C  # dwy: Tᵀ dΔ, dΔ (βV)ᵀ, Tᵀ dW, dW (βKg)ᵀ, Tᵀ dT Tᵀ
+            f += 6 * C * K  # dprod: dAkk k, dAkkᵀ k, k kᵀ
+        else:
+            f += 4 * C * V + 2 * C + 2 * C * K  # Tᵀ dΔ, dΔ Δᵀ, dAkk = -Tᵀ dΔ Δᵀ, Tᵀ dW
+            f += 8 * C * K  # dAkk pushed to k by rows and columns, each as a high and a low part
     return f
 
 

@@ -418,13 +418,16 @@ class CompiledOp:
         env["h0"] = None if call.initial_state is None else call.initial_state.to(f32).contiguous()
         recompute = (["wu_fwd"] if plan.delta else []) + ["state_fwd"]
 
-        # ---- the output terms: dO of the core from dO of the op
+        # ---- the output terms: dO of the core from dO of the op (the core's output is
+        # recomputed only for an output gate; a skip alone leaves dO as it is)
         grads: dict[str, torch.Tensor] = {}
-        if spec.skip is not Skip.NONE or spec.output_gate is not OutputGate.NONE:
+        if spec.output_gate is not OutputGate.NONE:
             self._launch(gen, mod, recompute + ["output_fwd"], env, device)
             do, grads = finish_vjp(call, env["o"].reshape(B, T, HV, V).to(f32), do.to(f32))
         else:
             self._launch(gen, mod, recompute, env, device)
+            if spec.skip is not Skip.NONE:
+                do, grads = finish_vjp(call, None, do)
 
         # ---- the core backward kernels
         env["dO"] = do.reshape(TT, HV, V).contiguous()
@@ -434,15 +437,21 @@ class CompiledOp:
         if spec.qk_l2norm or HV != H:  # the final dq, dk feed the norm or a sum over a group: fp32
             env["dqo"], env["dko"] = _alloc((TT, HV, K), f32, device), _alloc((TT, HV, K), f32, device)
         names = [k.name for k in gen.kernels if k.name.endswith("_bwd")]
+        writes_dv = any(p.name == "dv" and p.written for n in names for p in gen.kernel(n).params)
+        if writes_dv and "v" in grads:  # v's share of a skip is added to the kernels' dv: keep that in fp32
+            env["dv"] = _alloc((TT, HV, V), f32, device)
         self._launch(gen, mod, names, env, device)
         env["dq"], env["dk"] = env["dqo"], env["dko"]  # complete
         if stages is not None:
             stages.update(env)
 
         # ---- back through the layer-side terms
-        dv = env["dv"] if plan.delta else env["dvn"] * (env["beta"][..., None] if plan.beta else 1.0)
-        if plan.beta and not plan.delta:
-            env["dbeta"] = (env["dvn"] * env["v"].to(f32)).sum(-1)
+        if writes_dv:  # the delta rule's WY form, or dΔ through β ⊙ V in the chunk kernel
+            dv = env["dv"]
+        else:  # channel decay without the delta rule: Δ = β ⊙ V by hand
+            dv = env["dvn"] * env["beta"][..., None] if plan.beta else env["dvn"]
+            if plan.beta:
+                env["dbeta"] = (env["dvn"] * env["v"].to(f32)).sum(-1)
         if spec.qk_l2norm:
             env["q"], env["k"] = raw_q, raw_k
             self._launch(fgen, fmod, ["qknorm_bwd"], env, device)
@@ -454,7 +463,7 @@ class CompiledOp:
             grads["k"] = env["dk"].reshape(B, T, H, HV // H, K).sum(3)
         grads.update(self._term_grads(call, fgen, fmod, env))
         dv = dv.reshape(B, T, HV, V)
-        grads["v"] = grads["v"] + dv if "v" in grads else dv
+        grads["v"] = dv.add_(grads["v"]) if "v" in grads else dv  # dv is this call's own buffer
         if call.initial_state is not None:
             grads["initial_state"] = env["dh0"]
         return grads

@@ -57,16 +57,33 @@ def _round_to_bf16(builder_cls):
     return original, cast_impl
 
 
+def _language_objects() -> list:
+    """What Triton's interpreter patches while it runs: ``triton.language``, its core and math
+    modules and its tensor classes."""
+    import triton.language as tl
+
+    objects = [tl, tl.core, tl.math, tl.core.tensor]
+    base = getattr(tl.core, "tensor_descriptor_base", None)
+    return objects + ([base] if base is not None else [])
+
+
 @contextlib.contextmanager
 def _interpreting():
     """Let triton's ``@jit`` library functions run as interpreted device functions,
-    with the GPU's rounding of fp32 to bf16."""
+    with the GPU's rounding of fp32 to bf16.
+
+    On the way out, ``triton.language`` is put back as it was: the interpreter patches it
+    for each kernel and restores it, but a device-function call (``tl.sum``, ``tl.cumsum``)
+    patches it again without restoring (triton 3.9), after which nothing in the process can
+    be compiled for a GPU any more (an ahead-of-time compile fails deep in the builder).
+    """
     from triton.runtime.interpreter import InterpreterBuilder
     from triton.runtime.jit import JITFunction
 
     with _lock:
         original_call = JITFunction.__call__
         original_cast, cast = _round_to_bf16(InterpreterBuilder)
+        saved = [(obj, dict(vars(obj))) for obj in _language_objects()]
 
         def call(self, *args, **kwargs):
             return _interpreted_fn(self.fn)(*args, **kwargs)
@@ -79,6 +96,13 @@ def _interpreting():
         finally:
             JITFunction.__call__ = original_call
             InterpreterBuilder.cast_impl = original_cast
+            if not _GLOBAL_INTERPRET:
+                for obj, attrs in saved:
+                    for name in set(vars(obj)) - set(attrs):
+                        delattr(obj, name)
+                    for name, value in attrs.items():
+                        if vars(obj).get(name) is not value:
+                            setattr(obj, name, value)
 
 
 @dataclasses.dataclass(frozen=True)
