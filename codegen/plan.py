@@ -55,8 +55,9 @@ class Options:
     chunk start states and Δ never reach memory) instead of a chunk-parallel ``output``
     kernel reading them back. None chooses per call: fused when the sequential pass has at
     least one program per SM (the device is busy either way, and fusion saves the bytes),
-    separate when it leaves SMs idle that the output kernel can use. A runtime choice: the
-    generated source holds both.
+    separate when it leaves SMs idle that the output kernel can use; separate also where
+    Aqk is not stored or K > 128 (the scan would spill). A runtime choice: the generated
+    source holds both.
     """
 
     chunk_size: int = 64

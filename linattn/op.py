@@ -277,11 +277,12 @@ class CompiledOp:
     def _fused_output(self, plan: Plan, programs: int, device: torch.device) -> bool:
         """Whether the forward's state pass writes the output too (see ``Options.fused_output``).
         By default where Aqk is stored (the scan then loads it; computing q·kᵀ beside the state
-        spills on sm_90) and the pass's ``programs`` cover every SM (always in the interpreter)."""
+        spills on sm_90), K is at most 128 (at 256 the scan's four state blocks spill 32-200
+        bytes on sm_90) and the pass's ``programs`` cover every SM (always in the interpreter)."""
         if self.options.fused_output is not None:
             return self.options.fused_output
         sms = runtime.sm_count(device)
-        return plan.aqk_stored and (sms is None or programs >= sms)
+        return plan.aqk_stored and plan.BK <= 128 and (sms is None or programs >= sms)
 
     # ------------------------------------------------------------------ decoding
     def step(

@@ -202,13 +202,17 @@ def test_fused_and_separate_output(spec, fused):
 
 
 def test_fused_output_default():
-    """The scan where Aqk is stored and the state pass has a program for every SM (in the
-    interpreter: always), the separate output kernel elsewhere; a bad option value is refused by name."""
+    """The scan where Aqk is stored, K <= 128 and the state pass has a program for every SM
+    (in the interpreter: always), the separate output kernel elsewhere; a bad option value is
+    refused by name."""
     from linattn.inspection import captured_launches
 
     # a capture on meta tensors plans for an H100 (132 SMs): 4 x 48 value heads x 1 V tile fill it, 2 x 48 do not
-    for spec, B, fused in ((specs.GDN, 4, True), (specs.KIMI_KDA, 4, True), (specs.GDN, 2, False), (specs.MAMBA2, 4, False)):
-        launches = captured_launches(spec, "fp32", 16, 16, T=20, H=48, HV=48, B=B, packed=0, step=False)
+    # (and at K = 256 the scan would spill)
+    cases = ((specs.GDN, 4, 16, True), (specs.KIMI_KDA, 4, 16, True), (specs.GDN, 2, 16, False),
+             (specs.MAMBA2, 4, 16, False), (specs.GDN, 4, 256, False))
+    for spec, B, K, fused in cases:
+        launches = captured_launches(spec, "fp32", K, K, T=20, H=48, HV=48, B=B, packed=0, step=False)
         names = {launch.kernel.name for launch in launches}
         assert ("scan_fwd" in names) == fused and ({"state_fwd", "output_fwd"} <= names) != fused, (spec.name, B, names)
     with pytest.raises(ValueError, match="fused_output"):
