@@ -166,11 +166,7 @@ def _emit_dstate(plan: Plan) -> Kernel:
                 s(f"b_dd += b_acc{factor}")
                 e.store(s, "dvn", "b_dd", "rj", "okj")
             s("tl.debug_barrier()  # dΔ written by all threads before it is read back")
-            for b in e.blocks:
-                if plan.channel:
-                    s(f"b_dS{b} = b_dS{b} * tl.exp(b_Glast{b})[:, None]")
-                elif plan.scalar:
-                    s(f"b_dS{b} = b_dS{b} * tl.exp(b_Glast)")
+            e.decay_state(s, "b_dS")
             with s.block("for j in range(C // RB):"):
                 s("rj = j * RB + rb", "okj = rj < L")
                 e.load(s, "b_do", "dO", "rj", "okj")

@@ -156,6 +156,14 @@ class Emitter:
         for b in self.blocks:
             s(f"    {var}{b} = tl.zeros([{self.kb}, BV], dtype=tl.float32)")
 
+    def decay_state(self, s: Source, var: str) -> None:
+        """The key blocks ``{var}b`` of a state tile times the chunk's decay ``exp(G_C)``."""
+        for b in self.blocks:
+            if self.p.channel:
+                s(f"{var}{b} = {var}{b} * tl.exp(b_Glast{b})[:, None]")
+            elif self.p.scalar:
+                s(f"{var}{b} = {var}{b} * tl.exp(b_Glast)")
+
     def key_blocks(self, s: Source) -> None:
         for b in self.blocks:
             s(f"ck{b} = {plus(b * self.kb, f'tl.arange(0, {self.kb})')}", f"ck_ok{b} = ck{b} < K")

@@ -364,14 +364,7 @@ def _emit_state(plan: Plan) -> Kernel:
                         s(f"b_d -= {e.dot('b_w', f'b_S{b}')}")
                     e.store(s, "vnew", "b_d", "rj", "okj")
                 s("tl.debug_barrier()  # Δ written by all threads before it is read back")
-            # S_b <- exp(G_C) S_b + Σ_rows (k ⊙ exp(G_C - G))ᵀ Δ
-            for b in e.blocks:
-                if plan.channel:
-                    s(f"b_S{b} = b_S{b} * tl.exp(b_Glast{b})[:, None]")
-                elif plan.scalar:
-                    s(f"b_S{b} = b_S{b} * tl.exp(b_Glast)")
-            with s.block("for j in range(C // RB):"):
-                s("rj = j * RB + rb", "okj = rj < L")
+            def delta(s: Source) -> None:
                 if plan.delta:
                     e.load(s, "b_d", "vnew", "rj", "okj")
                 else:
@@ -379,26 +372,37 @@ def _emit_state(plan: Plan) -> Kernel:
                     if plan.beta:
                         e.load(s, "b_b", "beta", "rj", "okj")
                         s("b_d = b_d * b_b[:, None]")
-                # row scales of Kb = k ⊙ exp(G_C - G) / |k| go on Δ (scalar decay, L2 norm)
-                factors = []
-                if plan.scalar:
-                    e.load_G(s, "b_G", "rj", "okj")
-                    factors.append("tl.exp(b_Glast - b_G)[:, None]")
-                if l2:
-                    e.rnorm(s, "b_rk", "k", "rj", "okj")
-                    factors.append("b_rk[:, None]")
-                if factors:
-                    s(f"b_d = b_d * {' * '.join(factors)}")
-                for b in e.blocks:
-                    e.load(s, "b_k", "k", "rj", "okj", b)
-                    if plan.channel:
-                        e.load_G(s, "b_Gb", "rj", "okj", b)
-                        s(f"b_k = b_k * tl.exp(b_Glast{b}[None, :] - b_Gb)")
-                    s(f"b_S{b} += {e.dot('tl.trans(b_k)', 'b_d')}")
+
+            _update_state(e, s, delta)
         s("if STORE_HT:")
         for b in e.blocks:
             s(f"    tl.store(ht + (i_n * HV + i_h) * K * V + s_off{b}, b_S{b}, mask=s_mask{b})")
     return Kernel("state_fwd", params, ("N*NV", "HV"), s.text(), plan.warps_state)
+
+
+def _update_state(e: Emitter, s: Source, load_delta) -> None:
+    """S_b <- exp(G_C) S_b + Σ_rows (k ⊙ exp(G_C - G))ᵀ Δ, RB rows at a time (``load_delta``
+    emits ``b_d``, Δ of rows ``rj``); the row scales of Kb (scalar decay, L2 norm) go on Δ."""
+    plan = e.p
+    e.decay_state(s, "b_S")
+    with s.block("for j in range(C // RB):"):
+        s("rj = j * RB + rb", "okj = rj < L")
+        load_delta(s)
+        factors = []
+        if plan.scalar:
+            e.load_G(s, "b_Gj", "rj", "okj")
+            factors.append("tl.exp(b_Glast - b_Gj)[:, None]")
+        if plan.spec.qk_l2norm:
+            e.rnorm(s, "b_rkj", "k", "rj", "okj")
+            factors.append("b_rkj[:, None]")
+        if factors:
+            s(f"b_d = b_d * {' * '.join(factors)}")
+        for b in e.blocks:
+            e.load(s, "b_k", "k", "rj", "okj", b, raw=not plan.channel)
+            if plan.channel:
+                e.load_G(s, "b_Gb", "rj", "okj", b)
+                s(f"b_k = b_k * tl.exp(b_Glast{b}[None, :] - b_Gb)")
+            s(f"b_S{b} += {e.dot('tl.trans(b_k)', 'b_d')}")
 
 
 # ============================================================================ output
@@ -622,30 +626,7 @@ def _emit_scan(plan: Plan) -> Kernel:
                 e.load(s, "b_v", "v", "ro", "oko")
             _output_terms(e, s, "b_o", "b_v", "ro", "oko")
             rows.__exit__(None, None, None)
-            # S_b <- exp(G_C) S_b + Σ_rows (k ⊙ exp(G_C - G))ᵀ Δ
-            for b in e.blocks:
-                if plan.channel:
-                    s(f"b_S{b} = b_S{b} * tl.exp(b_Glast{b})[:, None]")
-                elif plan.scalar:
-                    s(f"b_S{b} = b_S{b} * tl.exp(b_Glast)")
-            with s.block("for j in range(C // RB):"):
-                s("rj = j * RB + rb", "okj = rj < L")
-                s("b_d = tl.load(p_dtile + rj[:, None] * V + cv[None, :], mask=cv_ok[None, :], other=0.0)")
-                factors = []
-                if plan.scalar:
-                    e.load_G(s, "b_Gj", "rj", "okj")
-                    factors.append("tl.exp(b_Glast - b_Gj)[:, None]")
-                if l2:
-                    e.rnorm(s, "b_rkj", "k", "rj", "okj")
-                    factors.append("b_rkj[:, None]")
-                if factors:
-                    s(f"b_d = b_d * {' * '.join(factors)}")
-                for b in e.blocks:
-                    e.load(s, "b_k", "k", "rj", "okj", b, raw=not plan.channel)
-                    if plan.channel:
-                        e.load_G(s, "b_Gb", "rj", "okj", b)
-                        s(f"b_k = b_k * tl.exp(b_Glast{b}[None, :] - b_Gb)")
-                    s(f"b_S{b} += {e.dot('tl.trans(b_k)', 'b_d')}")
+            _update_state(e, s, lambda s: s("b_d = tl.load(p_dtile + rj[:, None] * V + cv[None, :], mask=cv_ok[None, :], other=0.0)"))
             s("tl.debug_barrier()  # every thread done with Δ before the next chunk's")
         s("if STORE_HT:")
         for b in e.blocks:
