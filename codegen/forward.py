@@ -318,7 +318,7 @@ def _emit_wu(plan: Plan) -> Kernel:
 
 # ============================================================================ state
 def _emit_state(plan: Plan) -> Kernel:
-    e, l2 = Emitter(plan), plan.spec.qk_l2norm
+    e = Emitter(plan)
     params = ["k"]
     if plan.spec.has_decay:
         params.append("G")
