@@ -435,7 +435,6 @@ def _emit_output(plan: Plan) -> Kernel:
         s('"""Per chunk and V tile: O = Qg S + Aqk Δ, then the layer-side output terms."""')
         e.chunk_prologue(s, v_tile=True)
         e.bases(s, params)
-        causal = "r[:, None] >= r[None, :]"
         if spec.has_decay:
             e.load_glast(s)
             if plan.scalar:
@@ -456,33 +455,17 @@ def _emit_output(plan: Plan) -> Kernel:
                 f"b_S = tl.load(hs + (i_c * HV + i_h) * K * V + ck{b}[:, None] * V + cv[None, :], "
                 f"mask=(ck{b} < tl.where(L > 0, K, 0))[:, None] & cv_ok[None, :], other=0.0)"
             )
-            qg = "b_q"
-            if plan.channel:
-                e.load_G(s, "b_Gb", "r", "row_ok", b)
-                qg = "b_q * tl.exp(b_Gb)"
-            s(f"b_o += {e.dot(qg, 'b_S')}")
+            s(f"b_o += {e.dot(_gated_q(e, s, 'b_q', 'b_Gb', 'r', 'row_ok', b), 'b_S')}")
             if not plan.aqk_stored:
                 e.load(s, "b_k", "k", "r", "row_ok", b)
                 if l2:
                     s("b_nk += tl.sum(b_k * b_k, 1)")
                 s(f"b_A += {e.dot('b_q', 'tl.trans(b_k)')}")
-        row_scale = ["scale"]
-        if plan.scalar:
-            row_scale.append("tl.exp(b_G)[:, None]")
         if l2:
             s(f"b_rq = tl.rsqrt(b_nq + {L2NORM_EPS})")
-            row_scale.append("b_rq[:, None]")
-        s(f"b_o = b_o * {' * '.join(row_scale)}")
-        if plan.aqk_stored:
-            s(f"b_A = tl.load(p_Aqk + r[:, None] * (HV * C) + r[None, :], mask=row_ok[:, None] & ({causal}), other=0.0)")
-        else:
-            scales = ["scale"]
-            if l2:
+            if not plan.aqk_stored:
                 s(f"b_rk = tl.rsqrt(b_nk + {L2NORM_EPS})")
-                scales.append("b_rq[:, None] * b_rk[None, :]")
-            if plan.scalar:
-                scales.append(f"tl.exp(tl.where({causal}, b_G[:, None] - b_G[None, :], 0.0))")
-            s(f"b_A = tl.where({causal}, b_A * {' * '.join(scales)}, 0.0)")
+        _scale_output(e, s, "r", "row_ok", "b_G", "b_G", "r[:, None] >= r[None, :]")
         if need_v:
             e.load(s, "b_v", "v", "r", "row_ok")
         if plan.delta:
@@ -495,6 +478,36 @@ def _emit_output(plan: Plan) -> Kernel:
         s("b_o += b_ad")
         _output_terms(e, s, "b_o", "b_v", "r", "row_ok")
     return Kernel("output_fwd", params, ("NCH*NV", "HV"), s.text(), plan.warps_output)
+
+
+def _gated_q(e: Emitter, s: Source, q: str, G: str, rows: str, ok: str, b) -> str:
+    """Key block ``b`` of Qg: ``q`` itself, or with channel decay ``q ⊙ exp(G)`` (G loaded as ``G``)."""
+    if not e.p.channel:
+        return q
+    e.load_G(s, G, rows, ok, b)
+    return f"{q} * tl.exp({G})"
+
+
+def _scale_output(e: Emitter, s: Source, rows: str, ok: str, g_rows: str, g_cols: str, causal: str) -> None:
+    """The row scales of ``b_o`` = Qg S (scale, scalar decay's exp(G), 1/|q| as ``b_rq``) and
+    ``b_A`` = Aqk of rows ``rows``: loaded where stored, else ``b_A`` = q·kᵀ scaled in place
+    (1/|k| as ``b_rk``; decay exp(G_r - G_c) from ``g_rows``, ``g_cols``) and masked by ``causal``."""
+    plan, l2 = e.p, e.p.spec.qk_l2norm
+    row_scale = ["scale"]
+    if plan.scalar:
+        row_scale.append(f"tl.exp({g_rows})[:, None]")
+    if l2:
+        row_scale.append("b_rq[:, None]")
+    s(f"b_o = b_o * {' * '.join(row_scale)}")
+    if plan.aqk_stored:
+        s(f"b_A = tl.load(p_Aqk + {rows}[:, None] * (HV * C) + r[None, :], mask={ok}[:, None] & ({causal}), other=0.0)")
+        return
+    scales = ["scale"]
+    if l2:
+        scales.append("b_rq[:, None] * b_rk[None, :]")
+    if plan.scalar:
+        scales.append(f"tl.exp(tl.where({causal}, {g_rows}[:, None] - {g_cols}[None, :], 0.0))")
+    s(f"b_A = tl.where({causal}, b_A * {' * '.join(scales)}, 0.0)")
 
 
 def _output_params(plan: Plan) -> list:
@@ -582,50 +595,31 @@ def _emit_scan(plan: Plan) -> Kernel:
             # channel decay's gated q tiles would not fit beside the state (measured on sm_90 at
             # K = V = 128: RB rows spilled 20-28 bytes, BC rows none)
             RO = "BC" if plan.channel else "C"
-            rows = s.block("for j in range(C // BC):") if plan.channel else nullcontext()
-            rows.__enter__()
-            s(*(("ro = j * BC + tl.arange(0, BC)", "oko = ro < L") if plan.channel else ("ro = r", "oko = row_ok")))
-            s(f"b_o = tl.zeros([{RO}, BV], dtype=tl.float32)")
-            if not plan.aqk_stored:
-                s(f"b_A = tl.zeros([{RO}, C], dtype=tl.float32)")
-            if l2:  # |q| from the tiles the products load
-                s(f"b_rq = tl.zeros([{RO}], dtype=tl.float32)")
-            for b in e.blocks:
-                e.load(s, "b_qo", "q", "ro", "oko", b, raw=not (plan.channel or l2))
-                if l2:
-                    s("b_rq += tl.sum(b_qo * b_qo, 1)")
-                qg = "b_qo"
-                if plan.channel:
-                    e.load_G(s, "b_Gob", "ro", "oko", b)
-                    qg = "b_qo * tl.exp(b_Gob)"
-                s(f"b_o += {e.dot(qg, f'b_S{b}')}")
+            with s.block("for j in range(C // BC):") if plan.channel else nullcontext():
+                s(*(("ro = j * BC + tl.arange(0, BC)", "oko = ro < L") if plan.channel else ("ro = r", "oko = row_ok")))
+                s(f"b_o = tl.zeros([{RO}, BV], dtype=tl.float32)")
                 if not plan.aqk_stored:
-                    e.load(s, "b_kc", "k", "r", "row_ok", b, raw=True)
-                    s(f"b_A += {e.dot('b_qo', 'tl.trans(b_kc)')}")
-            if l2:
-                s(f"b_rq = tl.rsqrt(b_rq + {L2NORM_EPS})")
-            row_scale = ["scale"]
-            if plan.scalar:
-                e.load_G(s, "b_Go", "ro", "oko")
-                row_scale.append("tl.exp(b_Go)[:, None]")
-            if l2:
-                row_scale.append("b_rq[:, None]")
-            s(f"b_o = b_o * {' * '.join(row_scale)}")
-            if plan.aqk_stored:
-                s(f"b_A = tl.load(p_Aqk + ro[:, None] * (HV * C) + r[None, :], mask=oko[:, None] & ({causal}), other=0.0)")
-            else:
-                scales = ["scale"]
+                    s(f"b_A = tl.zeros([{RO}, C], dtype=tl.float32)")
+                if l2:  # |q| from the tiles the products load
+                    s(f"b_rq = tl.zeros([{RO}], dtype=tl.float32)")
+                for b in e.blocks:
+                    e.load(s, "b_qo", "q", "ro", "oko", b, raw=not (plan.channel or l2))
+                    if l2:
+                        s("b_rq += tl.sum(b_qo * b_qo, 1)")
+                    s(f"b_o += {e.dot(_gated_q(e, s, 'b_qo', 'b_Gob', 'ro', 'oko', b), f'b_S{b}')}")
+                    if not plan.aqk_stored:
+                        e.load(s, "b_kc", "k", "r", "row_ok", b, raw=True)
+                        s(f"b_A += {e.dot('b_qo', 'tl.trans(b_kc)')}")
                 if l2:
-                    scales.append("b_rq[:, None] * b_rk[None, :]")
+                    s(f"b_rq = tl.rsqrt(b_rq + {L2NORM_EPS})")
                 if plan.scalar:
-                    scales.append(f"tl.exp(tl.where({causal}, b_Go[:, None] - b_G[None, :], 0.0))")
-                s(f"b_A = tl.where({causal}, b_A * {' * '.join(scales)}, 0.0)")
-            e.causal_dot(s, "b_ad", "b_A", "b_D", row="r", out_row="ro" if plan.channel else None)
-            s("b_o += b_ad")
-            if spec.skip is not Skip.NONE:
-                e.load(s, "b_v", "v", "ro", "oko")
-            _output_terms(e, s, "b_o", "b_v", "ro", "oko")
-            rows.__exit__(None, None, None)
+                    e.load_G(s, "b_Go", "ro", "oko")
+                _scale_output(e, s, "ro", "oko", "b_Go", "b_G", causal)
+                e.causal_dot(s, "b_ad", "b_A", "b_D", row="r", out_row="ro" if plan.channel else None)
+                s("b_o += b_ad")
+                if spec.skip is not Skip.NONE:
+                    e.load(s, "b_v", "v", "ro", "oko")
+                _output_terms(e, s, "b_o", "b_v", "ro", "oko")
             _update_state(e, s, lambda s: s("b_d = tl.load(p_dtile + rj[:, None] * V + cv[None, :], mask=cv_ok[None, :], other=0.0)"))
             s("tl.debug_barrier()  # every thread done with Δ before the next chunk's")
         s("if STORE_HT:")
