@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import os
 import threading
@@ -99,7 +100,8 @@ def _interpreting():
             if not _GLOBAL_INTERPRET:
                 for obj, attrs in saved:
                     for name in set(vars(obj)) - set(attrs):
-                        delattr(obj, name)
+                        if not inspect.ismodule(vars(obj)[name]):  # a submodule imported meanwhile stays
+                            delattr(obj, name)
                     for name, value in attrs.items():
                         if vars(obj).get(name) is not value:
                             setattr(obj, name, value)
