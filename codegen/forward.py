@@ -380,13 +380,14 @@ def _emit_state(plan: Plan) -> Kernel:
     return Kernel("state_fwd", params, ("N*NV", "HV"), s.text(), plan.warps_state)
 
 
-def _update_state(e: Emitter, s: Source, load_delta) -> None:
-    """S_b <- exp(G_C) S_b + Σ_rows (k ⊙ exp(G_C - G))ᵀ Δ, RB rows at a time (``load_delta``
-    emits ``b_d``, Δ of rows ``rj``); the row scales of Kb (scalar decay, L2 norm) go on Δ."""
+def _update_state(e: Emitter, s: Source, load_delta, rows: str = "RB") -> None:
+    """S_b <- exp(G_C) S_b + Σ_rows (k ⊙ exp(G_C - G))ᵀ Δ, ``rows`` (RB or BC) rows at a time
+    (``load_delta`` emits ``b_d``, Δ of rows ``rj``); the row scales of Kb (scalar decay, L2
+    norm) go on Δ."""
     plan = e.p
     e.decay_state(s, "b_S")
-    with s.block("for j in range(C // RB):"):
-        s("rj = j * RB + rb", "okj = rj < L")
+    with s.block(f"for j in range(C // {rows}):"):
+        s(f"rj = j * {rows} + tl.arange(0, {rows})" if rows != "RB" else "rj = j * RB + rb", "okj = rj < L")
         load_delta(s)
         factors = []
         if plan.scalar:
@@ -594,9 +595,10 @@ def _emit_scan(plan: Plan) -> Kernel:
             # O = Qg S + Aqk Δ: the whole chunk at once, or a sub-chunk's BC rows at a time where
             # channel decay's gated q tiles would not fit beside the state (measured on sm_90 at
             # K = V = 128: RB rows spilled 20-28 bytes, BC rows none)
-            RO = "BC" if plan.channel else "C"
-            with s.block("for j in range(C // BC):") if plan.channel else nullcontext():
-                s(*(("ro = j * BC + tl.arange(0, BC)", "oko = ro < L") if plan.channel else ("ro = r", "oko = row_ok")))
+            by_sub = plan.channel or plan.BK > 128
+            RO = "BC" if by_sub else "C"
+            with s.block("for j in range(C // BC):") if by_sub else nullcontext():
+                s(*(("ro = j * BC + tl.arange(0, BC)", "oko = ro < L") if by_sub else ("ro = r", "oko = row_ok")))
                 s(f"b_o = tl.zeros([{RO}, BV], dtype=tl.float32)")
                 if not plan.aqk_stored:
                     s(f"b_A = tl.zeros([{RO}, C], dtype=tl.float32)")
@@ -615,17 +617,19 @@ def _emit_scan(plan: Plan) -> Kernel:
                 if plan.scalar:
                     e.load_G(s, "b_Go", "ro", "oko")
                 _scale_output(e, s, "ro", "oko", "b_Go", "b_G", causal)
-                e.causal_dot(s, "b_ad", "b_A", "b_D", row="r", out_row="ro" if plan.channel else None)
+                e.causal_dot(s, "b_ad", "b_A", "b_D", row="r", out_row="ro" if by_sub else None)
                 s("b_o += b_ad")
                 if spec.skip is not Skip.NONE:
                     e.load(s, "b_v", "v", "ro", "oko")
                 _output_terms(e, s, "b_o", "b_v", "ro", "oko")
-            _update_state(e, s, lambda s: s("b_d = tl.load(p_dtile + rj[:, None] * V + cv[None, :], mask=cv_ok[None, :], other=0.0)"))
+            # channel decay's gated key tiles beside four state blocks (K = 256) take BC rows
+            _update_state(e, s, lambda s: s("b_d = tl.load(p_dtile + rj[:, None] * V + cv[None, :], mask=cv_ok[None, :], other=0.0)"),
+                          rows="BC" if plan.channel and plan.BK > 128 else "RB")
             s("tl.debug_barrier()  # every thread done with Δ before the next chunk's")
         s("if STORE_HT:")
         for b in e.blocks:
             s(f"    tl.store(ht + (i_n * HV + i_h) * K * V + s_off{b}, b_S{b}, mask=s_mask{b})")
-    return Kernel("scan_fwd", params, ("N*NV", "HV"), s.text(), plan.warps_state, num_stages=1)
+    return Kernel("scan_fwd", params, ("N*NV", "HV"), s.text(), plan.warps_scan, num_stages=1)
 
 
 _EMITTERS = {

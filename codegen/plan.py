@@ -110,6 +110,7 @@ class Plan:
     warps_intra: int
     warps_wu: int
     warps_state: int
+    warps_scan: int
     warps_output: int
 
     # ---- what the spec needs
@@ -275,5 +276,8 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         # 202-218 registers, no spills), where 8 warps fit one (2.9 waves at B1 T8192 H96, 15.5
         # at B8 T2048 H32 K256; 1.5 and 7.8 with 4)
         warps_state=nw or 4,
+        # the scan beside four state blocks (K = 256) with channel decay's gated tiles: 8 warps
+        # (sm_90, BV = 32: 254-255 registers, no spills; 4 warps spilled 8-32 bytes)
+        warps_scan=nw or (8 if spec.decay is Decay.CHANNEL and BK > 128 else 4),
         warps_output=nw or (4 if BK <= 64 else 8),
     )

@@ -277,12 +277,13 @@ class CompiledOp:
     def _fused_output(self, plan: Plan, programs: int, device: torch.device) -> bool:
         """Whether the forward's state pass writes the output too (see ``Options.fused_output``).
         By default where Aqk is stored (the scan then loads it; computing q·kᵀ beside the state
-        spills on sm_90), K is at most 128 (at 256 the scan's four state blocks spill 32-200
-        bytes on sm_90) and the pass's ``programs`` cover every SM (always in the interpreter)."""
+        spills on sm_90) and the pass's ``programs`` cover every SM (always in the interpreter).
+        At K = 256 the scan takes a sub-chunk's output rows at a time (with channel decay also
+        8 warps and a sub-chunk's update rows), which keeps it free of spills on sm_90."""
         if self.options.fused_output is not None:
             return self.options.fused_output
         sms = runtime.sm_count(device)
-        return plan.aqk_stored and plan.BK <= 128 and (sms is None or programs >= sms)
+        return plan.aqk_stored and (sms is None or programs >= sms)
 
     # ------------------------------------------------------------------ decoding
     def step(

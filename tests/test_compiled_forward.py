@@ -201,16 +201,23 @@ def test_fused_and_separate_output(spec, fused):
     check(spec, x, TOL[torch.float32], fused_output=fused, block_v=32)
 
 
+@pytest.mark.parametrize("spec", [specs.GDN, specs.KIMI_KDA], ids=lambda s: s.name)
+def test_scan_wide_keys(spec):
+    """The scan with more than 128 key channels (four state blocks) takes the output, and with
+    channel decay the state update, a sub-chunk's rows at a time: sequences ending mid-chunk."""
+    x = make_inputs(spec, lengths=[21, 50], H=1, HV=1, K=136, V=16, dtype=torch.float32, h0=True, strength=3.0, seed=4)
+    check(spec, x, TOL[torch.float32], fused_output=True)
+
+
 def test_fused_output_default():
-    """The scan where Aqk is stored, K <= 128 and the state pass has a program for every SM
-    (in the interpreter: always), the separate output kernel elsewhere; a bad option value is
+    """The scan where Aqk is stored and the state pass has a program for every SM (in the
+    interpreter: always), the separate output kernel elsewhere; a bad option value is
     refused by name."""
     from linattn.inspection import captured_launches
 
     # a capture on meta tensors plans for an H100 (132 SMs): 4 x 48 value heads x 1 V tile fill it, 2 x 48 do not
-    # (and at K = 256 the scan would spill)
     cases = ((specs.GDN, 4, 16, True), (specs.KIMI_KDA, 4, 16, True), (specs.GDN, 2, 16, False),
-             (specs.MAMBA2, 4, 16, False), (specs.GDN, 4, 256, False))
+             (specs.MAMBA2, 4, 16, False), (specs.GDN, 4, 256, True), (specs.KDA, 4, 256, True))
     for spec, B, K, fused in cases:
         launches = captured_launches(spec, "fp32", K, K, T=20, H=48, HV=48, B=B, packed=0, step=False)
         names = {launch.kernel.name for launch in launches}
