@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import linattn
 from linattn import runtime, specs
-from linattn.codegen.cost import kernel_bytes
+from linattn.inspection import launch_bytes
 from linattn.inputs import check_call
 from linattn.testing import random_inputs
 
@@ -79,8 +79,7 @@ def counting():
             if kernel is not None:
                 result.kernels.append(kernel.name)
                 given = args[3] if len(args) > 3 else kwargs["args"]
-                present = {n for n, v in given.items() if v is not None}
-                result.kernel_bytes += sum(kernel_bytes(kernel, sizes, present))
+                result.kernel_bytes += sum(launch_bytes(kernel, sizes, given))
 
     runtime.launch = counted
     try:

@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from linattn import specs
 from linattn.codegen.aot import KernelReport, compile_launch
-from linattn.codegen.cost import hbm_bytes, kernel_bytes
+from linattn.inspection import launch_bytes
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -149,9 +149,8 @@ def ours(spec, *, B: int, T: int, H: int, K: int, V: int, backward: bool, dtype:
     for launch in launches:
         report = _compile(launch.fn, launch.args, launch.num_warps, launch.num_stages, launch.kernel.name)
         row = Row(report.name, math.prod(launch.grid), report, launch.num_stages, 0, 0)
-        present = {n for n, v in launch.args.items() if v is not None}
-        row.read, row.written = kernel_bytes(launch.kernel, launch.sizes, present)
-        row.hbm_read = hbm_bytes(launch.kernel, launch.sizes, max(row.blocks_per_sm, 1) * SMS, present)[0]
+        row.read, row.written = launch_bytes(launch.kernel, launch.sizes, launch.args)
+        row.hbm_read = launch_bytes(launch.kernel, launch.sizes, launch.args, max(row.blocks_per_sm, 1) * SMS)[0]
         side.rows.append(row)
     return side
 

@@ -46,6 +46,20 @@ class _B(Emitter):
         if not raw:
             s(f"{var} = {var}.to(tl.float32)")
 
+    def norms(self, s: Source, rows: str, ok: str, names: tuple[str, ...] = ("q", "k")) -> None:
+        """Where the spec L2-normalises q and k, ``b_rn{name}_{rows}`` = 1/|row| of ``rows``:
+        the backward reads q and k as given and normalises them on load (:meth:`qk`)."""
+        if self.p.spec.qk_l2norm:
+            for name in names:
+                self.rnorm(s, f"b_rn{name}_{rows}", name, rows, ok)
+
+    def qk(self, s: Source, var: str, name: str, rows: str, ok: str, b, norm_rows: str | None = None) -> None:
+        """Key block ``b`` of q or k rows ``rows`` in fp32, normalised where the spec normalises
+        them (by the norms of :meth:`norms` for ``norm_rows``, by default the same rows)."""
+        self.load(s, var, name, rows, ok, b)
+        if self.p.spec.qk_l2norm:
+            s(f"{var} = {var} * b_rn{name}_{norm_rows or rows}[:, None]")
+
     def load_state(self, s: Source, var: str, name: str, index: str, b) -> None:
         s(
             f"{var} = tl.load({name} + ({index} * HV + i_h) * K * V + ck{b}[:, None] * V + cv[None, :], "
@@ -92,9 +106,10 @@ def _causal_A(e: _B, s: Source) -> None:
         e.load_cc(s, "b_A", "Aqk", causal)
         return
     s("b_A = tl.zeros([C, C], dtype=tl.float32)")
+    e.norms(s, "r", "row_ok")
     with e.key_loop(s) as b:
-        e.load(s, "b_q", "q", "r", "row_ok", b)
-        e.load(s, "b_k", "k", "r", "row_ok", b)
+        e.qk(s, "b_q", "q", "r", "row_ok", b)
+        e.qk(s, "b_k", "k", "r", "row_ok", b)
         s(f"b_A += {e.dot('b_q', 'tl.trans(b_k)')}")
     decay = ""
     if p.scalar:
@@ -153,11 +168,12 @@ def _emit_dstate(plan: Plan) -> Kernel:
             with s.block("for j in range(C // RB):"):
                 s("rj = j * RB + rb", "okj = rj < L")
                 e.load(s, "b_dd", "dvl", "rj", "okj")
+                e.norms(s, "rj", "okj", ("k",))
                 s("b_acc = tl.zeros([RB, BV], dtype=tl.float32)")
                 if plan.scalar:
                     e.load_G(s, "b_G", "rj", "okj")
                 for b in e.blocks:
-                    e.load(s, "b_k", "k", "rj", "okj", b)
+                    e.qk(s, "b_k", "k", "rj", "okj", b)
                     if plan.channel:
                         e.load_G(s, "b_Gb", "rj", "okj", b)
                     kb = "b_k" + (e.kb_factor("b_Gb", b) if plan.channel else "")
@@ -175,8 +191,9 @@ def _emit_dstate(plan: Plan) -> Kernel:
                 if plan.scalar:
                     e.load_G(s, "b_G", "rj", "okj")
                     s("b_do = b_do * tl.exp(b_G)[:, None]")
+                e.norms(s, "rj", "okj", ("q",))
                 for b in e.blocks:
-                    e.load(s, "b_q", "q", "rj", "okj", b)
+                    e.qk(s, "b_q", "q", "rj", "okj", b)
                     qg = "b_q * scale"
                     if plan.channel:
                         e.load_G(s, "b_Gb", "rj", "okj", b)
@@ -215,6 +232,7 @@ def _emit_dqk(plan: Plan) -> Kernel:
         s('and what they give q, k and G (the start state S and dS\' are the chunk\'s)."""')
         e.chunk_prologue(s)
         e.bases(s, params)
+        e.norms(s, "r", "row_ok")
         s("cvb = tl.arange(0, BV)")
         if plan.scalar:
             e.load_glast(s)
@@ -253,8 +271,8 @@ def _emit_dqk(plan: Plan) -> Kernel:
                     s("b_dGC += tl.sum(b_S * b_dS, 1)")
                 elif plan.scalar:
                     s("b_dGS += tl.sum(tl.sum(b_S * b_dS, 1), 0)")
-            e.load(s, "b_q", "q", "r", "row_ok", b)
-            e.load(s, "b_k", "k", "r", "row_ok", b)
+            e.qk(s, "b_q", "q", "r", "row_ok", b)
+            e.qk(s, "b_k", "k", "r", "row_ok", b)
             if plan.channel:
                 e.load_G(s, "b_Gb", "r", "row_ok", b)
             G = "b_Gb" if plan.channel else "b_G"
@@ -299,6 +317,7 @@ def _emit_dwy(plan: Plan) -> Kernel:
         s('"""Per chunk, the WY form backward: d(βKg) = Tᵀ dW, d(βV) = Tᵀ dΔ, dT -> dAkk = -Tᵀ dT Tᵀ."""')
         e.chunk_prologue(s)
         e.bases(s, params)
+        e.norms(s, "r", "row_ok", ("k",))
         s("cvb = tl.arange(0, BV)")
         e.load_cc(s, "b_T", "Tm", "r[:, None] >= r[None, :]")
         if plan.scalar:
@@ -320,7 +339,7 @@ def _emit_dwy(plan: Plan) -> Kernel:
                 s("b_db += tl.sum(b_dbv * b_v, 1)")
             s(f"b_dT += {e.dot('b_dd', f'tl.trans(b_v{bcol})')}")
         with e.key_loop(s) as b:
-            e.load(s, "b_k", "k", "r", "row_ok", b)
+            e.qk(s, "b_k", "k", "r", "row_ok", b)
             if plan.channel:
                 e.load_G(s, "b_Gb", "r", "row_ok", b)
             kg = "b_kg" if plan.spec.has_decay else "b_k"  # k ⊙ exp(G)
@@ -382,6 +401,7 @@ def _emit_dprod(plan: Plan) -> Kernel:
         s('"""Per chunk: dAqk' + (" and dAkk" if plan.delta else "") + ' pushed to q, k' + (", β" if plan.delta and plan.beta else "") + (" and G" if plan.scalar else "") + '."""')
         e.chunk_prologue(s)
         e.bases(s, params)
+        e.norms(s, "r", "row_ok")
         if plan.scalar:
             e.load_glast(s)
             e.load_G(s, "b_G", "r", "row_ok")
@@ -401,8 +421,8 @@ def _emit_dprod(plan: Plan) -> Kernel:
             if plan.beta:
                 e.load(s, "b_b", "beta", "r", "row_ok")
         with e.key_loop(s) as b:
-            e.load(s, "b_q", "q", "r", "row_ok", b)
-            e.load(s, "b_k", "k", "r", "row_ok", b)
+            e.qk(s, "b_q", "q", "r", "row_ok", b)
+            e.qk(s, "b_k", "k", "r", "row_ok", b)
             s(f"b_dqa = {e.dot('b_M', 'b_k')}", f"b_dka = {e.dot('tl.trans(b_M)', 'b_q')}")
             if plan.scalar:
                 s(f"b_P += b_M * {e.dot('b_q', 'tl.trans(b_k)')}")
@@ -456,6 +476,10 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
         if plan.delta and plan.beta:
             for i in range(NS):
                 s(f"b_db{i} = tl.zeros([BC], dtype=tl.float32)")
+        for i in range(NS):  # the sub-chunks' row norms, for every key block
+            if plan.spec.qk_l2norm:
+                s(f"ri{i} = {plus(i * BC, 'ri')}", f"ok{i} = ri{i} < L")
+            e.norms(s, f"ri{i}", f"ok{i}")
         with e.key_loop(s) as b:
             for i in range(NS):
                 s(f"# ---- sub-chunk {i}")
@@ -474,7 +498,7 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
                     for j in range(i):
                         s(f"rj = {plus(j * BC, 'ri')}", "okj = rj < L")
                         e.load_G(s, "b_Gj", "rj", "okj", b)
-                        e.load(s, "b_kj", "k", "rj", "okj", b)
+                        e.qk(s, "b_kj", "k", "rj", "okj", b, norm_rows=f"ri{j}")
                         s("b_kb = b_kj * tl.exp(b_Gref[None, :] - b_Gj)")
                         for wname, _a, _b, _ga, _gb, _m in prods:
                             s(
@@ -496,7 +520,7 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
                         s(f"rj = {plus(j * BC, 'ri')}", "okj = rj < L")
                         e.load_G(s, "b_Gj", "rj", "okj", b)
                         for wname, a_name, _b, _ga, _gb, _m in prods:
-                            e.load(s, "b_aj", a_name, "rj", "okj", b)
+                            e.qk(s, "b_aj", a_name, "rj", "okj", b, norm_rows=f"ri{j}")
                             s("b_aj = b_aj * tl.exp(b_Gj - b_Gref[None, :])")
                             s(
                                 f"b_w = tl.load(p_{wname} + rj[:, None] * (HV * C) + ri{i}[None, :], "
@@ -512,13 +536,15 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
                     if plan.delta:
                         s("b_dkcq = b_dkcq * b_e")
                 # the diagonal block, pairwise: one column c at a time
-                e.load(s, "b_qi", "q", f"ri{i}", f"ok{i}", b)
-                e.load(s, "b_ki", "k", f"ri{i}", f"ok{i}", b)
+                e.qk(s, "b_qi", "q", f"ri{i}", f"ok{i}", b)
+                e.qk(s, "b_ki", "k", f"ri{i}", f"ok{i}", b)
                 if plan.delta and plan.beta:
                     e.load(s, "b_bi", "beta", f"ri{i}", f"ok{i}")
                 with s.block("for c in range(BC):"):
                     s(f"rc = {plus(i * BC, 'c')}", "ok_c = rc < L")
                     e.load_qk_row(s, "b_kc", "k", "rc", "ok_c", b)
+                    if plan.spec.qk_l2norm:  # row c's norm, from the block's
+                        s(f"b_kc = b_kc * tl.sum(tl.where(ri == c, b_rnk_ri{i}, 0.0), 0)")
                     e.load_G_row(s, "b_Gc", "rc", "ok_c", b)
                     s("b_e = tl.exp(tl.where(ri[:, None] >= c, b_Gi - b_Gc[None, :], 0.0))")
                     for wname, a_name, _b, _ga, _gb, m in prods:
@@ -593,6 +619,7 @@ def _emit_dchunk(plan: Plan) -> Kernel:
         s('and the weights pushed through the chunk\'s products to q, k' + (", β" if beta else "") + (" and G" if scalar else "") + '."""')
         e.chunk_prologue(s)
         e.bases(s, params)
+        e.norms(s, "r", "row_ok")
         s("cvb = tl.arange(0, BV)")
         if scalar:
             e.load_glast(s)
@@ -663,8 +690,8 @@ def _emit_dchunk(plan: Plan) -> Kernel:
                 e.load_state(s, "b_S", "hs", "i_c", b)
                 e.load(s, "b_do", "dO", "r", "row_ok")
                 s(f"b_dq += {e.dot('b_do', 'tl.trans(b_S)')}")
-            e.load(s, "b_q", "q", "r", "row_ok", b)
-            e.load(s, "b_k", "k", "r", "row_ok", b)
+            e.qk(s, "b_q", "q", "r", "row_ok", b)
+            e.qk(s, "b_k", "k", "r", "row_ok", b)
             s(f"b_dq = {e.gated('b_dq', 'b_G', b)} * scale")
             s(f"b_dqa = {e.dot('b_M', 'b_k')}")
             if scalar:
@@ -692,8 +719,8 @@ def _emit_dchunk(plan: Plan) -> Kernel:
                     if not delta:
                         e.load_state(s, "b_S", "hs", "i_c", b)
                     s("b_dGS += tl.sum(tl.sum(b_S * b_dS, 1), 0)")
-            e.load(s, "b_q", "q", "r", "row_ok", b)
-            e.load(s, "b_k", "k", "r", "row_ok", b)
+            e.qk(s, "b_q", "q", "r", "row_ok", b)
+            e.qk(s, "b_k", "k", "r", "row_ok", b)
             if e.kb_factor("b_G", b):
                 s(f"b_dk = b_dk{e.kb_factor('b_G', b)}")
             if scalar:

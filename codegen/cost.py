@@ -93,12 +93,16 @@ def cost(plan: Plan, *, B: int, T: int, H: int, HV: int, mode: str = "forward", 
     return Cost(flops, moved)
 
 
-def kernel_bytes(kernel: Kernel, sizes: dict[str, int], present: set[str] | None = None) -> tuple[int, int]:
+def kernel_bytes(
+    kernel: Kernel, sizes: dict[str, int], present: set[str] | None = None, itemsizes: dict[str, int] | None = None
+) -> tuple[int, int]:
     """``(read, written)``: the bytes of the tensors one launch of ``kernel`` reads and writes,
     each counted once, from its manifest (``sizes``: the runtime and compile-time sizes;
-    ``present``: the tensors passed, where optional ones may be None). What it re-reads
-    through its grid is not counted: this is the kernel's unique traffic."""
-    return hbm_bytes(kernel, sizes, math.inf, present)  # as if every program were resident at once
+    ``present``: the tensors passed, where optional ones may be None; ``itemsizes``: the
+    element sizes of the tensors passed, where they differ from the manifest's dtype, as the
+    fp32 computed β a core backward kernel reads). What it re-reads through its grid is
+    not counted: this is the kernel's unique traffic."""
+    return hbm_bytes(kernel, sizes, math.inf, present, itemsizes)  # as if every program were resident at once
 
 
 #: the tensor dimensions each grid dimension walks (a program of the grid owns a slice of them;
@@ -110,7 +114,10 @@ def _walks(dim) -> set[str]:
     return {dim[0]} if isinstance(dim, tuple) else _WALKS.get(dim, set())
 
 
-def hbm_bytes(kernel: Kernel, sizes: dict[str, int], resident: float, present: set[str] | None = None) -> tuple[int, int]:
+def hbm_bytes(
+    kernel: Kernel, sizes: dict[str, int], resident: float, present: set[str] | None = None,
+    itemsizes: dict[str, int] | None = None,
+) -> tuple[int, int]:
     """``(read, written)``: the bytes one launch of ``kernel`` likely moves to and from HBM,
     counting the re-reads its grid makes (from its manifest).
 
@@ -130,7 +137,7 @@ def hbm_bytes(kernel: Kernel, sizes: dict[str, int], resident: float, present: s
     for p in kernel.params:
         if not p.tensor or (present is not None and p.name not in present):
             continue
-        n = math.prod(resolve(p.shape, sizes)) * _BYTES[p.dtype]
+        n = math.prod(resolve(p.shape, sizes)) * (itemsizes or {}).get(p.name, _BYTES[p.dtype])
         dims = {d for d in p.shape if isinstance(d, str)}
         factor, stride = 1, 1
         for dim, extent in axes:

@@ -1,11 +1,11 @@
 """Emitters of the backward's layer-side kernels: the q/k L2 norm and the gate/β terms.
 
-The core backward kernels differentiate the recurrence with respect to normalised q/k,
-``g`` and ``β``; what lies between those and the layer's own arguments is elementwise
-(an L2 norm per row, the spec's gate and β parameterizations). Run as torch ops it costs
-dozens of small launches per call; here it is three kernels:
+The core backward kernels differentiate the recurrence with respect to normalised q/k
+(which they normalise on load), ``g`` and ``β``; what lies between those and the layer's
+own arguments is elementwise (an L2 norm per row, the spec's gate and β
+parameterizations). Run as torch ops it costs dozens of small launches per call; here it
+is two kernels:
 
-- ``qknorm_fwd``: q and k normalised (fp32), the inputs of the core backward kernels;
 - ``qknorm_bwd``: the gradients summed over each q/k head's value heads and taken back
   through the norm, ``r (dy - y (y · dy))`` with ``y = x r``, ``r = 1 / |x|``;
 - ``terms_bwd``: every operand's gradient from the terms' symbolic derivatives,
@@ -45,7 +45,7 @@ def derivative_terms(plan: Plan) -> list[tuple[str, Term]]:
 def epilogue_kernels(plan: Plan) -> list:
     kernels = []
     if plan.spec.qk_l2norm:
-        kernels += [_emit_qknorm_fwd(plan), _emit_qknorm_bwd(plan)]
+        kernels.append(_emit_qknorm_bwd(plan))
     if derivative_terms(plan):
         kernels.append(_emit_terms_bwd(plan))
     return kernels
@@ -69,20 +69,6 @@ def _row_block(s: Source) -> None:
     s(f"r = i_t * {NORM_ROWS} + tl.arange(0, {NORM_ROWS})", "ck = tl.arange(0, BK)")
     s("m = (r < TT)[:, None] & (ck < K)[None, :]")
     s("rows = r.to(tl.int64) * (H * K) + i_h * K  # 64-bit: B*T*H*K may pass 2^31")
-
-
-def _emit_qknorm_fwd(plan: Plan) -> Kernel:
-    params = ["q", "k", out("qn"), out("kn"), "TT", "H"]
-    s = Source()
-    params = declare(plan, params)
-    with s.block(signature("qknorm_fwd", params)):
-        s('"""q and k of a block of tokens of one q/k head, L2-normalised per row, in fp32."""')
-        _row_block(s)
-        for x in ("q", "k"):
-            s(f"b_x = tl.load({x} + rows[:, None] + ck[None, :], mask=m, other=0.0).to(tl.float32)")
-            s(f"rn = tl.rsqrt(tl.sum(b_x * b_x, 1) + {L2NORM_EPS})")
-            s(f"tl.store({x}n + rows[:, None] + ck[None, :], b_x * rn[:, None], mask=m)")
-    return Kernel("qknorm_fwd", params, (("TT", NORM_ROWS), "H"), s.text(), 4)
 
 
 def _emit_qknorm_bwd(plan: Plan) -> Kernel:

@@ -126,7 +126,6 @@ def buffers(plan: Plan) -> dict[str, tuple[str, tuple[Dim, ...]]]:
         "W": (st, ("TT", "HV", K)), "U": (st, ("TT", "HV", V)), "vnew": (st, ("TT", "HV", V)),
         "hs": (st, ("NCH", "HV", K, V)),
         "dtile": (acc, ("N", "HV", C, V)),  # the scan's Δ of one chunk per program: rewritten, L2-resident
-        "qn": (acc, ("TT", "H", K)), "kn": (acc, ("TT", "H", K)),
         # backward
         "dO": (io, ("TT", "HV", V)), "dht": (acc, ("N", "HV", K, V)), "dh0": (acc, ("N", "HV", K, V)),
         "dh": (mma, ("NCH", "HV", K, V)),

@@ -222,12 +222,15 @@ def spec_key(spec: Spec) -> str:
 
 def core_spec(spec: Spec) -> Spec:
     """The recurrence of ``spec`` without its layer-side terms: ``g`` and ``β`` given as
-    tensors, no normalisation, skip or output gate. The backward kernels work on it; the
-    terms around it are elementwise and differentiated on their own."""
+    tensors, no skip or output gate. The backward kernels work on it; the terms around it
+    are elementwise and differentiated on their own. The q/k L2 norm stays: the kernels
+    read q and k as given and normalise rows on load (no normalised copy goes through
+    memory), and give the gradients of the normalised q, k."""
     return Spec(
         decay=spec.decay,
         correction=spec.correction,
         beta=spec.beta is not None,
+        qk_l2norm=spec.qk_l2norm,
         default_scale=spec.default_scale,
         name=f"{spec.name or 'spec'}_core",
     )

@@ -9,18 +9,19 @@ memory (:mod:`codegen.aot`). So the no-spill check sees the variant that runs.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from linattn.codegen.aot import KernelReport, compile_launch
-from linattn.codegen.cost import kernel_bytes
+from linattn.codegen.cost import hbm_bytes
 
 from . import custom_ops, runtime
 from .inputs import check_call
 from .op import compile as compile_spec
 from .spec import OutputGate, Role, Skip, Spec
 
-__all__ = ["captured_launches", "inspect_spec"]
+__all__ = ["captured_launches", "inspect_spec", "launch_bytes"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -71,6 +72,15 @@ def captured_launches(
         return launches
 
 
+def launch_bytes(kernel, sizes: dict[str, int], args: dict, resident: float = math.inf) -> tuple[int, int]:
+    """``(read, written)`` bytes of one launch of ``kernel`` (its manifest entry) with ``args``
+    (the tensors passed, with their element sizes: the core backward reads the computed
+    β the forward kept in fp32): unique, or with ``resident`` programs at once the likely HBM traffic of its re-reads."""
+    present = {n for n, v in args.items() if v is not None}
+    items = {n: v.element_size() for n, v in args.items() if isinstance(v, torch.Tensor)}
+    return hbm_bytes(kernel, sizes, resident, present, items)
+
+
 def inspect_spec(spec: Spec, dtype: str = "bf16", K: int = 128, V: int = 128, arch: int = 90,
                  backward: bool = False, **options) -> list[KernelReport]:
     """Compile every kernel a call of ``spec`` launches (each once) for ``sm_<arch>``; report its resources."""
@@ -79,7 +89,6 @@ def inspect_spec(spec: Spec, dtype: str = "bf16", K: int = 128, V: int = 128, ar
         name = launch.fn.__name__
         if name not in reports:
             report = compile_launch(launch.fn, launch.args, launch.num_warps, launch.num_stages, arch, launch.kernel.name)
-            present = {n for n, v in launch.args.items() if v is not None}
-            read, written = kernel_bytes(launch.kernel, launch.sizes, present)
+            read, written = launch_bytes(launch.kernel, launch.sizes, launch.args)
             reports[name] = dataclasses.replace(report, bytes_read=read, bytes_written=written)
     return list(reports.values())

@@ -403,10 +403,6 @@ class CompiledOp:
         core_call = type(call)(plan.spec, q, k, v, {}, None, None, call.scale, call.initial_state, call.cu_seqlens)
         env = self._geometry(core_call, gen, mod)
         TT = env["TT"]
-        if spec.qk_l2norm:  # the core kernels take normalised q, k
-            self._launch(fgen, fmod, ["qknorm_fwd"], env, device)
-            raw_q, raw_k = env["q"], env["k"]
-            env["q"], env["k"] = env["qn"], env["kn"]
         if spec.has_decay:
             env["G"] = saved["G"]
         if plan.beta:  # computed β was kept by the forward; a β operand is the input itself
@@ -442,6 +438,10 @@ class CompiledOp:
         writes_dv = any(p.name == "dv" and p.written for n in names for p in gen.kernel(n).params)
         if writes_dv and "v" in grads:  # v's share of a skip is added to the kernels' dv: keep that in fp32
             env["dv"] = _alloc((TT, HV, V), f32, device)
+        if spec.has_decay and spec.gate is not None and spec.gate.is_identity:
+            # g is an input as it is: the gate kernel writes its gradient in g's dtype (no cast after)
+            g_in = call.operands[spec.gate.operands[0].name]
+            env["dg"] = _alloc((TT, HV, K) if plan.channel else (TT, HV), g_in.dtype, device)
         self._launch(gen, mod, names, env, device)
         env["dq"], env["dk"] = env["dqo"], env["dko"]  # complete
         if stages is not None:
@@ -454,8 +454,7 @@ class CompiledOp:
             dv = env["dvn"] * env["beta"][..., None] if plan.beta else env["dvn"]
             if plan.beta:
                 env["dbeta"] = (env["dvn"] * env["v"].to(f32)).sum(-1)
-        if spec.qk_l2norm:
-            env["q"], env["k"] = raw_q, raw_k
+        if spec.qk_l2norm:  # the core kernels gave the gradients of the normalised q, k
             self._launch(fgen, fmod, ["qknorm_bwd"], env, device)
             grads["q"], grads["k"] = env["dq_out"].reshape(B, T, H, K), env["dk_out"].reshape(B, T, H, K)
         elif HV == H:  # one value head per q/k head: the gradients as they are

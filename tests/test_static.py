@@ -19,3 +19,21 @@ def test_static_report_of_a_forward():
     assert launches == 5  # gates, intra, wu, state, output (an equal-length batch's chunk table is cached)
     # fla-core is in the test extra: its Triton path, captured the same way
     assert fla_mb > 0 and fla_launches >= 4 and "chunk_fwd_kernel_o" in text
+
+
+def test_launch_bytes_count_what_was_passed():
+    """A core backward kernel of Qwen3-Next reads the computed β the forward kept in fp32: its
+    bytes count 4 a value for it (the manifest says the call's dtype, bf16), every other tensor
+    (q and k, read as given and normalised on load) as declared."""
+    from linattn import specs
+    from linattn.codegen.cost import kernel_bytes
+    from linattn.inspection import captured_launches, launch_bytes
+
+    T, H, K = 64, 2, 32
+    launches = captured_launches(specs.QWEN3_NEXT_GDN, "bf16", K, K, T=T, H=H, HV=H, packed=0, backward=True)
+    wu = next(launch for launch in launches if launch.kernel.name == "wu_fwd")
+    assert wu.args["beta"].dtype == torch.float32 and wu.args["k"].dtype == torch.bfloat16
+    present = {n for n, v in wu.args.items() if v is not None}
+    declared_read, declared_written = kernel_bytes(wu.kernel, wu.sizes, present)
+    read, written = launch_bytes(wu.kernel, wu.sizes, wu.args)
+    assert read - declared_read == T * H * 2 and written == declared_written  # β: 4 bytes a value, not 2
