@@ -8,16 +8,16 @@ S, end-state gradient dS' and ``Δ`` the chunk's pseudo-values:
 1. ``dvl``    dΔ_loc = Aqkᵀ dO                                    (parallel per chunk)
 2. ``dstate`` reverse over chunks: store dS', dΔ = dΔ_loc + Kb dS',
               dS <- exp(G_C) dS' + Qgᵀ dO - Wᵀ dΔ                (sequential)
-3. ``dqk``    dQg = dO Sᵀ, dKb = Δ dS'ᵀ, dW = -dΔ Sᵀ, dAqk = dO Δᵀ, and their gate parts
-4. ``dwy``    d(βKg) = Tᵀ dW, d(βV) = Tᵀ dΔ, dT -> dAkk = -Tᵀ dT Tᵀ   (delta rule)
-5. ``dprod``  dAqk, dAkk pushed to q, k, β and G through the gated products
+3. ``dqk``    dQg = dO Sᵀ, dKb = Δ dS'ᵀ, dW = -dΔ Sᵀ, dAqk = dO Δᵀ, and their gate parts;
+              with the delta rule the WY form too: d(βKg) = Tᵀ dW, d(βV) = Tᵀ dΔ,
+              dAkk = -Tᵀ dT Tᵀ = -Tᵀ dΔ Δᵀ (dT = dΔ (T⁻¹Δ)ᵀ), dW never leaving the chip
+4. ``dprod``  dAqk, dAkk pushed to q, k, β and G through the gated products
               (sub-chunk reference points for channel decay, as in the forward)
-6. ``dgate``  dg = the reverse cumsum of dG inside the chunk
+5. ``dgate``  dg = the reverse cumsum of dG inside the chunk
 
-With scalar or no decay, 3-5 are one kernel, ``dchunk``: nothing between them goes through
-memory, and the delta rule's dAkk comes straight from dΔ Δᵀ (dT = dΔ (T⁻¹Δ)ᵀ, so
--Tᵀ dT Tᵀ = -Tᵀ dΔ Δᵀ) without a walk over the key blocks. Channel decay keeps 3-5 apart:
-its products kernel works on sub-chunk blocks with their own reference points.
+With scalar or no decay, 3-4 are one kernel, ``dchunk``: nothing between them goes through
+memory. Channel decay keeps 3 and 4 apart: its products kernel works on sub-chunk blocks
+with their own reference points.
 
 Recompute vs save: the forward keeps G, β, T and (channel decay) Aqk, which are per
 token and cheap; W, U, the chunk start states and Δ are recomputed by re-running the
@@ -27,8 +27,10 @@ costs less than keeping them alive between forward and backward.
 """
 from __future__ import annotations
 
+from linattn.spec import Skip
+
 from .emit import Emitter, Kernel, plus, signature
-from .manifest import declare, inout, out
+from .manifest import declare, inout, out, partial_name
 from .plan import Plan
 from .source import Source
 
@@ -115,6 +117,36 @@ def _causal_A(e: _B, s: Source) -> None:
     if p.scalar:
         decay = f" * tl.exp(tl.where({causal}, b_G[:, None] - b_G[None, :], 0.0))"
     s(f"b_A = tl.where({causal}, b_A * scale{decay}, 0.0)")
+
+
+def _skip_params(plan: Plan) -> list:
+    """A kernel that writes dv also takes the D skip (see ``plan.skip_in_core``): D, and the
+    per-chunk partial sums of dD."""
+    return ["D", out(partial_name("D"))] if plan.spec.skip is not Skip.NONE else []
+
+
+def _skip_begin(e: _B, s: Source) -> None:
+    if e.p.spec.skip is Skip.HEAD:
+        s("b_D = tl.load(D + i_h).to(tl.float32)", "b_dD = tl.sum(tl.zeros([C], dtype=tl.float32), 0)")
+
+
+def _skip_tile(e: _B, s: Source) -> str:
+    """In a walk over V with ``b_do`` and ``b_v`` loaded: dD's share of the tile; returns
+    the skip's term of dv (empty without a skip)."""
+    skip, pd = e.p.spec.skip, partial_name("D")
+    if skip is Skip.HEAD:
+        s("b_dD += tl.sum(tl.sum(b_do * b_v, 1), 0)")
+        return " + b_D * b_do"
+    if skip is Skip.CHANNEL:
+        s("b_D = tl.load(D + i_h * V + cv, mask=cv_ok, other=0.0).to(tl.float32)")
+        s(f"tl.store({pd} + (i_c * HV + i_h) * V + cv, tl.sum(b_do * b_v, 0), mask=cv_ok)")
+        return " + b_D[None, :] * b_do"
+    return ""
+
+
+def _skip_end(e: _B, s: Source) -> None:
+    if e.p.spec.skip is Skip.HEAD:
+        s(f"tl.store({partial_name('D')} + i_c * HV + i_h, b_dD)")
 
 
 # ============================================================================ 1. dvl
@@ -213,49 +245,66 @@ def _emit_dstate(plan: Plan) -> Kernel:
 
 # ============================================================================ 3. dqk
 def _emit_dqk(plan: Plan) -> Kernel:
+    """Channel decay, per chunk: the products with the chunk's start state and its gradient
+    (dQg = dO Sᵀ, dKb = Δ dS'ᵀ, dAqk = dO Δᵀ) and, with the delta rule, the WY form's backward
+    in the same pass (d(βV) = Tᵀ dΔ, d(βKg) = Tᵀ dW with dW = -dΔ Sᵀ kept on chip, dT ->
+    dAkk = -Tᵀ dT Tᵀ), so that neither dW nor a partial dk or dG goes through memory. The
+    sub-chunk products (dAqk, dAkk to q, k, G) follow in ``dprod``."""
     e = _B(plan, plan.KBB)
-    params = ["q", "k"]
-    if plan.spec.has_decay:
-        params.append("G")
-    params += _delta_param(plan)
-    params += ["hs", "dh", "dO", *(["dvn"] if plan.delta else []), out("dq"), out("dk")]
-    if plan.delta:
-        params.append(out("dW"))
-    if plan.spec.has_decay:
-        params.append(out("dG"))
-    params += [out("dAqk"), "scale", *_CHUNK, "MMA"]
+    delta, beta = plan.delta, plan.delta and plan.beta
+    params = ["q", "k", "G", *_delta_param(plan), "hs", "dh", "dO"]
+    if delta:
+        params += ["v", "Tm", *(["beta"] if beta else []), "dvn", out("dv"), *_skip_params(plan)]
+        params += [out("dbeta")] if beta else []
+        params.append(out("dAkk"))
+    params += [out("dq"), out("dk"), out("dG"), out("dAqk"), "scale", *_CHUNK, "MMA"]
     s = Source()
     causal = "r[:, None] >= r[None, :]"
     params = declare(plan, params)
     with s.block(signature("dqk_bwd", params)):
-        s('"""Per chunk: dQg = dO Sᵀ, dKb = Δ dS\'ᵀ' + (", dW = -dΔ Sᵀ" if plan.delta else "") + ", dAqk = dO Δᵀ,")
-        s('and what they give q, k and G (the start state S and dS\' are the chunk\'s)."""')
+        s('"""Per chunk: dQg = dO Sᵀ, dKb = Δ dS\'ᵀ, dAqk = dO Δᵀ' + (", the WY form: d(βV) = Tᵀ dΔ, d(βKg) = Tᵀ dW," if delta else ","))
+        s(("dAkk = -Tᵀ dT Tᵀ, " if delta else "") + 'and what they give q, k' + (", v, β" if delta else "") + ' and G (S and dS\' are the chunk\'s)."""')
         e.chunk_prologue(s)
         e.bases(s, params)
         e.norms(s, "r", "row_ok")
         s("cvb = tl.arange(0, BV)")
-        if plan.scalar:
-            e.load_glast(s)
-            e.load_G(s, "b_G", "r", "row_ok")
-            s("b_dGr = tl.zeros([C], dtype=tl.float32)")
-            s("b_dGS = tl.sum(tl.zeros([C], dtype=tl.float32), 0)  # Σ S ⊙ dS' (times exp(G_C) at the end)")
-            s("b_dGK = tl.sum(tl.zeros([C], dtype=tl.float32), 0)  # Σ k ⊙ dk of the Kb term")
+        bcol = " * b_b[:, None]" if beta else ""
+        if delta:
+            e.load_cc(s, "b_T", "Tm", causal, raw=True)  # a product operand only
+            s("b_dT = tl.zeros([C, C], dtype=tl.float32)")
+            if beta:
+                e.load(s, "b_b", "beta", "r", "row_ok")
+                s("b_db = tl.zeros([C], dtype=tl.float32)")
+            _skip_begin(e, s)
+
+        s("", "# ---- over V: dAqk" + ("; d(βV) = Tᵀ dΔ (dv, dβ) and its part of dT" if delta else ""))
         s("b_dA = tl.zeros([C, C], dtype=tl.float32)")
         with s.block("for i_v in range(NV):"):
             s("cv = i_v * BV + cvb", "cv_ok = cv < V")
             e.load(s, "b_do", "dO", "r", "row_ok")
             _load_delta(e, s, "b_d", "r", "row_ok")
             s(f"b_dA += {e.dot('b_do', 'tl.trans(b_d)')}")
+            if delta:
+                e.load(s, "b_v", "v", "r", "row_ok")
+                e.load(s, "b_dd", "dvn", "r", "row_ok")
+                s(f"b_dbv = {e.dot('tl.trans(b_T)', 'b_dd')}")
+                e.store(s, "dv", "b_dbv" + bcol + _skip_tile(e, s), "r", "row_ok")
+                if beta:
+                    s("b_db += tl.sum(b_dbv * b_v, 1)")
+                s(f"b_dT += {e.dot('b_dd', 'tl.trans(b_d)')}  # dΔ Δᵀ")
+        if delta:
+            _skip_end(e, s)
         s(
             f"tl.store(p_dAqk + r[:, None] * (HV * C) + r[None, :], tl.where({causal}, b_dA, 0.0), "
             "mask=row_ok[:, None])"
         )
+
+        s("", "# ---- over the key blocks: dq, dk (and dW) from the state products" + (", then the WY form" if delta else ""))
         with e.key_loop(s) as b:
             s(f"b_dq = tl.zeros([C, {e.kb}], dtype=tl.float32)", f"b_dk = tl.zeros([C, {e.kb}], dtype=tl.float32)")
-            if plan.delta:
+            if delta:
                 s(f"b_dw = tl.zeros([C, {e.kb}], dtype=tl.float32)")
-            if plan.channel:
-                s(f"b_dGC = tl.zeros([{e.kb}], dtype=tl.float32)")
+            s(f"b_dGC = tl.zeros([{e.kb}], dtype=tl.float32)")
             with s.block("for i_v in range(NV):"):
                 s("cv = i_v * BV + cvb", "cv_ok = cv < V")
                 e.load_state(s, "b_S", "hs", "i_c", b)
@@ -264,115 +313,41 @@ def _emit_dqk(plan: Plan) -> Kernel:
                 _load_delta(e, s, "b_d", "r", "row_ok")
                 s(f"b_dq += {e.dot('b_do', 'tl.trans(b_S)')}")
                 s(f"b_dk += {e.dot('b_d', 'tl.trans(b_dS)')}")
-                if plan.delta:
+                if delta:
                     e.load(s, "b_dd", "dvn", "r", "row_ok")
                     s(f"b_dw -= {e.dot('b_dd', 'tl.trans(b_S)')}")
-                if plan.channel:
-                    s("b_dGC += tl.sum(b_S * b_dS, 1)")
-                elif plan.scalar:
-                    s("b_dGS += tl.sum(tl.sum(b_S * b_dS, 1), 0)")
+                s("b_dGC += tl.sum(b_S * b_dS, 1)")
             e.qk(s, "b_q", "q", "r", "row_ok", b)
             e.qk(s, "b_k", "k", "r", "row_ok", b)
-            if plan.channel:
-                e.load_G(s, "b_Gb", "r", "row_ok", b)
-            G = "b_Gb" if plan.channel else "b_G"
-            s(f"b_dq = {e.gated('b_dq', G, b)} * scale")
-            if e.kb_factor(G, b):
-                s(f"b_dk = b_dk{e.kb_factor(G, b)}")
+            e.load_G(s, "b_Gb", "r", "row_ok", b)
+            s(f"b_dq = {e.gated('b_dq', 'b_Gb', b)} * scale")
+            s(f"b_dk = b_dk{e.kb_factor('b_Gb', b)}")
             e.store(s, "dq", "b_dq", "r", "row_ok", b)
+            # G_C feeds exp(G_C) S and every Kb row: its gradient lands on the chunk's last row
+            s(f"b_dGC = b_dGC * tl.exp(b_Glast{b}) + tl.sum(b_k * b_dk, 0)")
+            s("b_dG = b_q * b_dq - b_k * b_dk + tl.where(r[:, None] == L - 1, b_dGC[None, :], 0.0)")
+            if delta:  # the WY form: d(βKg) = Tᵀ dW
+                s(f"b_kg = {e.gated('b_k', 'b_Gb', b)}")
+                s(f"b_dbk = {e.dot('tl.trans(b_T)', 'b_dw')}")
+                if beta:
+                    s("b_db += tl.sum(b_dbk * b_kg, 1)")
+                s(f"b_dkg = b_dbk{bcol}")
+                s(f"b_dk += {e.gated('b_dkg', 'b_Gb', b)}", "b_dG += b_dkg * b_kg")
             e.store(s, "dk", "b_dk", "r", "row_ok", b)
-            if plan.delta:
-                e.store(s, "dW", "b_dw", "r", "row_ok", b)
-            if plan.channel:
-                # G_C feeds exp(G_C) S and every Kb row: its gradient lands on the chunk's last row
-                s(f"b_dGC = b_dGC * tl.exp(b_Glast{b}) + tl.sum(b_k * b_dk, 0)")
-                s("b_dG = b_q * b_dq - b_k * b_dk + tl.where(r[:, None] == L - 1, b_dGC[None, :], 0.0)")
-                e.store(s, "dG", "b_dG", "r", "row_ok", b)
-            elif plan.scalar:
-                s("b_dGr += tl.sum(b_q * b_dq - b_k * b_dk, 1)")
-                s("b_dGK += tl.sum(tl.sum(b_k * b_dk, 1), 0)")
-        if plan.scalar:
-            s("b_dGr += tl.where(r == L - 1, b_dGS * tl.exp(b_Glast) + b_dGK, 0.0)")
-            e.store(s, "dG", "b_dGr", "r", "row_ok")
+            e.store(s, "dG", "b_dG", "r", "row_ok", b)
+        if delta:
+            # dT = dW (βKg)ᵀ + dΔ (βV)ᵀ = dΔ (βV - βKg S)ᵀ = dΔ (T⁻¹Δ)ᵀ, so dAkk = -Tᵀ dT Tᵀ = -Tᵀ dΔ Δᵀ
+            s(f"b_dAkk = -{e.dot('tl.trans(b_T)', 'b_dT')}")
+            s(
+                "tl.store(p_dAkk + r[:, None] * (HV * C) + r[None, :], "
+                "tl.where(r[:, None] > r[None, :], b_dAkk, 0.0), mask=row_ok[:, None])"
+            )
+            if beta:
+                e.store(s, "dbeta", "b_db", "r", "row_ok")
     return Kernel("dqk_bwd", params, ("NCH", "HV"), s.text(), plan.warps_output, num_stages=1)
 
 
-# ============================================================================ 4. dwy
-def _emit_dwy(plan: Plan) -> Kernel:
-    e = _B(plan, plan.KBB)
-    params = ["k", "v"]
-    if plan.spec.has_decay:
-        params.append("G")
-    if plan.beta:
-        params.append("beta")
-    params += ["Tm", "dW", "dvn", inout("dk"), out("dv")]
-    if plan.beta:
-        params.append(out("dbeta"))
-    if plan.spec.has_decay:
-        params.append(inout("dG"))
-    params += [out("dAkk"), *_CHUNK, "MMA"]
-    s = Source()
-    params = declare(plan, params)
-    with s.block(signature("dwy_bwd", params)):
-        s('"""Per chunk, the WY form backward: d(βKg) = Tᵀ dW, d(βV) = Tᵀ dΔ, dT -> dAkk = -Tᵀ dT Tᵀ."""')
-        e.chunk_prologue(s)
-        e.bases(s, params)
-        e.norms(s, "r", "row_ok", ("k",))
-        s("cvb = tl.arange(0, BV)")
-        e.load_cc(s, "b_T", "Tm", "r[:, None] >= r[None, :]")
-        if plan.scalar:
-            e.load_glast(s)
-            e.load_G(s, "b_G", "r", "row_ok")
-            s("b_dGr = tl.zeros([C], dtype=tl.float32)")
-        if plan.beta:
-            e.load(s, "b_b", "beta", "r", "row_ok")
-            s("b_db = tl.zeros([C], dtype=tl.float32)")
-        s("b_dT = tl.zeros([C, C], dtype=tl.float32)")
-        bcol = " * b_b[:, None]" if plan.beta else ""
-        with s.block("for i_v in range(NV):"):
-            s("cv = i_v * BV + cvb", "cv_ok = cv < V")
-            e.load(s, "b_v", "v", "r", "row_ok")
-            e.load(s, "b_dd", "dvn", "r", "row_ok")
-            s(f"b_dbv = {e.dot('tl.trans(b_T)', 'b_dd')}")
-            e.store(s, "dv", "b_dbv" + bcol, "r", "row_ok")
-            if plan.beta:
-                s("b_db += tl.sum(b_dbv * b_v, 1)")
-            s(f"b_dT += {e.dot('b_dd', f'tl.trans(b_v{bcol})')}")
-        with e.key_loop(s) as b:
-            e.qk(s, "b_k", "k", "r", "row_ok", b)
-            if plan.channel:
-                e.load_G(s, "b_Gb", "r", "row_ok", b)
-            kg = "b_kg" if plan.spec.has_decay else "b_k"  # k ⊙ exp(G)
-            if plan.spec.has_decay:
-                s(f"b_kg = {e.gated('b_k', 'b_Gb' if plan.channel else 'b_G', b)}")
-            e.load(s, "b_dw", "dW", "r", "row_ok", b)
-            s(f"b_dbk = {e.dot('tl.trans(b_T)', 'b_dw')}")
-            if plan.beta:
-                s(f"b_db += tl.sum(b_dbk * {kg}, 1)")
-            s(f"b_dkg = b_dbk{bcol}")
-            e.load(s, "b_dk", "dk", "r", "row_ok", b)
-            g = "b_Gb" if plan.channel else "b_G"
-            e.store(s, "dk", f"b_dk + {e.gated('b_dkg', g, b)}", "r", "row_ok", b)
-            if plan.channel:
-                e.load(s, "b_dG", "dG", "r", "row_ok", b)
-                e.store(s, "dG", "b_dG + b_dkg * b_kg", "r", "row_ok", b)
-            elif plan.scalar:
-                s("b_dGr += tl.sum(b_dkg * b_kg, 1)")
-            s(f"b_dT += {e.dot('b_dw', f'tl.trans({kg}{bcol})')}")
-        s(f"b_dAkk = -{e.dot(e.dot('tl.trans(b_T)', 'b_dT'), 'tl.trans(b_T)')}")
-        s(
-            "tl.store(p_dAkk + r[:, None] * (HV * C) + r[None, :], "
-            "tl.where(r[:, None] > r[None, :], b_dAkk, 0.0), mask=row_ok[:, None])"
-        )
-        if plan.beta:
-            e.store(s, "dbeta", "b_db", "r", "row_ok")
-        if plan.scalar:
-            e.load(s, "b_dG0", "dG", "r", "row_ok")
-            e.store(s, "dG", "b_dG0 + b_dGr", "r", "row_ok")
-    return Kernel("dwy_bwd", params, ("NCH", "HV"), s.text(), plan.warps_wu, num_stages=1)
-
-
-# ============================================================================ 5. dprod
+# ============================================================================ 4. dprod
 def _emit_dprod(plan: Plan) -> Kernel:
     """dAqk (and dAkk) through the gated products M[r, s] = Σ_c a_rc b_sc exp(G_rc - G_sc).
 
@@ -586,9 +561,9 @@ def _emit_dprod_channel(plan: Plan) -> Kernel:
     return Kernel("dprod_bwd", params, ("NCH", "HV"), s.text(), plan.warps_intra, num_stages=1)
 
 
-# ============================================================================ 3-5 fused
+# ============================================================================ 3-4 fused
 def _emit_dchunk(plan: Plan) -> Kernel:
-    """Scalar or no decay: ``dqk``, ``dwy`` and ``dprod`` as one pass per chunk, so that no
+    """Scalar or no decay: ``dqk`` (with the WY form) and ``dprod`` as one pass per chunk, so that no
     partial dq, dk, dW, dAqk or dAkk goes through memory. The [C, C] weights come first (dAqk
     from a walk over V; with the delta rule dT, whose dW part needs a first walk over the key
     blocks, then dAkk); one more walk over the key blocks then finishes dq and dk block by
@@ -603,7 +578,7 @@ def _emit_dchunk(plan: Plan) -> Kernel:
     params += _delta_param(plan)
     if delta:
         params += ["v", "Tm"] + (["beta"] if plan.beta else [])
-    params += ["hs", "dh", "dO", "dvn", out("dqo"), out("dko"), out("dv")]
+    params += ["hs", "dh", "dO", "dvn", out("dqo"), out("dko"), out("dv"), *_skip_params(plan)]
     if plan.beta:
         params.append(out("dbeta"))
     if scalar:
@@ -638,6 +613,7 @@ def _emit_dchunk(plan: Plan) -> Kernel:
         s("b_dA = tl.zeros([C, C], dtype=tl.float32)")
         if delta:
             s("b_dT = tl.zeros([C, C], dtype=tl.float32)")
+        _skip_begin(e, s)
         with s.block("for i_v in range(NV):"):
             s("cv = i_v * BV + cvb", "cv_ok = cv < V")
             e.load(s, "b_do", "dO", "r", "row_ok")
@@ -647,7 +623,8 @@ def _emit_dchunk(plan: Plan) -> Kernel:
                 e.load(s, "b_v", "v", "r", "row_ok")
                 e.load(s, "b_dd", "dvn", "r", "row_ok")
                 s("b_d = b_v * b_bt[:, None]" if plan.beta else "b_d = b_v")
-                e.store(s, "dv", "b_dd * b_bt[:, None]" if plan.beta else "b_dd", "r", "row_ok")
+                skip = _skip_tile(e, s)
+                e.store(s, "dv", ("b_dd * b_bt[:, None]" if plan.beta else "b_dd") + skip, "r", "row_ok")
                 if plan.beta:
                     s("b_db += tl.sum(b_dd * b_v, 1)")
             s(f"b_dA += {e.dot('b_do', 'tl.trans(b_d)')}")
@@ -655,10 +632,11 @@ def _emit_dchunk(plan: Plan) -> Kernel:
                 e.load(s, "b_v", "v", "r", "row_ok")
                 e.load(s, "b_dd", "dvn", "r", "row_ok")
                 s(f"b_dbv = {e.dot('tl.trans(b_T)', 'b_dd')}")
-                e.store(s, "dv", "b_dbv" + bcol, "r", "row_ok")
+                e.store(s, "dv", "b_dbv" + bcol + _skip_tile(e, s), "r", "row_ok")
                 if beta:
                     s("b_db += tl.sum(b_dbv * b_v, 1)")
                 s(f"b_dT += {e.dot('b_dd', 'tl.trans(b_d)')}  # dΔ Δᵀ")
+        _skip_end(e, s)
         kg = "b_kg" if scalar else "b_k"  # k ⊙ exp(G)
         if delta:
             # dT = dW (βKg)ᵀ + dΔ (βV)ᵀ = dΔ (βV - βKg S)ᵀ = dΔ (T⁻¹Δ)ᵀ, so dAkk = -Tᵀ dT Tᵀ = -Tᵀ dΔ Δᵀ
@@ -762,7 +740,7 @@ def _emit_dchunk(plan: Plan) -> Kernel:
     return Kernel("dchunk_bwd", params, ("NCH", "HV"), s.text(), plan.warps_output, num_stages=1)
 
 
-# ============================================================================ 6. dgate
+# ============================================================================ 5. dgate
 def _emit_dgate(plan: Plan) -> Kernel:
     params = ["dG", out("dg"), "chunk_t0", "chunk_len", "HV"]
     s = Source()
@@ -788,8 +766,6 @@ def backward_kernels(plan: Plan) -> list[Kernel]:
     out = [_emit_dvl(plan), _emit_dstate(plan)]
     if plan.channel:  # the sub-chunk factorization keeps its own products kernel
         out.append(_emit_dqk(plan))
-        if plan.delta:
-            out.append(_emit_dwy(plan))
         out.append(_emit_dprod(plan))
     else:
         out.append(_emit_dchunk(plan))

@@ -51,10 +51,9 @@ def _backward_flops_per_token_head(p: Plan) -> float:
         f += 2 * C * K + 2 * C * V + 2 * K * V  # recomputed W, U, W S
         f += 2 * K * V + 2 * K * V  # dstate: Wᵀ dΔ; dW = -dΔ Sᵀ
         if p.channel:
-            f += 4 * C * V + 4 * C * K + 4 * C  # dwy: Tᵀ dΔ, dΔ (βV)ᵀ, Tᵀ dW, dW (βKg)ᵀ, Tᵀ dT Tᵀ
             f += 6 * C * K  # dprod: dAkk k, dAkkᵀ k, k kᵀ
-        else:
-            f += 4 * C * V + 2 * C + 2 * C * K  # Tᵀ dΔ, dΔ Δᵀ, dAkk = -Tᵀ dΔ Δᵀ, Tᵀ dW
+        f += 4 * C * V + 2 * C + 2 * C * K  # Tᵀ dΔ, dΔ Δᵀ, dAkk = -Tᵀ dΔ Δᵀ, Tᵀ dW
+        if not p.channel:
             f += 8 * C * K  # dAkk pushed to k by rows and columns, each as a high and a low part
     return f
 

@@ -140,6 +140,7 @@ def buffers(plan: Plan) -> dict[str, tuple[str, tuple[Dim, ...]]]:
     }  # fmt: skip
     if spec.skip is not Skip.NONE:
         t["D"] = (io, ("HV", V) if spec.skip is Skip.CHANNEL else ("HV",))
+        t[partial_name("D")] = (acc, ("NCH", "HV", V) if spec.skip is Skip.CHANNEL else ("NCH", "HV"))
     if spec.output_gate is OutputGate.NONE:
         del t["z"]
     per_role = {Role.TOKEN: ("TT", "HV"), Role.TOKEN_CHANNEL: ("TT", "HV", K), Role.HEAD: ("HV",), Role.HEAD_CHANNEL: ("HV", K)}

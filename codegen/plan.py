@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, fields
 
-from linattn.spec import Decay, Role, Spec
+from linattn.spec import Decay, Role, Skip, Spec
 
-__all__ = ["Options", "Plan", "make_plan", "core_spec", "DTYPES", "STORE_DTYPE", "MMA_DTYPE", "GATE_FLOOR", "CODEGEN_VERSION"]
+__all__ = ["Options", "Plan", "make_plan", "core_spec", "skip_in_core", "DTYPES", "STORE_DTYPE", "MMA_DTYPE", "GATE_FLOOR", "CODEGEN_VERSION"]
 
 #: Bump when the emitted source changes for the same plan (invalidates the disk cache).
-CODEGEN_VERSION = 6
+CODEGEN_VERSION = 7
 
 #: Input dtypes the kernels take, by short name.
 #: (fp64 runs everything in float64 and exists for gradient checks through the interpreter.)
@@ -220,17 +220,26 @@ def spec_key(spec: Spec) -> str:
     )
 
 
+def skip_in_core(spec: Spec) -> bool:
+    """Whether the core backward takes ``spec``'s D skip: the kernel that writes dv (the WY
+    form's, or the one-pass chunk kernel's) holds dO and v tiles anyway, so dv += D ⊙ dO and
+    the per-chunk partial sums of dD = Σ dO ⊙ v cost no extra pass. Channel decay without the
+    delta rule writes no dv in a kernel; there the skip stays a layer-side term."""
+    return spec.skip is not Skip.NONE and (spec.decay is not Decay.CHANNEL or spec.has_delta)
+
+
 def core_spec(spec: Spec) -> Spec:
     """The recurrence of ``spec`` without its layer-side terms: ``g`` and ``β`` given as
-    tensors, no skip or output gate. The backward kernels work on it; the terms around it
-    are elementwise and differentiated on their own. The q/k L2 norm stays: the kernels
-    read q and k as given and normalise rows on load (no normalised copy goes through
-    memory), and give the gradients of the normalised q, k."""
+    tensors, no output gate. The backward kernels work on it; the terms around it are
+    elementwise and differentiated on their own. The q/k L2 norm stays: the kernels read q
+    and k as given and normalise rows on load (no normalised copy goes through memory), and
+    give the gradients of the normalised q, k. The D skip stays where :func:`skip_in_core`."""
     return Spec(
         decay=spec.decay,
         correction=spec.correction,
         beta=spec.beta is not None,
         qk_l2norm=spec.qk_l2norm,
+        skip=spec.skip if skip_in_core(spec) else Skip.NONE,
         default_scale=spec.default_scale,
         name=f"{spec.name or 'spec'}_core",
     )

@@ -364,6 +364,10 @@ class CompiledOp:
             return grads
         args = dict(env)
         args.update(self._term_args(call))
+        for o in {o.name: o for _, t in terms for o in t.operands}.values():
+            if o.role in (Role.TOKEN, Role.TOKEN_CHANNEL):  # per-token gradients in the operand's dtype (no cast after)
+                x = call.operands[o.name]
+                args[f"d_{o.name}"] = _alloc(tuple(x.shape), x.dtype, x.device)
         self._launch(gen, mod, ["terms_bwd"], args, call.q.device)
         for o in {o.name: o for _, t in terms for o in t.operands}.values():
             if o.role in (Role.HEAD, Role.HEAD_CHANNEL):  # per-chunk partial sums
@@ -419,12 +423,15 @@ class CompiledOp:
         # ---- the output terms: dO of the core from dO of the op (the core's output is
         # recomputed only for an output gate; a skip alone leaves dO as it is)
         grads: dict[str, torch.Tensor] = {}
+        skip_core = codegen.plan.skip_in_core(spec)  # the kernel writing dv takes the D skip
+        if skip_core:
+            env["D"] = call.D.contiguous()
         if spec.output_gate is not OutputGate.NONE:
             self._launch(gen, mod, recompute + ["output_fwd"], env, device)
-            do, grads = finish_vjp(call, env["o"].reshape(B, T, HV, V).to(f32), do.to(f32))
+            do, grads = finish_vjp(call, env["o"].reshape(B, T, HV, V).to(f32), do.to(f32), skip=not skip_core)
         else:
             self._launch(gen, mod, recompute, env, device)
-            if spec.skip is not Skip.NONE:
+            if spec.skip is not Skip.NONE and not skip_core:
                 do, grads = finish_vjp(call, None, do)
 
         # ---- the core backward kernels
@@ -465,6 +472,8 @@ class CompiledOp:
         grads.update(self._term_grads(call, fgen, fmod, env))
         dv = dv.reshape(B, T, HV, V)
         grads["v"] = dv.add_(grads["v"]) if "v" in grads else dv  # dv is this call's own buffer
+        if skip_core:  # per-chunk partial sums of dD
+            grads["D"] = env[manifest.partial_name("D")].sum(0).reshape(call.D.shape)
         if call.initial_state is not None:
             grads["initial_state"] = env["dh0"]
         return grads

@@ -144,23 +144,26 @@ def finish(call: Call, o: torch.Tensor) -> torch.Tensor:
     return o
 
 
-def finish_vjp(call: Call, o: torch.Tensor | None, do: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def finish_vjp(
+    call: Call, o: torch.Tensor | None, do: torch.Tensor, skip: bool = True
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Back through :func:`finish`: the gradient of the recurrence's output ``o`` and of ``v``, ``D``, ``z``.
-    ``o`` is needed for an output gate only (None without one)."""
+    ``o`` is needed for an output gate only (None without one). ``skip=False`` leaves the D
+    skip out: ``o`` includes it already, and its gradients are taken elsewhere."""
     spec, grads = call.spec, {}
     d_pre = do
     if spec.output_gate is OutputGate.SILU:
         v = call.v.to(o.dtype)
         pre = o
-        if spec.skip is Skip.HEAD:
+        if skip and spec.skip is Skip.HEAD:
             pre = o + call.D.to(o.dtype)[:, None] * v
-        elif spec.skip is Skip.CHANNEL:
+        elif skip and spec.skip is Skip.CHANNEL:
             pre = o + call.D.to(o.dtype) * v
         z = call.z.to(o.dtype)
         sig = torch.sigmoid(z)
         d_pre = do * z * sig
         grads["z"] = do * pre * sig * (1 + z * (1 - sig))
-    if spec.skip is not Skip.NONE:
+    if skip and spec.skip is not Skip.NONE:
         D = call.D.float()[:, None] if spec.skip is Skip.HEAD else call.D.float()
         dims = (0, 1, 3) if spec.skip is Skip.HEAD else (0, 1)
         grads["D"] = (d_pre.float() * call.v).sum(dim=dims)

@@ -81,6 +81,21 @@ def test_varlen_gradients(spec):
     check_grads(spec, x, 1e-4, 2e-4)
 
 
+@pytest.mark.parametrize(
+    "decay,correction,skip,gate",
+    [("scalar", "delta", "head", "none"), ("none", "delta", "channel", "silu"), ("scalar", "none", "head", "silu"),
+     ("channel", "delta", "head", "none"), ("channel", "none", "channel", "none")],
+)
+def test_skip_gradients(decay, correction, skip, gate):
+    """The D skip in each kernel that writes dv (the one-pass chunk kernel with and without the
+    delta rule, the WY form's) and in the layer-side path (channel decay without it), alone and
+    under an output gate: dD from per-chunk partial sums, dv with D ⊙ dO added in the kernel."""
+    spec = linattn.Spec(decay=decay, correction=correction, skip=skip, output_gate=gate, beta=correction == "delta",
+                        name=f"skip_{decay}_{correction}_{skip}_{gate}")
+    x = make_inputs(spec, lengths=[37, 70], H=1, HV=2, K=16, V=16, dtype=torch.float32, h0=True, seed=12)
+    check_grads(spec, x, 1e-4, 2e-4, chunk_size=32)
+
+
 @pytest.mark.parametrize("spec", [specs.KDA, specs.GDN, specs.GLA], ids=lambda s: s.name)
 def test_strong_decay_gradients(spec):
     x = make_inputs(spec, B=1, T=100, H=1, K=32, V=16, dtype=torch.float32, h0=True, strength=20.0, seed=5)
@@ -97,7 +112,7 @@ def _ref_layout(x: torch.Tensor, T: int) -> torch.Tensor:
 def test_stages_against_chunkwise_autograd(spec):
     """Each backward stage's buffer equals autograd's gradient of the same stage of
     reference.chunkwise: dΔ_loc (output part of dΔ), dS' of the first chunk and, where channel
-    decay's products kernel reads them from memory, dAqk, dAkk and dW."""
+    decay's products kernel reads them from memory, dAqk and dAkk (dW never leaves the chip)."""
     from linattn.reference.chunkwise import chunk_stages
 
     T, C = 100, 64
@@ -122,15 +137,15 @@ def test_stages_against_chunkwise_autograd(spec):
     loss = (st.o * wo.double()).sum() + (st.final_state * ws.double()).sum()
     wrt = {"dvl": st.delta, "dAqk": st.intra.Aqk}
     if spec.has_delta:
-        wrt.update(dAkk=st.intra.Akk, dW=st.W)
+        wrt.update(dAkk=st.intra.Akk)
     got = dict(zip(wrt, torch.autograd.grad(loss, list(wrt.values()))))
     causal = torch.ones(C, C, dtype=torch.bool).tril()
     assert_close("dΔ_loc", stages["dvl"], _ref_layout(got["dvl"], T), 1e-5)
-    if spec.decay.value == "channel":  # its products kernel takes dAqk, dAkk and dW from memory
+    assert stages.get("dW") is None  # the WY form's backward shares the kernel that computes dW
+    if spec.decay.value == "channel":  # its products kernel takes dAqk and dAkk from memory
         assert_close("dAqk", stages["dAqk"], _ref_layout(got["dAqk"] * causal, T), 1e-5)
         if spec.has_delta:
             assert_close("dAkk", stages["dAkk"], _ref_layout(got["dAkk"] * causal.tril(-1), T), 1e-5)
-            assert_close("dW", stages["dW"], _ref_layout(got["dW"], T), 1e-5)
     else:  # one kernel per chunk: they never reach memory (the op's gradients check them)
         assert all(stages.get(n) is None for n in ("dAqk", "dAkk", "dW"))
         assert stages["dq"] is stages["dqo"] and stages["dk"] is stages["dko"]
