@@ -33,10 +33,12 @@ __all__ = ["epilogue_kernels", "derivative_terms", "partial_name"]
 
 def derivative_terms(plan: Plan) -> list[tuple[str, Term]]:
     """``(gradient buffer, term)`` of each term the kernel differentiates (identity terms
-    need no kernel: their operand's gradient is the term's)."""
+    need no kernel: their operand's gradient is the term's). A gate's is ``dG``, the gradient
+    of its cumulative sum in the chunk: the kernel takes the reverse cumsum to ``dg`` itself
+    (the core's ``dgate`` is left out, and no ``dg`` goes through memory)."""
     spec, out = plan.spec, []
     if spec.has_decay and spec.gate is not None and not spec.gate.is_identity:
-        out.append(("dg", spec.gate))
+        out.append(("dG", spec.gate))
     if plan.beta_computed:
         out.append(("dbeta", spec.beta))
     return out
@@ -83,7 +85,7 @@ def _emit_qknorm_bwd(plan: Plan) -> Kernel:
         for x in ("q", "k"):
             s(f"b_dy = tl.zeros([{NORM_ROWS}, BK], dtype=tl.float32)")
             with s.block("for g in range(GROUP):"):
-                s(f"b_dy += tl.load(d{x} + drows[:, None] + g * K + ck[None, :], mask=m, other=0.0)")
+                s(f"b_dy += tl.load(d{x} + drows[:, None] + g * K + ck[None, :], mask=m, other=0.0).to(tl.float32)")
             s(f"b_x = tl.load({x} + rows[:, None] + ck[None, :], mask=m, other=0.0).to(tl.float32)")
             s(f"rn = tl.rsqrt(tl.sum(b_x * b_x, 1) + {L2NORM_EPS})")
             s("c3 = rn * rn * rn * tl.sum(b_x * b_dy, 1)  # r³ (x · dy)")
@@ -139,16 +141,18 @@ def _emit_terms_bwd(plan: Plan) -> Kernel:
             if o.role in (Role.TOKEN, Role.HEAD):
                 s(f"acc_{o.name} = tl.zeros([C], dtype=tl.float32)")
         # per-token terms (β, a scalar gate): [C] rows, their derivatives' shared parts computed once
-        rows = [(buf, t) for buf, t in terms if not (channel and buf == "dg")]
+        rows = [(buf, t) for buf, t in terms if not (channel and buf == "dG")]
         pairs = [(buf, t, o) for buf, t in rows for o in t.operands if o.role is not Role.SCALAR]
         for buf, _ in rows:
             s(f"b_{buf} = tl.load({buf} + base + r * HV, mask=row_ok, other=0.0)")
+            if buf == "dG":  # G_t = g_1 + ... + g_t in the chunk: dg is dG's reverse cumsum
+                s("b_dG = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG")
         if pairs:
             s(*assign([(f"{buf}_{o.name}", t.diff(o.name)) for buf, t, o in pairs], name("row"), "t_"))
         for buf, _, o in pairs:
             s(f"acc_{o.name} += tl.where(row_ok, b_{buf} * {buf}_{o.name}, 0.0)")
         # a channel gate: [C, KB] tiles, key block by key block
-        if channel and any(buf == "dg" for buf, _ in terms):
+        if channel and any(buf == "dG" for buf, _ in terms):
             # key blocks of the backward's width: a gate's derivatives hold several [C, kb] tiles
             gate, kb = spec.gate, plan.KBB
             for b in range(plan.BK // kb):
@@ -161,7 +165,8 @@ def _emit_terms_bwd(plan: Plan) -> Kernel:
                         )
                     elif o.role is Role.HEAD_CHANNEL:
                         s(f"o_{o.name}_{b} = tl.load(x_{o.name} + i_h * K + ck, mask=ck_ok, other=0.0).to(tl.float32)")
-                s("b_dg = tl.load(dg + base * K + r[:, None] * (HV * K) + ck[None, :], mask=m, other=0.0)")
+                s("b_dg = tl.load(dG + base * K + r[:, None] * (HV * K) + ck[None, :], mask=m, other=0.0)")
+                s("b_dg = tl.sum(b_dg, 0)[None, :] - tl.cumsum(b_dg, 0) + b_dg  # the reverse cumsum in the chunk")
                 wrt = [o for o in gate.operands if o.role is not Role.SCALAR]
                 s(*assign([(f"dg_{o.name}", gate.diff(o.name)) for o in wrt], name("tile", b), f"t{b}_"))
                 for o in wrt:

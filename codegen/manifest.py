@@ -129,7 +129,7 @@ def buffers(plan: Plan) -> dict[str, tuple[str, tuple[Dim, ...]]]:
         # backward
         "dO": (io, ("TT", "HV", V)), "dht": (acc, ("N", "HV", K, V)), "dh0": (acc, ("N", "HV", K, V)),
         "dh": (mma, ("NCH", "HV", K, V)),
-        "dvl": (acc, ("TT", "HV", V)), "dvn": (mma if plan.delta else acc, ("TT", "HV", V)), "dv": (io, ("TT", "HV", V)),  # v's gradient, written once (delta rule), in its dtype
+        "dvl": (mma if plan.delta else acc, ("TT", "HV", V)), "dvn": (mma if plan.delta else acc, ("TT", "HV", V)), "dv": (io, ("TT", "HV", V)),  # v's gradient, written once (delta rule), in its dtype
         "dq": (acc, ("TT", "HV", K)), "dk": (acc, ("TT", "HV", K)),
         # dq, dk complete (the last kernel's): the op's gradients as they are where each q/k head
         # serves one value head and no norm follows; the launcher gives fp32 ones otherwise

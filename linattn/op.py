@@ -442,6 +442,8 @@ class CompiledOp:
         if spec.qk_l2norm or HV != H:  # the final dq, dk feed the norm or a sum over a group: fp32
             env["dqo"], env["dko"] = _alloc((TT, HV, K), f32, device), _alloc((TT, HV, K), f32, device)
         names = [k.name for k in gen.kernels if k.name.endswith("_bwd")]
+        if any(buf == "dG" for buf, _ in codegen.epilogue.derivative_terms(fgen.plan)):
+            names.remove("dgate_bwd")  # the gate's derivative kernel takes dG's reverse cumsum itself
         writes_dv = any(p.name == "dv" and p.written for n in names for p in gen.kernel(n).params)
         if writes_dv and "v" in grads:  # v's share of a skip is added to the kernels' dv: keep that in fp32
             env["dv"] = _alloc((TT, HV, V), f32, device)
