@@ -240,7 +240,7 @@ def _emit_dstate(plan: Plan) -> Kernel:
         s("if STORE_DH0:")
         for b in e.blocks:
             s(f"    tl.store(dh0 + (i_n * HV + i_h) * K * V + s_off{b}, b_dS{b}, mask=s_mask{b})")
-    return Kernel("dstate_bwd", params, ("N*NV", "HV"), s.text(), plan.warps_state, num_stages=1)
+    return Kernel("dstate_bwd", params, ("N*NV", "HV"), s.text(), plan.warps_dstate, num_stages=1)
 
 
 # ============================================================================ 3. dqk

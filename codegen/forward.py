@@ -16,7 +16,6 @@ it never needs a whole row in registers.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 
 from linattn.spec import OutputGate, Role, Skip
 
@@ -592,18 +591,16 @@ def _emit_scan(plan: Plan) -> Kernel:
                 s("tl.store(p_dtile + rj[:, None] * V + cv[None, :], b_d, mask=cv_ok[None, :])")
             s("tl.debug_barrier()  # Δ written by all threads before it is read back")
             s("b_D = tl.load(p_dtile + r[:, None] * V + cv[None, :], mask=cv_ok[None, :], other=0.0)")
-            # O = Qg S + Aqk Δ: the whole chunk at once, or a sub-chunk's BC rows at a time where
-            # channel decay's gated q tiles would not fit beside the state (measured on sm_90 at
-            # K = V = 128: RB rows spilled 20-28 bytes, BC rows none)
-            by_sub = plan.channel or plan.BK > 128
-            RO = "BC" if by_sub else "C"
-            with s.block("for j in range(C // BC):") if by_sub else nullcontext():
-                s(*(("ro = j * BC + tl.arange(0, BC)", "oko = ro < L") if by_sub else ("ro = r", "oko = row_ok")))
-                s(f"b_o = tl.zeros([{RO}, BV], dtype=tl.float32)")
+            # O = Qg S + Aqk Δ, a sub-chunk's BC rows at a time: the output tiles beside the state
+            # stay small enough for three programs an SM (sm_90, K = V = 128: 168 registers on 4
+            # warps without channel decay, where the whole chunk at once took 213-236)
+            with s.block("for j in range(C // BC):"):
+                s("ro = j * BC + tl.arange(0, BC)", "oko = ro < L")
+                s("b_o = tl.zeros([BC, BV], dtype=tl.float32)")
                 if not plan.aqk_stored:
-                    s(f"b_A = tl.zeros([{RO}, C], dtype=tl.float32)")
+                    s("b_A = tl.zeros([BC, C], dtype=tl.float32)")
                 if l2:  # |q| from the tiles the products load
-                    s(f"b_rq = tl.zeros([{RO}], dtype=tl.float32)")
+                    s("b_rq = tl.zeros([BC], dtype=tl.float32)")
                 for b in e.blocks:
                     e.load(s, "b_qo", "q", "ro", "oko", b, raw=not (plan.channel or l2))
                     if l2:
@@ -617,7 +614,7 @@ def _emit_scan(plan: Plan) -> Kernel:
                 if plan.scalar:
                     e.load_G(s, "b_Go", "ro", "oko")
                 _scale_output(e, s, "ro", "oko", "b_Go", "b_G", causal)
-                e.causal_dot(s, "b_ad", "b_A", "b_D", row="r", out_row="ro" if by_sub else None)
+                e.causal_dot(s, "b_ad", "b_A", "b_D", row="r", out_row="ro")
                 s("b_o += b_ad")
                 if spec.skip is not Skip.NONE:
                     e.load(s, "b_v", "v", "ro", "oko")

@@ -110,6 +110,7 @@ class Plan:
     warps_intra: int
     warps_wu: int
     warps_state: int
+    warps_dstate: int
     warps_scan: int
     warps_output: int
 
@@ -284,12 +285,19 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         warps_gates=nw or 4,
         warps_intra=nw or (4 if BK <= 64 else 8),
         warps_wu=nw or (4 if BK <= 64 else 8),
-        # the sequential passes: 4 warps keep two programs per SM at K = V = 128 and 256 (sm_90:
-        # 202-218 registers, no spills), where 8 warps fit one (2.9 waves at B1 T8192 H96, 15.5
-        # at B8 T2048 H32 K256; 1.5 and 7.8 with 4)
-        warps_state=nw or 4,
-        # the scan beside four state blocks (K = 256) with channel decay's gated tiles: 8 warps
-        # (sm_90, BV = 32: 254-255 registers, no spills; 4 warps spilled 8-32 bytes)
-        warps_scan=nw or (8 if spec.decay is Decay.CHANNEL and BK > 128 else 4),
+        # The sequential passes: one program per (sequence, value head, V tile), the whole
+        # sequence long, so every program should be resident at once (one wave). B1 T8192 H96
+        # K = V = 128 has 384 of them on 132 SMs: three programs of 4 warps an SM (at most 168
+        # registers) or four of 2 warps (at most 255). Measured on sm_90 at K = V = 128 (the
+        # built-in specs, no spills): state_fwd takes 217-232 registers on 2 warps (200-212 on
+        # 4), dstate_bwd 145-168 on 4, the scan 168 on 4 without channel decay, 247 on 2 for
+        # channel decay without the q/k norm (with it: 236 on 4, 8 bytes spilled on 2). At
+        # K = 256 the state alone is 64 registers a thread of 4 warps: 4 warps, 8 for the scan
+        # with channel decay (254-255 registers; 4 spilled 8-32 bytes).
+        warps_state=nw or (2 if BK <= 128 else 4),
+        warps_dstate=nw or 4,
+        warps_scan=nw or (
+            (8 if BK > 128 else 2 if not spec.qk_l2norm else 4) if spec.decay is Decay.CHANNEL else 4
+        ),
         warps_output=nw or (4 if BK <= 64 else 8),
     )

@@ -126,4 +126,4 @@ def step_kernel(plan: Plan) -> Kernel:
             s("tl.store(o + p_h * V + cv, b_o.to(o.dtype.element_ty), mask=cv_ok)")
         for b in e.blocks:
             s(f"tl.store(state + (slot * HV + i_h) * K * V + s_off{b}, b_S{b}, mask=s_mask{b})")
-    return Kernel("step_fwd", params, ("N*NV", "HV"), s.text(), plan.warps_state)
+    return Kernel("step_fwd", params, ("N*NV", "HV"), s.text(), plan.warps_dstate)
