@@ -149,6 +149,18 @@ def _skip_end(e: _B, s: Source) -> None:
         s(f"tl.store({partial_name('D')} + i_c * HV + i_h, b_dD)")
 
 
+def _wy_dv_tile(e: _B, s: Source, bcol: str) -> None:
+    """The delta rule's share of a walk over V (``b_d`` = Δ and ``b_do`` loaded, ``b_T`` the
+    chunk's T): d(βV) = Tᵀ dΔ gives dv (with the D skip) and dβ's share; dT += dΔ Δᵀ."""
+    e.load(s, "b_v", "v", "r", "row_ok")
+    e.load(s, "b_dd", "dvn", "r", "row_ok")
+    s(f"b_dbv = {e.dot('tl.trans(b_T)', 'b_dd')}")
+    e.store(s, "dv", "b_dbv" + bcol + _skip_tile(e, s), "r", "row_ok")
+    if bcol:
+        s("b_db += tl.sum(b_dbv * b_v, 1)")
+    s(f"b_dT += {e.dot('b_dd', 'tl.trans(b_d)')}  # dΔ Δᵀ")
+
+
 # ============================================================================ 1. dvl
 def _emit_dvl(plan: Plan) -> Kernel:
     e = _B(plan)
@@ -285,13 +297,7 @@ def _emit_dqk(plan: Plan) -> Kernel:
             _load_delta(e, s, "b_d", "r", "row_ok")
             s(f"b_dA += {e.dot('b_do', 'tl.trans(b_d)')}")
             if delta:
-                e.load(s, "b_v", "v", "r", "row_ok")
-                e.load(s, "b_dd", "dvn", "r", "row_ok")
-                s(f"b_dbv = {e.dot('tl.trans(b_T)', 'b_dd')}")
-                e.store(s, "dv", "b_dbv" + bcol + _skip_tile(e, s), "r", "row_ok")
-                if beta:
-                    s("b_db += tl.sum(b_dbv * b_v, 1)")
-                s(f"b_dT += {e.dot('b_dd', 'tl.trans(b_d)')}  # dΔ Δᵀ")
+                _wy_dv_tile(e, s, bcol)
         if delta:
             _skip_end(e, s)
         s(
@@ -629,13 +635,7 @@ def _emit_dchunk(plan: Plan) -> Kernel:
                     s("b_db += tl.sum(b_dd * b_v, 1)")
             s(f"b_dA += {e.dot('b_do', 'tl.trans(b_d)')}")
             if delta:
-                e.load(s, "b_v", "v", "r", "row_ok")
-                e.load(s, "b_dd", "dvn", "r", "row_ok")
-                s(f"b_dbv = {e.dot('tl.trans(b_T)', 'b_dd')}")
-                e.store(s, "dv", "b_dbv" + bcol + _skip_tile(e, s), "r", "row_ok")
-                if beta:
-                    s("b_db += tl.sum(b_dbv * b_v, 1)")
-                s(f"b_dT += {e.dot('b_dd', 'tl.trans(b_d)')}  # dΔ Δᵀ")
+                _wy_dv_tile(e, s, bcol)
         _skip_end(e, s)
         kg = "b_kg" if scalar else "b_k"  # k ⊙ exp(G)
         if delta:

@@ -56,8 +56,9 @@ class Options:
     kernel reading them back. None chooses per call: fused when the sequential pass has at
     least one program per SM (the device is busy either way, and fusion saves the bytes),
     separate when it leaves SMs idle that the output kernel can use; separate also where
-    Aqk is not stored or K > 128 (the scan would spill). A runtime choice: the generated
-    source holds both.
+    Aqk is not stored (q·kᵀ beside the state would spill). A runtime choice: the generated
+    source holds both. On a GPU with a tuned table (:mod:`codegen.tuning`), every option
+    the caller does not pass takes the table's value for the spec, dtype and head sizes.
     """
 
     chunk_size: int = 64

@@ -110,9 +110,11 @@ def uniform_tables(gen, mod, B: int, T: int, device: torch.device) -> tuple:
 class CompiledOp:
     """A spec compiled to chunkwise kernels. Call it like :func:`reference.chunkwise`."""
 
-    def __init__(self, spec: Spec, options: Options) -> None:
+    def __init__(self, spec: Spec, options: Options, explicit: frozenset[str] = frozenset()) -> None:
         self.spec = spec
         self.options = options
+        self.explicit = explicit  # the options the caller passed (tuned values never replace them)
+        self._resolved: dict[tuple[str, int, int], Options] = {}
         self._modules: dict[tuple[str, int, int], tuple[codegen.module.Module, object]] = {}
         self._last: tuple[str, int, int] | None = None
         self._lock = threading.Lock()
@@ -120,7 +122,23 @@ class CompiledOp:
 
     # ------------------------------------------------------------------ generation
     def plan(self, dtype: str = "bf16", K: int = 128, V: int = 128) -> Plan:
-        return codegen.make_plan(self.spec, dtype, K, V, self.options)
+        return codegen.make_plan(self.spec, dtype, K, V, self.options_for(dtype, K, V))
+
+    def options_for(self, dtype: str, K: int, V: int) -> Options:
+        """The options of the plans at ``dtype``, ``K``, ``V``: the caller's, and where the caller
+        passed none, the CUDA device's tuned values (:mod:`codegen.tuning`), else the defaults."""
+        key = (dtype, K, V)
+        if key not in self._resolved:
+            tuned = codegen.tuning.tuned_options(self.spec.name, dtype, K, V, codegen.tuning.device_name())
+            tuned = {n: value for n, value in tuned.items() if n not in self.explicit}
+            try:
+                self._resolved[key] = dataclasses.replace(self.options, **tuned)
+            except ValueError as err:
+                log.warning("tuned options %s for %s: %s; using the defaults", tuned, self.spec.name, err)
+                self._resolved[key] = self.options
+            if tuned:
+                log.info("%s at %s: tuned options %s", self.spec.name, key, tuned)
+        return self._resolved[key]
 
     def module(self, dtype: str = "bf16", K: int = 128, V: int = 128):
         """The generated module for inputs of ``dtype`` and head sizes ``K``, ``V`` (cached)."""
@@ -280,8 +298,9 @@ class CompiledOp:
         spills on sm_90) and the pass's ``programs`` cover every SM (always in the interpreter).
         At K = 256 the scan takes a sub-chunk's output rows at a time (with channel decay also
         8 warps and a sub-chunk's update rows), which keeps it free of spills on sm_90."""
-        if self.options.fused_output is not None:
-            return self.options.fused_output
+        fused = self.options_for(plan.dtype, plan.K, plan.V).fused_output
+        if fused is not None:
+            return fused
         sms = runtime.sm_count(device)
         return plan.aqk_stored and (sms is None or programs >= sms)
 
@@ -381,7 +400,7 @@ class CompiledOp:
         key = ("bwd", dtype, K, V)
         with self._lock:
             if key not in self._modules:
-                plan = codegen.make_plan(codegen.plan.core_spec(self.spec), dtype, K, V, self.options)
+                plan = codegen.make_plan(codegen.plan.core_spec(self.spec), dtype, K, V, self.options_for(dtype, K, V))
                 gen = codegen.generate(plan, backward=True)
                 mod, _ = codegen.load(gen)
                 self._modules[key] = (gen, mod)
@@ -513,4 +532,4 @@ def compile(spec: Spec, **options) -> CompiledOp:  # noqa: A001 (the name users 
         hints = [f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(u, valid, 1)) else "" for u in unknown]
         named = ", ".join(f"{u!r}{h}" for u, h in zip(unknown, hints))
         raise ValueError(f"compile: unknown option(s) {named}; valid options: {', '.join(valid)}")
-    return CompiledOp(spec, Options(**options))
+    return CompiledOp(spec, Options(**options), frozenset(options))

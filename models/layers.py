@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "GatedMLP", "BiasedRouter", "activation", "attention", "dispatch_experts", "rotate_half_rope"]
+__all__ = ["RMSNorm", "GatedMLP", "BiasedRouter", "activation", "attention", "dispatch_experts", "stacked_experts", "rotate_half_rope"]
 
 
 def activation(name: str):
@@ -116,9 +116,25 @@ class BiasedRouter(nn.Module):
 def dispatch_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
     """``Σ_j weights[:, j] · experts[indices[:, j]](x)`` for tokens ``x`` ``[N, hidden]``.
 
-    Each expert runs once on the tokens routed to it (a gather, the expert's MLP and a
-    scatter-add), so the cost follows the routing, not the number of experts.
+    Two paths, by how many (token, expert) pairs there are:
+
+    - at most one per expert, without autograd (a decode step): every pair runs its expert
+      on the stacked weights (:func:`stacked_experts`) gathered by ``indices`` on the device.
+      Nothing is read back to the host, so the step can be captured in a CUDA graph, and it
+      reads no more weight matrices than there are experts;
+    - otherwise (prefill, training) each expert runs once on the tokens routed to it (a
+      gather, the expert's MLP and a scatter-add), so the cost follows the routing, not the
+      number of experts; the per-expert token counts are read on the host to slice.
     """
+    N, k = indices.shape
+    if N * k <= len(experts) and not torch.is_grad_enabled():
+        stack = stacked_experts(experts)
+        flat = indices.reshape(-1)
+        params = {name: t.index_select(0, flat) for name, t in stack.items()}
+        xs = x[:, None].expand(N, k, x.shape[-1]).reshape(N * k, x.shape[-1])
+        run = torch.func.vmap(lambda p, xi: torch.func.functional_call(experts[0], p, (xi,)))
+        y = run(params, xs).view(N, k, -1)
+        return (y * weights[..., None].to(y.dtype)).sum(1).to(x.dtype)
     out = torch.zeros_like(x)
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -134,6 +150,30 @@ def dispatch_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tens
         out.index_add_(0, rows, y)
         start += n
     return out
+
+
+def stacked_experts(experts: nn.ModuleList) -> dict[str, torch.Tensor]:
+    """The experts' parameters as one ``[E, ...]`` tensor per name (``gate_proj.weight``, ...).
+
+    Built once: each expert's parameter is then re-pointed (its ``.data``) to its row of the
+    stack, so the weights are held once, and loading weights in place, or an optimizer step,
+    keeps them shared. A move or cast gives the parameters new storage; the first and last
+    experts' pointers show it, and the stack is built again.
+    """
+    names = [n for n, _ in experts[0].named_parameters()]
+    stack = experts.__dict__.get("_linattn_stack")
+    if stack is not None and all(
+        stack[n][i].data_ptr() == experts[i].get_parameter(n).data_ptr() and stack[n].dtype == experts[i].get_parameter(n).dtype
+        for n in names for i in (0, len(experts) - 1)
+    ):
+        return stack
+    with torch.no_grad():
+        stack = {n: torch.stack([e.get_parameter(n) for e in experts]) for n in names}
+        for n, t in stack.items():
+            for i, e in enumerate(experts):
+                e.get_parameter(n).data = t[i]
+    experts.__dict__["_linattn_stack"] = stack
+    return stack
 
 
 def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from linattn import models
-from helpers import TINY_MODELS
+from helpers import TINY_MODELS, tiny_model
 from linattn.models.cache import STEP_TOKENS, Cache, run_conv, run_recurrence
 from linattn.models.checkpoint import CheckpointTensors, load_state, read_config, read_tensors
 from linattn.models.generation import sample_next
-from linattn.models.layers import RMSNorm, attention, dispatch_experts, rotate_half_rope
+from linattn.models.layers import GatedMLP, RMSNorm, attention, dispatch_experts, rotate_half_rope, stacked_experts
 
 import linattn
 from linattn.specs import QWEN3_NEXT_GDN
@@ -171,6 +172,73 @@ def test_dispatch_experts_matches_dense_loop():
     weights = torch.rand(11, 2)
     ref = torch.stack([sum(weights[n, j] * experts[int(indices[n, j])](x[n]) for j in range(2)) for n in range(11)])
     torch.testing.assert_close(dispatch_experts(x, weights, indices, experts), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_experts_decode_path_gathers_stacked_weights():
+    """Without autograd and at most one (token, expert) pair per expert, the experts run on
+    their stacked weights gathered on the device: the same sums as the routed path, and the
+    experts' parameters become views of the stack (held once, kept shared by in-place
+    updates, stacked again after a cast)."""
+    torch.manual_seed(0)
+    experts = nn.ModuleList(GatedMLP(6, 5) for _ in range(8))
+    x, weights = torch.randn(3, 6), torch.rand(3, 2)
+    indices = torch.tensor([[0, 7], [3, 1], [7, 2]])
+    ref = torch.stack([sum(weights[n, j] * experts[int(indices[n, j])](x[n]) for j in range(2)) for n in range(3)])
+    routed = dispatch_experts(x, weights, indices, experts)  # autograd on: the routed path
+    with torch.no_grad():
+        gathered = dispatch_experts(x, weights, indices, experts)
+    torch.testing.assert_close(gathered, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gathered, routed, rtol=1e-5, atol=1e-6)
+    stack = stacked_experts(experts)
+    assert stack["up_proj.weight"].shape == (8, 5, 6)
+    assert experts[3].up_proj.weight.data_ptr() == stack["up_proj.weight"][3].data_ptr()
+    with torch.no_grad():
+        experts[7].down_proj.weight.mul_(2.0)  # an in-place update reaches the stack
+        assert torch.equal(stacked_experts(experts)["down_proj.weight"][7], experts[7].down_proj.weight)
+        experts.double()  # new storage: stacked again, in the new dtype
+        y = dispatch_experts(x.double(), weights.double(), indices, experts)
+    ref = torch.stack([sum(weights[n, j].double() * experts[int(indices[n, j])](x[n].double()) for j in range(2)) for n in range(3)])
+    torch.testing.assert_close(y, ref)
+    assert stacked_experts(experts)["gate_proj.weight"].dtype == torch.float64
+
+
+class _SyncDetector(TorchDispatchMode):
+    """Records every op that makes the host wait for the device: a read of a value
+    (``item``, ``tolist``, ``bool`` all go through ``_local_scalar_dense`` or the patched
+    methods) or an op whose output shape depends on the data."""
+
+    DATA_DEPENDENT = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive",
+                      "unique_dim", "repeat_interleave"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        masks = [a for a in torch.utils._pytree.tree_leaves(args[1:]) if isinstance(a, torch.Tensor) and a.dtype == torch.bool]
+        if name in self.DATA_DEPENDENT or (name in ("index", "index_put", "index_put_") and masks):
+            self.hits.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+def test_decode_step_never_waits_for_the_device(family, monkeypatch):
+    """A decode step of every model (all its layers: the recurrences, the convolutions,
+    attention, the MoE) reads nothing back to the host, so it can be captured in a CUDA graph."""
+    model = tiny_model(family)
+    detector = _SyncDetector()
+    for method in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _m=method, _f=original, **k: (detector.hits.append(_m), _f(self, *a, **k))[1])
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(torch.randint(0, 97, (2, 7)), cache)  # prefill (the routed MoE path reads counts: allowed)
+        detector.hits.clear()
+        with detector:
+            logits = model(torch.randint(0, 97, (2, 1)), cache)
+    assert logits.shape == (2, 1, 97)
+    assert detector.hits == [], f"{family}: host synchronisations in a decode step: {detector.hits}"
 
 
 def test_sampling():
