@@ -188,21 +188,21 @@ def kernel_table(title: str, side: Side) -> list[str]:
     lines = [
         f"**{title}**",
         "",
-        "| kernel | CTAs | warps | stages | regs | spills | smem KB | wgmma | mma.sync | TMA | blocks/SM | waves "
+        "| kernel | CTAs | warps | stages | regs | spills | smem KB | wgmma | wgmma N | mma.sync | TMA | blocks/SM | waves "
         "| MB read | MB written | MB from HBM |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in side.rows:
         p = r.report
         hbm = _mb((r.hbm_read if r.hbm_read is not None else r.read) + r.written)
         lines.append(
             f"| {r.name} | {r.ctas:,} | {p.num_warps} | {r.num_stages if r.num_stages is not None else '-'} "
-            f"| {p.registers} | {p.spill_stores + p.spill_loads} | {p.shared / 1024:.0f} | {p.wgmma} | {p.mma_sync} "
+            f"| {p.registers} | {p.spill_stores + p.spill_loads} | {p.shared / 1024:.0f} | {p.wgmma} | {', '.join(map(str, p.wgmma_n)) or '-'} | {p.mma_sync} "
             f"| {p.tma} | {r.blocks_per_sm} | {r.waves:.2f} | {_mb(r.read)} | {_mb(r.written)} | {hbm} |"
         )
     if side.torch_ops:
         ops = ", ".join(f"{k} {v}" for k, v in side.torch_ops.most_common())
-        lines.append(f"| torch ops: {ops} | | | | | | | | | | | | | | {_mb(side.torch_bytes)} |")
+        lines.append(f"| torch ops: {ops} | | | | | | | | | | | | | | | {_mb(side.torch_bytes)} |")
     return lines + [""]
 
 

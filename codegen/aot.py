@@ -36,6 +36,8 @@ class KernelReport:
     wgmma: int = 0
     mma_sync: int = 0
     tma: int = 0
+    #: the distinct N widths of its warpgroup MMAs (``HGMMA.64xNx16``), narrowest first
+    wgmma_n: tuple[int, ...] = ()
 
     @property
     def spills(self) -> bool:
@@ -57,7 +59,7 @@ def _takes_arch() -> bool:
     return len(inspect.signature(get_ptxas).parameters) > 0
 
 
-def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
+def _ptxas_report(ptx: str, arch: int) -> dict:
     suffix = "a" if arch >= 90 else ""
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
@@ -78,6 +80,7 @@ def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
 
     return {
         "wgmma": len(re.findall(r"\bHGMMA\.", sass)),
+        "wgmma_n": tuple(sorted({int(n) for n in re.findall(r"\bHGMMA\.\d+x(\d+)x\d+", sass)})),
         "mma_sync": len(re.findall(r"\bHMMA\.", sass)),
         "tma": len(re.findall(r"\bUTMA(?:LDG|STG)\b", sass)),
         "registers": grab(r"Used (\d+) registers"),
@@ -160,6 +163,7 @@ def compile_launch(
         num_warps=num_warps,
         stage=stage,
         wgmma=info["wgmma"],
+        wgmma_n=info["wgmma_n"],
         mma_sync=info["mma_sync"],
         tma=info["tma"],
     )

@@ -24,6 +24,8 @@ def test_builtin_kernels_compile_for_sm90_without_spills(spec):
         assert 0 < r.registers <= 255, table
         assert not r.spills, f"{spec.name}: {r.name} spills\n{table}"
         assert r.shared <= 227 * 1024, f"{spec.name}: {r.name} needs more shared memory than an H100 has\n{table}"
+        # the warpgroup MMAs' N widths, read off the SASS: one at least wherever there is one
+        assert bool(r.wgmma_n) == (r.wgmma > 0) and all(n % 8 == 0 and 8 <= n <= 256 for n in r.wgmma_n), r
 
 
 @pytest.mark.parametrize("spec", ALL_BUILTIN, ids=lambda s: s.name)
