@@ -169,19 +169,25 @@ def _emit_dvl(plan: Plan) -> Kernel:
         params.append("G")
     chunk = [n for n in _CHUNK if n != "H"] if plan.aqk_stored else _CHUNK  # no q/k read: no q/k heads
     params += ["dO", out("dvl"), *([] if plan.aqk_stored else ["scale"]), *chunk, "MMA"]
+    # V in tiles of up to 128 columns: one Aqk per chunk (built or loaded once, not per tile
+    # of the state's BV) and products N = 64-128 wide
+    bw = min(max(16, 1 << (plan.V - 1).bit_length()), 128)
     s = Source()
     params = declare(plan, params)
     with s.block(signature("dvl_bwd", params)):
-        s('"""Per chunk and V tile: dΔ_loc = Aqkᵀ dO (the intra-chunk part of the gradient of Δ)."""')
-        e.chunk_prologue(s, v_tile=True)
+        s('"""Per chunk: dΔ_loc = Aqkᵀ dO (the intra-chunk part of the gradient of Δ), V in tiles."""')
+        e.chunk_prologue(s)
         e.bases(s, params)
         if plan.scalar:
             e.load_glast(s)
             e.load_G(s, "b_G", "r", "row_ok")
         _causal_A(e, s)
-        e.load(s, "b_do", "dO", "r", "row_ok")
-        e.store(s, "dvl", e.dot("tl.trans(b_A)", "b_do"), "r", "row_ok")
-    return Kernel("dvl_bwd", params, ("NCH*NV", "HV"), s.text(), plan.warps_output, num_stages=1)
+        s("b_At = tl.trans(b_A)", f"cvb = tl.arange(0, {bw})")
+        with s.block(f"for i_v in range({-(-plan.V // bw)}):"):
+            s(f"cv = i_v * {bw} + cvb", "cv_ok = cv < V")
+            e.load(s, "b_do", "dO", "r", "row_ok")
+            e.store(s, "dvl", e.dot("b_At", "b_do"), "r", "row_ok")
+    return Kernel("dvl_bwd", params, ("NCH", "HV"), s.text(), plan.warps_output, num_stages=1)
 
 
 # ============================================================================ 2. dstate
