@@ -7,8 +7,8 @@ For each op and shape it times fwd+bwd (median of CUDA-event timings, ``do_bench
 defaults and each candidate option set, and keeps the fastest when it beats the defaults by
 more than ``--margin``. Winners go to ``codegen/tuned/<device>.json`` (see
 :mod:`linattn.codegen.tuning`; entries keyed by spec, dtype and head sizes), merged with what
-the file held, and the file is rewritten after every op, so a run cut short keeps what it
-measured. A candidate that fails (compilation, memory) is recorded as failed and skipped.
+the file held, and the file is rewritten after every measurement, so a run cut short keeps
+what it measured. A candidate that fails (compilation, memory) is recorded as failed and skipped.
 """
 from __future__ import annotations
 
@@ -65,8 +65,11 @@ def _median_ms(fn, device: str) -> float:
     return statistics.median(times)
 
 
-def sweep(ops, shapes, budget_s: float, out_dir: Path, device: str, margin: float = 0.03) -> Path:
-    """Run the sweep; returns the table's path (written after every op)."""
+def sweep(ops, shapes, budget_s: float, out_dir: Path | None, device: str, margin: float = 0.03) -> Path:
+    """Run the sweep; returns the table's path. Candidates go in rounds (the defaults for
+    every op and shape first, then the first candidate for all, ...), so that a budget that
+    ends early leaves comparable results everywhere; the table is rewritten after each
+    measurement."""
     name = tuning.device_name() if device == "cuda" else "cpu"
     path = tuning.device_file(name) if out_dir is None else out_dir / tuning.device_file(name).name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,39 +78,41 @@ def sweep(ops, shapes, budget_s: float, out_dir: Path, device: str, margin: floa
     table.setdefault("options", {})
     table.setdefault("measured", {})
     end = time.monotonic() + budget_s
-    for op_name in ops:
-        spec = specs.by_name(op_name)
-        for B, T, H, D in shapes:
+    cases = [(specs.by_name(op_name), shape) for op_name in ops for shape in shapes]
+    for cand in ({}, *CANDIDATES):
+        label = json.dumps(cand, sort_keys=True)
+        for spec, (B, T, H, D) in cases:
             if time.monotonic() > end:
-                log.warning("tune: budget spent before %s at %s", op_name, (B, T, H, D))
-                break
-            key = tuning.entry_key(spec.name, "bf16", D, D)
-            times: dict[str, float | str] = {}
-            for cand in ({}, *CANDIDATES):
-                if time.monotonic() > end:
-                    break
-                label = json.dumps(cand, sort_keys=True)
-                try:
-                    op = linattn.compile(spec, **cand)  # explicit options: no table in the way
-                    times[label] = round(_median_ms(_fwd_bwd(op, spec, B, T, H, D, device), device), 4)
-                except Exception as err:  # noqa: BLE001 (a failing candidate is a result)
-                    times[label] = f"failed: {type(err).__name__}: {str(err)[:160]}"
-                finally:
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                log.info("tune %s B%d T%d H%d D%d %s: %s", op_name, B, T, H, D, label, times[label])
-            table["measured"][f"{key}@B{B}T{T}H{H}"] = times
-            ok = {lab: t for lab, t in times.items() if isinstance(t, float)}
-            base = ok.get("{}")
-            if base is not None and ok:
-                best = min(ok, key=ok.get)
-                if best != "{}" and ok[best] < base * (1 - margin):
-                    table["options"][key] = json.loads(best)
-                else:
-                    table["options"].pop(key, None)
+                log.warning("tune: budget spent at %s for %s B%d T%d H%d D%d", label, spec.name, B, T, H, D)
+                return path
+            times = table["measured"].setdefault(f"{tuning.entry_key(spec.name, 'bf16', D, D)}@B{B}T{T}H{H}", {})
+            if cand and not isinstance(times.get("{}"), float):
+                continue  # no baseline for this case: nothing to compare with
+            try:
+                op = linattn.compile(spec, **cand)  # explicit options: no table in the way
+                times[label] = round(_median_ms(_fwd_bwd(op, spec, B, T, H, D, device), device), 4)
+            except Exception as err:  # noqa: BLE001 (a failing candidate is a result)
+                times[label] = f"failed: {type(err).__name__}: {str(err)[:160]}"
+            finally:
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            log.info("tune %s B%d T%d H%d D%d %s: %s", spec.name, B, T, H, D, label, times[label])
+            _choose(table, tuning.entry_key(spec.name, "bf16", D, D), times, margin)
             path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return path
+
+
+def _choose(table: dict, key: str, times: dict, margin: float) -> None:
+    """The fastest option set of ``times`` into the table's options, if it beats the defaults by ``margin``."""
+    ok = {label: t for label, t in times.items() if isinstance(t, float)}
+    base = ok.get("{}")
+    if base is None:
+        return
+    best = min(ok, key=ok.get)
+    if best != "{}" and ok[best] < base * (1 - margin):
+        table["options"][key] = json.loads(best)
+    else:
+        table["options"].pop(key, None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -560,7 +560,7 @@ def _emit_scan(plan: Plan) -> Kernel:
     with s.block(signature("scan_fwd", params)):
         s('"""Sequential over one sequence\'s chunks: Δ = U - W S (or β ⊙ V) into this program\'s')
         s("[C, BV] tile of ``dtile`` (rewritten every chunk, so it stays in L2), O = Qg S + Aqk Δ")
-        s('with the output terms, then S <- exp(G_C) S + Kbᵀ Δ; all RB rows at a time."""')
+        s('with the output terms a sub-chunk at a time, then S <- exp(G_C) S + Kbᵀ Δ."""')
         e.sequence_prologue(s)
         s("r = tl.arange(0, C)")
         s("p_dtile = dtile + (i_n * HV + i_h) * C * V  # this program's Δ tile")

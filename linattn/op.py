@@ -296,7 +296,7 @@ class CompiledOp:
         """Whether the forward's state pass writes the output too (see ``Options.fused_output``).
         By default where Aqk is stored (the scan then loads it; computing q·kᵀ beside the state
         spills on sm_90) and the pass's ``programs`` cover every SM (always in the interpreter).
-        At K = 256 the scan takes a sub-chunk's output rows at a time (with channel decay also
+        The scan takes a sub-chunk's output rows at a time (at K = 256 with channel decay also
         8 warps and a sub-chunk's update rows), which keeps it free of spills on sm_90."""
         fused = self.options_for(plan.dtype, plan.K, plan.V).fused_output
         if fused is not None:
