@@ -104,6 +104,14 @@ def _emit_gates(plan: Plan) -> Kernel:
 
 
 # ============================================================================ intra
+def _norms_stored(plan: Plan) -> bool:
+    """Whether intra stores the rows' L2 norms (``rq``, ``rk``) for the scan: with channel
+    decay, whose scan cannot also hold the tiles that recompute them (sm_90, K = V = 128, 2
+    warps: 242 registers with them stored, 8 bytes spilled without). Scalar decay's scan
+    recomputes them (168 registers on 4 warps; 171 with them stored)."""
+    return plan.spec.qk_l2norm and plan.aqk_stored and plan.channel
+
+
 def _emit_intra(plan: Plan) -> Kernel:
     e = Emitter(plan, plan.KBI)
     NS, BC, l2 = plan.NS, plan.BC, plan.spec.qk_l2norm
@@ -118,6 +126,8 @@ def _emit_intra(plan: Plan) -> Kernel:
         params.append(out("Tm"))
     if plan.aqk_stored:
         params += [out("Aqk"), "scale"]
+        if _norms_stored(plan):
+            params += [out("rq"), out("rk")]
     params += ["chunk_t0", "chunk_len", "H", "HV", "GROUP"]
     params.append("MMA")
 
@@ -145,6 +155,9 @@ def _emit_intra(plan: Plan) -> Kernel:
                 e.rnorm(s, f"rk{i}", "k", f"r{i}", f"ok{i}")
                 if plan.aqk_stored:
                     e.rnorm(s, f"rq{i}", "q", f"r{i}", f"ok{i}")
+                if _norms_stored(plan):
+                    e.store(s, "rq", f"rq{i}", f"r{i}", f"ok{i}")
+                    e.store(s, "rk", f"rk{i}", f"r{i}", f"ok{i}")
             if plan.scalar:
                 e.load_G(s, f"b_G{i}", f"r{i}", f"ok{i}")
             for j in range(i + 1):
@@ -379,10 +392,10 @@ def _emit_state(plan: Plan) -> Kernel:
     return Kernel("state_fwd", params, ("N*NV", "HV"), s.text(), plan.warps_state)
 
 
-def _update_state(e: Emitter, s: Source, load_delta, rows: str = "RB") -> None:
+def _update_state(e: Emitter, s: Source, load_delta, rows: str = "RB", stored_rk: bool = False) -> None:
     """S_b <- exp(G_C) S_b + Σ_rows (k ⊙ exp(G_C - G))ᵀ Δ, ``rows`` (RB or BC) rows at a time
     (``load_delta`` emits ``b_d``, Δ of rows ``rj``); the row scales of Kb (scalar decay, L2
-    norm) go on Δ."""
+    norm: loaded from ``rk`` where ``stored_rk``, else from the rows of k) go on Δ."""
     plan = e.p
     e.decay_state(s, "b_S")
     with s.block(f"for j in range(C // {rows}):"):
@@ -393,7 +406,10 @@ def _update_state(e: Emitter, s: Source, load_delta, rows: str = "RB") -> None:
             e.load_G(s, "b_Gj", "rj", "okj")
             factors.append("tl.exp(b_Glast - b_Gj)[:, None]")
         if plan.spec.qk_l2norm:
-            e.rnorm(s, "b_rkj", "k", "rj", "okj")
+            if stored_rk:
+                e.load(s, "b_rkj", "rk", "rj", "okj")
+            else:
+                e.rnorm(s, "b_rkj", "k", "rj", "okj")
             factors.append("b_rkj[:, None]")
         if factors:
             s(f"b_d = b_d * {' * '.join(factors)}")
@@ -543,7 +559,7 @@ def _emit_scan(plan: Plan) -> Kernel:
     if spec.has_decay:
         params.append("G")
     if plan.aqk_stored:
-        params.append("Aqk")
+        params += ["Aqk", *(["rq", "rk"] if _norms_stored(plan) else [])]
     if plan.delta:
         params += ["W", "U"]
     else:
@@ -599,17 +615,19 @@ def _emit_scan(plan: Plan) -> Kernel:
                 s("b_o = tl.zeros([BC, BV], dtype=tl.float32)")
                 if not plan.aqk_stored:
                     s("b_A = tl.zeros([BC, C], dtype=tl.float32)")
-                if l2:  # |q| from the tiles the products load
+                if l2 and not _norms_stored(plan):  # |q| from the tiles the products load
                     s("b_rq = tl.zeros([BC], dtype=tl.float32)")
                 for b in e.blocks:
                     e.load(s, "b_qo", "q", "ro", "oko", b, raw=not (plan.channel or l2))
-                    if l2:
+                    if l2 and not _norms_stored(plan):
                         s("b_rq += tl.sum(b_qo * b_qo, 1)")
                     s(f"b_o += {e.dot(_gated_q(e, s, 'b_qo', 'b_Gob', 'ro', 'oko', b), f'b_S{b}')}")
                     if not plan.aqk_stored:
                         e.load(s, "b_kc", "k", "r", "row_ok", b, raw=True)
                         s(f"b_A += {e.dot('b_qo', 'tl.trans(b_kc)')}")
-                if l2:
+                if _norms_stored(plan):
+                    e.load(s, "b_rq", "rq", "ro", "oko")
+                elif l2:
                     s(f"b_rq = tl.rsqrt(b_rq + {L2NORM_EPS})")
                 if plan.scalar:
                     e.load_G(s, "b_Go", "ro", "oko")
@@ -621,7 +639,7 @@ def _emit_scan(plan: Plan) -> Kernel:
                 _output_terms(e, s, "b_o", "b_v", "ro", "oko")
             # channel decay's gated key tiles beside four state blocks (K = 256) take BC rows
             _update_state(e, s, lambda s: s("b_d = tl.load(p_dtile + rj[:, None] * V + cv[None, :], mask=cv_ok[None, :], other=0.0)"),
-                          rows="BC" if plan.channel and plan.BK > 128 else "RB")
+                          rows="BC" if plan.channel and plan.BK > 128 else "RB", stored_rk=_norms_stored(plan))
             s("tl.debug_barrier()  # every thread done with Δ before the next chunk's")
         s("if STORE_HT:")
         for b in e.blocks:

@@ -124,6 +124,7 @@ def buffers(plan: Plan) -> dict[str, tuple[str, tuple[Dim, ...]]]:
         "G": (acc, g), "beta": (acc if plan.beta_computed else io, ("TT", "HV")),
         "Tm": (st, ("TT", "HV", C)), "Aqk": (st, ("TT", "HV", C)),
         "W": (st, ("TT", "HV", K)), "U": (st, ("TT", "HV", V)), "vnew": (st, ("TT", "HV", V)),
+        "rq": (acc, ("TT", "HV")), "rk": (acc, ("TT", "HV")),  # 1/|row| of q and k (the L2 norm), from intra for the scan
         "hs": (st, ("NCH", "HV", K, V)),
         "dtile": (acc, ("N", "HV", C, V)),  # the scan's Δ of one chunk per program: rewritten, L2-resident
         # backward

@@ -291,14 +291,12 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         # K = V = 128 has 384 of them on 132 SMs: three programs of 4 warps an SM (at most 168
         # registers) or four of 2 warps (at most 255). Measured on sm_90 at K = V = 128 (the
         # built-in specs, no spills): state_fwd takes 217-232 registers on 2 warps (200-212 on
-        # 4), dstate_bwd 145-168 on 4, the scan 168 on 4 without channel decay, 247 on 2 for
-        # channel decay without the q/k norm (with it: 236 on 4, 8 bytes spilled on 2). At
+        # 4), dstate_bwd 145-168 on 4, the scan 168 on 4 without channel decay, 247-248 on 2
+        # with it (the q/k norms from intra: recomputed, 236 on 4 and 8 bytes spilled on 2). At
         # K = 256 the state alone is 64 registers a thread of 4 warps: 4 warps, 8 for the scan
         # with channel decay (254-255 registers; 4 spilled 8-32 bytes).
         warps_state=nw or (2 if BK <= 128 else 4),
         warps_dstate=nw or 4,
-        warps_scan=nw or (
-            (8 if BK > 128 else 2 if not spec.qk_l2norm else 4) if spec.decay is Decay.CHANNEL else 4
-        ),
+        warps_scan=nw or ((8 if BK > 128 else 2) if spec.decay is Decay.CHANNEL else 4),
         warps_output=nw or (4 if BK <= 64 else 8),
     )
