@@ -1,4 +1,5 @@
-"""The Triton kernels fla launches for one call of its ops, captured on a machine without a GPU.
+"""The Triton kernels fla and mamba_ssm launch for one call of their ops, captured on a machine
+without a GPU.
 
 The peers' tables (what fla does at a shape, kernel by kernel) must come from fla's own host
 code: which kernels run, with which grid, block sizes and warps, is decided there, partly at
@@ -27,9 +28,12 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import importlib
+import importlib.util
 import os
 import sys
 import textwrap
+import types
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -37,9 +41,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["H100", "OPS", "PeerLaunch", "fla_launches", "tensor_access"]
+__all__ = ["H100", "OPS", "PeerLaunch", "fla_launches", "mamba_launches", "tensor_access"]
 
 OPS = ("gdn", "gdn_fused", "kda", "kda_fused")
+#: the peers' packages, imported afresh under the fake device and put back afterwards
+_PEERS = ("fla", "mamba_ssm")
 
 #: the device fla is shown: an H100 SXM (sm_90, 132 SMs, 228 KB of shared memory per SM of
 #: which 227 KB, 232448 bytes, can go to one block)
@@ -136,8 +142,10 @@ def _fake_props(device: Any = None) -> SimpleNamespace:
     )
 
 
-#: ``torch.cuda`` functions fla's import-time and host code query
+#: ``torch.cuda`` functions the peers' import-time and host code query (mamba_ssm enters
+#: ``torch.cuda.device(x.device.index)`` around each launch: on meta tensors, a no-op)
 _CUDA_FAKES: dict[str, Callable[..., Any]] = {
+    "device": lambda device=None: contextlib.nullcontext(),
     "get_device_name": lambda device=None: H100.name,
     "get_device_capability": lambda device=None: H100.capability,
     "get_device_properties": _fake_props,
@@ -148,28 +156,28 @@ _CUDA_FAKES: dict[str, Callable[..., Any]] = {
 #: fla's switches for non-Triton backends (FlashQLA, TileLang, ...): off, so its Triton path is taken
 _ENV = {"FLA_DISABLE_BACKEND_DISPATCH": "1", "FLA_USE_TMA": "0"}
 
-#: fla's modules as imported under the fake device, kept between calls (importing fla takes ~10 s)
-_FAKE_FLA: dict[str, Any] = {}
+#: the peers' modules as imported under the fake device, kept between calls (importing fla takes ~10 s)
+_FAKE_PEERS: dict[str, Any] = {}
 #: the launches being recorded (a list while capturing)
 _RECORD: list[PeerLaunch] | None = None
 
 
-def _is_fla(name: str) -> bool:
-    return name == "fla" or name.startswith("fla.")
+def _is_peer(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in _PEERS)
 
 
 @contextlib.contextmanager
 def _as_h100() -> Iterator[None]:
-    """Inside: fla (imported afresh if needed) sees an H100 and Triton launches are recorded.
+    """Inside: the peers (imported afresh if needed) see an H100 and Triton launches are recorded.
     On exit everything is put back: the driver, ``torch.cuda``, the environment, ``sys.modules``'s
-    fla entries, Triton's registry of JIT functions and the patched Triton methods."""
+    fla and mamba_ssm entries, Triton's registry of JIT functions and the patched Triton methods."""
     from triton.runtime import autotuner, jit
     from triton.runtime.driver import driver
 
     saved_driver = (driver._default, driver._active)
     saved_cuda = {name: getattr(torch.cuda, name) for name in _CUDA_FAKES}
     saved_env = {name: os.environ.get(name) for name in _ENV}
-    saved_fla = {name: mod for name, mod in sys.modules.items() if _is_fla(name)}
+    saved_peers = {name: mod for name, mod in sys.modules.items() if _is_peer(name)}
     saved_registry = dict(jit._triton_jit_function_registry)
     saved_run = (jit.JITFunction.run, autotuner.Autotuner.run)
     try:
@@ -177,18 +185,18 @@ def _as_h100() -> Iterator[None]:
         for name, fake in _CUDA_FAKES.items():
             setattr(torch.cuda, name, fake)
         os.environ.update(_ENV)
-        for name in saved_fla:
+        for name in saved_peers:
             del sys.modules[name]
-        sys.modules.update(_FAKE_FLA)
+        sys.modules.update(_FAKE_PEERS)
         jit.JITFunction.run = _record_jit_run
         autotuner.Autotuner.run = _first_config_run
         yield
     finally:
         jit.JITFunction.run, autotuner.Autotuner.run = saved_run
-        _FAKE_FLA.update({name: mod for name, mod in sys.modules.items() if _is_fla(name)})
-        for name in [name for name in sys.modules if _is_fla(name)]:
+        _FAKE_PEERS.update({name: mod for name, mod in sys.modules.items() if _is_peer(name)})
+        for name in [name for name in sys.modules if _is_peer(name)]:
             del sys.modules[name]
-        sys.modules.update(saved_fla)
+        sys.modules.update(saved_peers)
         jit._triton_jit_function_registry.clear()
         jit._triton_jit_function_registry.update(saved_registry)
         for name, value in saved_env.items():
@@ -495,21 +503,69 @@ def fla_launches(op: str, *, B: int, T: int, H: int, HV: int | None = None, K: i
     Only Triton kernels are recorded: torch ops fla runs between them (``dk.add_(dk2)``, dtype
     conversions) launch kernels too and are not here.
     """
-    global _RECORD
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     HV = H if HV is None else HV
+    return _capture(lambda: _call_op(op, B, T, H, HV, K, V, _DTYPES[dtype], backward)[0], backward)
+
+
+def _capture(call: Callable[[], torch.Tensor], backward: bool) -> list[PeerLaunch]:
+    """The launches of ``call()`` under the fake H100 (with ``backward``: of the backward of its
+    output alone, the forward run first to produce what it saves)."""
+    global _RECORD
     launches: list[PeerLaunch] = []
     with _as_h100():
         _RECORD = launches
         try:
-            o, _ = _call_op(op, B, T, H, HV, K, V, _DTYPES[dtype], backward)
+            o = call()
             if backward:
                 del launches[:]
                 o.backward(torch.empty_like(o))
         finally:
             _RECORD = None
     return launches
+
+
+def _mamba_ssd():
+    """mamba_ssm's SSD module (``mamba_ssm.ops.triton.ssd_combined``). The package's ``__init__``
+    imports the selective scan's CUDA extension, which the SSD path never uses; where it is
+    missing (a CPU install, ``MAMBA_SKIP_CUDA_BUILD=TRUE``) the package is entered without it."""
+    try:
+        import mamba_ssm  # noqa: F401
+    except ImportError:
+        found = importlib.util.find_spec("mamba_ssm")
+        if found is None or not found.submodule_search_locations:
+            raise
+        for name in [name for name in sys.modules if name == "mamba_ssm" or name.startswith("mamba_ssm.")]:
+            del sys.modules[name]
+        package = types.ModuleType("mamba_ssm")
+        package.__path__ = list(found.submodule_search_locations)
+        package.__spec__ = found
+        sys.modules["mamba_ssm"] = package
+    return importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+
+
+def mamba_launches(*, B: int, T: int, H: int, HV: int | None = None, K: int, V: int, dtype: str = "bf16",
+                   backward: bool = False, chunk_size: int = 128) -> list[PeerLaunch]:
+    """The Triton launches of mamba_ssm's ``mamba_chunk_scan_combined`` on an H100, in order, as
+    Nemotron-H's Mamba-2 mixer calls it: x ``[B, T, HV, V]`` (V = head dim), B and C
+    ``[B, T, H, K]`` (H groups, K = state size), dt ``[B, T, HV]`` with ``dt_bias`` and
+    ``dt_softplus=True``, ``A`` and ``D`` per head (fp32), no z (the gated norm runs outside),
+    ``chunk_size`` 128 (Nemotron-H's). With ``backward=True``: the backward's launches only."""
+    HV = H if HV is None else HV
+    dt_ = _DTYPES[dtype]
+
+    def call() -> torch.Tensor:
+        ssd = _mamba_ssd()
+
+        def t(*shape, dt=dt_):
+            return torch.empty(*shape, dtype=dt, device="meta", requires_grad=backward)
+
+        x, dt, Bm, Cm = t(B, T, HV, V), t(B, T, HV), t(B, T, H, K), t(B, T, H, K)
+        A, D, dt_bias = (t(HV, dt=torch.float32) for _ in range(3))
+        return ssd.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True)
+
+    return _capture(call, backward)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -1,8 +1,9 @@
 """The static report: what each kernel of a call would cost on an H100, judged without a GPU.
 
 For an op at a shape, the launches a real call makes are captured on meta tensors (ours
-through :func:`linattn.inspection.captured_launches`; fla's Triton path, when fla is
-installed, through :func:`bench.peers.fla_launches`), each is compiled for sm_90 with its
+through :func:`linattn.inspection.captured_launches`; the peer's when it is installed: fla's
+Triton path through :func:`bench.peers.fla_launches`, mamba_ssm's SSD kernels through
+:func:`bench.peers.mamba_launches`), each is compiled for sm_90 with its
 launch's specialization, and per kernel the report gives CTAs, warps, stages, registers,
 spills, shared memory, the tensor-core and TMA instructions of its SASS, occupancy and
 waves on 132 SMs, and its bytes: unique (each tensor once) and, for ours, the likely HBM
@@ -12,7 +13,7 @@ outside the kernels are counted with their bytes.
     python -m bench.static                       # the registry shapes -> bench/results/static-sm90.md
     python -m bench.static --op gdn --shape s1   # one op, one shape
 
-Nothing here changes the library: the fake H100 lives in the capture of fla's launches
+Nothing here changes the library: the fake H100 lives in the capture of the peers' launches
 (``bench.peers``) and ours needs none (meta tensors and the launcher's capture mode).
 """
 from __future__ import annotations
@@ -39,13 +40,14 @@ SMS, REGS_PER_SM, SMEM_PER_SM, MAX_WARPS, MAX_BLOCKS = 132, 65536, 228 * 1024, 6
 #: fla's registry shapes (benchmarks/ops/registry.py): B, T, H, K = V
 SHAPES = {"s1": {"B": 1, "T": 8192, "H": 96, "K": 128}, "s2": {"B": 8, "T": 2048, "H": 32, "K": 256}}
 
-#: our spec and fla's op for each compared op
+#: our spec and the peer's op for each compared op: fla's (an op of :func:`bench.peers.fla_launches`)
+#: or mamba_ssm's (``mamba_chunk_scan_combined``)
 OPS = {
-    "gdn": ("GDN core", specs.GDN, "gdn"),
-    "gdn_fused": ("Qwen3-Next GDN (gate, β, l2norm fused)", specs.QWEN3_NEXT_GDN, "gdn_fused"),
-    "kda": ("KDA core", specs.KDA, "kda"),
-    "kda_fused": ("Kimi KDA (fused)", specs.KIMI_KDA, "kda_fused"),
-    "mamba2": ("Mamba-2 (Nemotron-H)", specs.NEMOTRON_MAMBA2, None),
+    "gdn": ("GDN core", specs.GDN, ("fla", "gdn")),
+    "gdn_fused": ("Qwen3-Next GDN (gate, β, l2norm fused)", specs.QWEN3_NEXT_GDN, ("fla", "gdn_fused")),
+    "kda": ("KDA core", specs.KDA, ("fla", "kda")),
+    "kda_fused": ("Kimi KDA (fused)", specs.KIMI_KDA, ("fla", "kda_fused")),
+    "mamba2": ("Mamba-2 (Nemotron-H)", specs.NEMOTRON_MAMBA2, ("mamba_ssm", "mamba2")),
 }
 
 _FREE = frozenset({
@@ -155,24 +157,34 @@ def ours(spec, *, B: int, T: int, H: int, K: int, V: int, backward: bool, dtype:
     return side
 
 
-def fla(op: str, *, B: int, T: int, H: int, K: int, V: int, backward: bool, dtype: str = "bf16") -> Side | None:
-    """fla's Triton launches for one call (None when fla or the capture is unavailable)."""
-    try:
-        from bench.peers import fla_launches
-    except ImportError:
+def peer(library: str, op: str, *, B: int, T: int, H: int, K: int, V: int, backward: bool,
+         dtype: str = "bf16") -> Side | None:
+    """The peer's Triton launches for one call: fla's ``op`` or mamba_ssm's chunk scan (None when
+    the library is not installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("fla" if library == "fla" else "mamba_ssm") is None:
         return None
+    from bench import peers
+
+    def capture(backward: bool):
+        if library == "fla":
+            return peers.fla_launches(op, B=B, T=T, H=H, K=K, V=V, dtype=dtype, backward=backward)
+        return peers.mamba_launches(B=B, T=T, H=H, K=K, V=V, dtype=dtype, backward=backward)
+
     side = Side()
     with _TorchOps(side):
-        launches = fla_launches(op, B=B, T=T, H=H, K=K, V=V, dtype=dtype, backward=backward)
+        launches = capture(backward)
     if backward:  # its capture of the backward runs the forward first: count the backward's torch ops alone
         forward = Side()
         with _TorchOps(forward):
-            fla_launches(op, B=B, T=T, H=H, K=K, V=V, dtype=dtype, backward=False)
+            capture(False)
         side.torch_ops -= forward.torch_ops
         side.op_bytes -= forward.op_bytes
         # autograd's accumulation into the leaves' .grad copies on meta tensors, where on a GPU it
-        # takes the gradient as it is: not fla's cost
-        del side.torch_ops["copy_"], side.op_bytes["copy_"]
+        # takes the gradient as it is: not the peer's cost
+        side.torch_ops.pop("copy_", None)
+        side.op_bytes.pop("copy_", None)
     for launch in launches:
         report = _compile(launch.fn, launch.args, launch.num_warps, launch.num_stages)
         side.rows.append(Row(launch.name, math.prod(launch.grid), report, launch.num_stages,
@@ -203,12 +215,16 @@ def kernel_table(title: str, side: Side) -> list[str]:
     if side.torch_ops:
         ops = ", ".join(f"{k} {v}" for k, v in side.torch_ops.most_common())
         lines.append(f"| torch ops: {ops} | | | | | | | | | | | | | | | {_mb(side.torch_bytes)} |")
+    if any(r.blocks_per_sm == 0 for r in side.rows):
+        lines += ["", "0 blocks/SM: this candidate needs more shared memory or registers than an SM has; "
+                  "an autotuner on the device would skip it for a later one (the peer's bytes, each "
+                  "tensor once, do not depend on the candidate)."]
     return lines + [""]
 
 
 def compare(key: str, shape: str | dict, progress=lambda _: None, modes=("forward", "backward")) -> tuple[list[str], dict]:
     """The report section of one op at one shape (a name of :data:`SHAPES`, or its sizes), and its totals."""
-    title, spec, fla_op = OPS[key]
+    title, spec, (library, peer_op) = OPS[key]
     s = SHAPES[shape] if isinstance(shape, str) else shape
     dims = {"B": s["B"], "T": s["T"], "H": s["H"], "K": s["K"], "V": s["K"]}
     name = shape if isinstance(shape, str) else "custom"
@@ -217,12 +233,12 @@ def compare(key: str, shape: str | dict, progress=lambda _: None, modes=("forwar
     for mode in modes:
         progress(f"{key} {shape} {mode}: ours")
         mine = ours(spec, backward=mode == "backward", **dims)
-        progress(f"{key} {shape} {mode}: fla")
-        peer = fla(fla_op, backward=mode == "backward", **dims) if fla_op else None
-        totals[mode] = (mine, peer)
+        progress(f"{key} {shape} {mode}: {library}")
+        theirs = peer(library, peer_op, backward=mode == "backward", **dims)
+        totals[mode] = (mine, theirs)
         lines += kernel_table(f"linattn {mode}", mine)
-        if peer is not None:
-            lines += kernel_table(f"fla {mode} (first autotune candidate)", peer)
+        if theirs is not None:
+            lines += kernel_table(f"{library} {mode} (first autotune candidate)", theirs)
     lines += ["| | linattn | peer | ratio |", "| --- | ---: | ---: | ---: |"]
     fwd_m, fwd_p = totals["forward"]
     rows = [("forward MB from HBM", fwd_m.hbm, fwd_p.hbm if fwd_p else None, _mb)]
@@ -263,7 +279,7 @@ def svg(sections: list[tuple[str, dict]]) -> str:
     height = len(rows) * (bar + gap) + 40
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + scale_w + 90}" height="{height}" '
            'font-family="monospace" font-size="10">',
-           f'<text x="4" y="14" font-size="12">MB from HBM per kernel on sm_90: linattn (blue), fla (orange); '
+           f'<text x="4" y="14" font-size="12">MB from HBM per kernel on sm_90: linattn (blue), the peer: fla or mamba_ssm (orange); '
            f'full width = {top:,.0f} MB</text>']
     y = 30
     for kind, label, mb in rows:
@@ -291,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plot = args.out.with_suffix(".svg")
     lines = ["# Static report: sm_90 (H100), compiled ahead of time on a CPU", "", __doc__.split("\n\n")[1], "",
-             f"![MB from HBM per kernel, ours and fla's]({plot.name})", ""]
+             f"![MB from HBM per kernel, ours and the peer's]({plot.name})", ""]
     sections = []
     for key in args.op or list(OPS):
         for shape in args.shape or list(SHAPES):

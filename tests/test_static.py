@@ -1,4 +1,7 @@
 """The static report (bench/static.py): our and fla's launches compiled for sm_90 on a CPU."""
+import importlib.util
+
+import pytest
 import torch
 
 from bench import static
@@ -37,3 +40,21 @@ def test_launch_bytes_count_what_was_passed():
     declared_read, declared_written = kernel_bytes(wu.kernel, wu.sizes, present)
     read, written = launch_bytes(wu.kernel, wu.sizes, wu.args)
     assert read - declared_read == T * H * 2 and written == declared_written  # β: 4 bytes a value, not 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="mamba_ssm (an optional peer) not installed")
+def test_static_report_against_mamba_ssm():
+    """Mamba-2's section sets our kernels beside mamba_ssm's SSD kernels, captured under the
+    fake H100 (its package imported without the selective scan's CUDA extension) and put back."""
+    import sys
+
+    before = {name for name in sys.modules if name.startswith("mamba_ssm")}
+    lines, totals = static.compare("mamba2", {"B": 1, "T": 256, "H": 2, "K": 64}, modes=("forward",))
+    assert {name for name in sys.modules if name.startswith("mamba_ssm")} == before
+    text = "\n".join(lines)
+    assert "_chunk_scan_fwd_kernel" in text and "_state_passing_fwd_kernel" in text
+    ours_mb, peer_mb = totals["forward MB from HBM"]
+    launches, peer_launches = totals["forward launches"]
+    # both read x, B, C, dt and write y at least once: 256 tokens x 2 heads x 64 x 4 tensors x 2 B
+    assert min(ours_mb, peer_mb) >= 256 * 2 * 64 * 4 * 2
+    assert launches == 3 and peer_launches == 5  # ours: gates, state, output
