@@ -170,7 +170,7 @@ def _emit_dvl(plan: Plan) -> Kernel:
     chunk = [n for n in _CHUNK if n != "H"] if plan.aqk_stored else _CHUNK  # no q/k read: no q/k heads
     params += ["dO", out("dvl"), *([] if plan.aqk_stored else ["scale"]), *chunk, "MMA"]
     # V in tiles of up to 128 columns: one Aqk per chunk (built or loaded once, not per tile
-    # of the state's BV) and products N = 64-128 wide
+    # of the state's BV) and products N = 64-128 wide on one warpgroup
     bw = min(max(16, 1 << (plan.V - 1).bit_length()), 128)
     s = Source()
     params = declare(plan, params)
@@ -187,7 +187,7 @@ def _emit_dvl(plan: Plan) -> Kernel:
             s(f"cv = i_v * {bw} + cvb", "cv_ok = cv < V")
             e.load(s, "b_do", "dO", "r", "row_ok")
             e.store(s, "dvl", e.dot("b_At", "b_do"), "r", "row_ok")
-    return Kernel("dvl_bwd", params, ("NCH", "HV"), s.text(), plan.warps_output, num_stages=1)
+    return Kernel("dvl_bwd", params, ("NCH", "HV"), s.text(), plan.warps_wide, num_stages=1)
 
 
 # ============================================================================ 2. dstate

@@ -89,9 +89,10 @@ class Emitter:
         s(f"{var} = tl.where({'x_out' if out_row else 'x_bad'}[:, None] > 0, float('nan'), {var})")
 
     # ------------------------------------------------------------------ prologues
-    def chunk_prologue(self, s: Source, v_tile: bool = False) -> None:
+    def chunk_prologue(self, s: Source, v_tile: str | None = None) -> None:
+        """A chunk's program (``v_tile``: and V tile, of that width constant: "BV" or "BVP")."""
         if v_tile:
-            self.v_tiled_ids(s, "c")
+            self.v_tiled_ids(s, "c", "NV" if v_tile == "BV" else "NVP")
         else:
             s("i_c = tl.program_id(0)", "i_h = tl.program_id(1)")
         s("i_hk = i_h // GROUP  # the q/k head serving this value head")
@@ -100,7 +101,7 @@ class Emitter:
         s("r = tl.arange(0, C)", "row_ok = r < L")
         self.key_blocks(s)
         if v_tile:
-            s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
+            s(f"cv = i_v * {v_tile} + tl.arange(0, {v_tile})", "cv_ok = cv < V")
 
     def bases(self, s: Source, params: tuple[Param, ...]) -> None:
         """64-bit base pointers ``p_<name>`` of the chunk's first token, for every per-token
@@ -130,11 +131,11 @@ class Emitter:
             s(f"s_mask{b} = ck_ok{b}[:, None] & cv_ok[None, :]", f"s_off{b} = ck{b}[:, None] * V + cv[None, :]")
 
     @staticmethod
-    def v_tiled_ids(s: Source, outer: str) -> None:
-        """Program ids of a V-tiled kernel on grid ``("<OUTER>*NV", "HV")``: the V tiles of one
+    def v_tiled_ids(s: Source, outer: str, nv: str = "NV") -> None:
+        """Program ids of a V-tiled kernel on grid ``("<OUTER>*<nv>", "HV")``: the V tiles of one
         chunk or sequence are adjacent in launch order, so what they all read (q, k, G, W)
         comes from L2 after the first, and the outer index keeps the 2^31 range of axis 0."""
-        s(f"i_{outer}v = tl.program_id(0)", f"i_{outer} = i_{outer}v // NV", f"i_v = i_{outer}v % NV")
+        s(f"i_{outer}v = tl.program_id(0)", f"i_{outer} = i_{outer}v // {nv}", f"i_v = i_{outer}v % {nv}")
         s("i_h = tl.program_id(1)")
 
     @staticmethod

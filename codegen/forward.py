@@ -320,12 +320,14 @@ def _emit_wu(plan: Plan) -> Kernel:
                 f"mask=row_ok[:, None] & ck_ok{b}[None, :])"
             )
         vb = " * b_b[:, None]" if plan.beta else ""
-        with s.block("for i_v in tl.static_range(NV):"):
-            s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
+        # V in tiles of the product's width (BVP, not the state's BV): wgmma N = 64 on one warpgroup
+        s("cvb = tl.arange(0, BVP)")
+        with s.block("for i_v in range(NVP):"):
+            s("cv = i_v * BVP + cvb", "cv_ok = cv < V")
             e.load(s, "b_v", "v", "r", "row_ok")
             e.causal_dot(s, "b_u", "b_T", "b_v" + vb)
             e.store(s, "U", "b_u", "r", "row_ok")
-    return Kernel("wu_fwd", params, ("NCH", "HV"), s.text(), plan.warps_wu)
+    return Kernel("wu_fwd", params, ("NCH", "HV"), s.text(), plan.warps_wide)
 
 
 # ============================================================================ state
@@ -448,14 +450,14 @@ def _emit_output(plan: Plan) -> Kernel:
     s = Source()
     params = declare(plan, params)
     with s.block(signature("output_fwd", params)):
-        s('"""Per chunk and V tile: O = Qg S + Aqk Δ, then the layer-side output terms."""')
-        e.chunk_prologue(s, v_tile=True)
+        s('"""Per chunk and V tile (BVP wide): O = Qg S + Aqk Δ, then the layer-side output terms."""')
+        e.chunk_prologue(s, v_tile="BVP")
         e.bases(s, params)
         if spec.has_decay:
             e.load_glast(s)
             if plan.scalar:
                 e.load_G(s, "b_G", "r", "row_ok")
-        s("b_o = tl.zeros([C, BV], dtype=tl.float32)")
+        s("b_o = tl.zeros([C, BVP], dtype=tl.float32)")
         if not plan.aqk_stored:
             s("b_A = tl.zeros([C, C], dtype=tl.float32)")
         if l2:
@@ -493,7 +495,7 @@ def _emit_output(plan: Plan) -> Kernel:
         e.causal_dot(s, "b_ad", "b_A", delta)
         s("b_o += b_ad")
         _output_terms(e, s, "b_o", "b_v", "r", "row_ok")
-    return Kernel("output_fwd", params, ("NCH*NV", "HV"), s.text(), plan.warps_output)
+    return Kernel("output_fwd", params, ("NCH*NVP", "HV"), s.text(), plan.warps_wide)
 
 
 def _gated_q(e: Emitter, s: Source, q: str, G: str, rows: str, ok: str, b) -> str:

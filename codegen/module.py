@@ -64,7 +64,7 @@ def generate(plan: Plan, backward: bool = False) -> Module:
         "",
         f"spec:   {spec!r}",
         f"plan:   dtype={plan.dtype} K={plan.K} V={plan.V} chunk={plan.C} subchunk={plan.BC} "
-        f"BK={plan.BK} KB={plan.KB} BV={plan.BV} precision={plan.precision}",
+        f"BK={plan.BK} KB={plan.KB} BV={plan.BV} BVP={plan.BVP} precision={plan.precision}",
         "warps:  " + ", ".join(f"{k.symbol}={k.num_warps}" for k in kernels),
         f"stages: {' -> '.join(plan.stages)}",
         '"""',
@@ -80,6 +80,8 @@ def generate(plan: Plan, backward: bool = False) -> Module:
         f"V = tl.constexpr({plan.V})",
         f"BV = tl.constexpr({plan.BV})",
         f"NV = tl.constexpr({plan.NV})  # V tiles",
+        f"BVP = tl.constexpr({plan.BVP})  # V tile of the chunk-parallel products",
+        f"NVP = tl.constexpr({plan.NVP})",
         "",
     ]
     if plan.dtype == "fp64":  # float64 end to end (interpreter gradient checks)

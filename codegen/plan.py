@@ -105,11 +105,12 @@ class Plan:
     KBI: int  # the key block of the intra-chunk kernel (its tiles are [BC, KBI])
     KBB: int  # the key block of the chunk-parallel backward kernels (several [C, KBB] accumulators)
     RB: int  # row block of the state pass: a chunk is applied RB rows at a time
-    BV: int  # V tile
+    BV: int  # V tile of the state passes and the output
+    BVP: int  # V tile of the chunk-parallel products (wu, dvl): the width of their wgmma N
     precision: str
     warps_gates: int
     warps_intra: int
-    warps_wu: int
+    warps_wide: int
     warps_state: int
     warps_dstate: int
     warps_scan: int
@@ -165,6 +166,10 @@ class Plan:
     @property
     def NV(self) -> int:
         return -(-self.V // self.BV)
+
+    @property
+    def NVP(self) -> int:
+        return -(-self.V // self.BVP)
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -285,7 +290,12 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         precision=options.precision,
         warps_gates=nw or 4,
         warps_intra=nw or (4 if BK <= 64 else 8),
-        warps_wu=nw or (4 if BK <= 64 else 8),
+        # wu, output and dvl_bwd on one warpgroup: their products with C = 64 rows are wgmma
+        # with N = the tile's width (8 warps split N between two warpgroups: N = 16-32 at K = V
+        # = 128 before). Measured on sm_90 at K = V = 128 (built-in specs): wu 171-205 registers,
+        # output 181, dvl_bwd 126-148, no spills; all N = 64 or 128.
+        BVP=min(_pow2_at_least(V), 64),
+        warps_wide=nw or 4,
         # The sequential passes: one program per (sequence, value head, V tile), the whole
         # sequence long, so every program should be resident at once (one wave). B1 T8192 H96
         # K = V = 128 has 384 of them on 132 SMs: three programs of 4 warps an SM (at most 168

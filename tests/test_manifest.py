@@ -77,10 +77,11 @@ def test_grids_resolve_from_sizes():
     mod = codegen.generate(plan)
     sizes = {"TT": 1000, "N": 3, "NCH": 19, "H": 4, "HV": 8, **manifest.constants(plan)}
     grids = {k.name: manifest.resolve(k.grid, sizes) for k in mod.kernels}
-    nv = 128 // plan.BV
-    assert grids["output_fwd"] == (19 * nv, 8) and grids["state_fwd"] == (3 * nv, 8)
+    # the state pass tiles V by the state's BV (32 at K = 128), output by the products' BVP (64)
+    assert (plan.BV, plan.BVP) == (32, 64)
+    assert grids["output_fwd"] == (19 * 2, 8) and grids["state_fwd"] == (3 * 4, 8)
     assert grids["chunk_table"] == (1,) and grids["intra_fwd"] == (19, 8)
-    assert manifest.dims_text(mod.kernel("output_fwd").grid) == "NCH*NV×HV"
+    assert manifest.dims_text(mod.kernel("output_fwd").grid) == "NCH*NVP×HV"
     assert manifest.resolve(("N+1", ("TT", 64)), sizes) == (4, 16)
 
 
