@@ -285,7 +285,11 @@ def _emit_dqk(plan: Plan) -> Kernel:
         e.chunk_prologue(s)
         e.bases(s, params)
         e.norms(s, "r", "row_ok")
-        s("cvb = tl.arange(0, BV)")
+        # On one warpgroup. Without the delta rule V is walked BVP columns at a time for dAqk
+        # (wgmma N = BVP); with it, the [C, C] T and dT beside [C, BVP] tiles spill (measured
+        # at K = V = 128: 36-64 bytes), so BV. The state products walk BV (N = KBB either way).
+        wv, nv = ("BV", "NV") if delta else ("BVP", "NVP")
+        s(f"cvb = tl.arange(0, {wv})", "cvb0 = tl.arange(0, BV)")
         bcol = " * b_b[:, None]" if beta else ""
         if delta:
             e.load_cc(s, "b_T", "Tm", causal, raw=True)  # a product operand only
@@ -297,8 +301,8 @@ def _emit_dqk(plan: Plan) -> Kernel:
 
         s("", "# ---- over V: dAqk" + ("; d(βV) = Tᵀ dΔ (dv, dβ) and its part of dT" if delta else ""))
         s("b_dA = tl.zeros([C, C], dtype=tl.float32)")
-        with s.block("for i_v in range(NV):"):
-            s("cv = i_v * BV + cvb", "cv_ok = cv < V")
+        with s.block(f"for i_v in range({nv}):"):
+            s(f"cv = i_v * {wv} + cvb", "cv_ok = cv < V")
             e.load(s, "b_do", "dO", "r", "row_ok")
             _load_delta(e, s, "b_d", "r", "row_ok")
             s(f"b_dA += {e.dot('b_do', 'tl.trans(b_d)')}")
@@ -318,7 +322,7 @@ def _emit_dqk(plan: Plan) -> Kernel:
                 s(f"b_dw = tl.zeros([C, {e.kb}], dtype=tl.float32)")
             s(f"b_dGC = tl.zeros([{e.kb}], dtype=tl.float32)")
             with s.block("for i_v in range(NV):"):
-                s("cv = i_v * BV + cvb", "cv_ok = cv < V")
+                s("cv = i_v * BV + cvb0", "cv_ok = cv < V")
                 e.load_state(s, "b_S", "hs", "i_c", b)
                 e.load_state(s, "b_dS", "dh", "i_c", b)
                 e.load(s, "b_do", "dO", "r", "row_ok")
@@ -356,7 +360,7 @@ def _emit_dqk(plan: Plan) -> Kernel:
             )
             if beta:
                 e.store(s, "dbeta", "b_db", "r", "row_ok")
-    return Kernel("dqk_bwd", params, ("NCH", "HV"), s.text(), plan.warps_output, num_stages=1)
+    return Kernel("dqk_bwd", params, ("NCH", "HV"), s.text(), plan.warps_wide, num_stages=1)
 
 
 # ============================================================================ 4. dprod

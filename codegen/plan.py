@@ -47,7 +47,10 @@ class Options:
 
     ``chunk_size``: tokens per chunk (C). ``subchunk_size``: the block of the intra-chunk
     matrices and of channel decay's reference points (BC). ``block_v``: the V tile of the
-    state and output kernels (default: V rounded up to a power of two, at most 64).
+    state passes, whose state tile [K, block_v] stays in registers (default: V rounded up to
+    a power of two, at most 64, 32 where K > 64). ``product_block_v``: the V tile of the
+    chunk-parallel kernels whose products have C rows (wu, output, dvl, channel decay's dqk
+    without the delta rule): the wgmma's N (default: V rounded up, at most 64).
     ``key_block``: the key-channel block every kernel walks K in (default 64).
     ``precision``: how fp32 matrix products run on tensor cores ("ieee" exact, "tf32").
     ``num_warps``: per kernel family; default chosen from the tile sizes.
@@ -64,6 +67,7 @@ class Options:
     chunk_size: int = 64
     subchunk_size: int = 16
     block_v: int | None = None
+    product_block_v: int | None = None
     key_block: int | None = None
     precision: str = "ieee"
     num_warps: int | None = None
@@ -78,6 +82,9 @@ class Options:
         bv = self.block_v
         if bv is not None and (not isinstance(bv, int) or bv < 16 or bv & (bv - 1)):
             raise ValueError(f"block_v: expected a power of two >= 16, got {bv!r}")
+        pv = self.product_block_v
+        if pv is not None and (not isinstance(pv, int) or pv < 16 or pv & (pv - 1)):
+            raise ValueError(f"product_block_v: expected a power of two >= 16, got {pv!r}")
         kb = self.key_block
         if kb is not None and (not isinstance(kb, int) or kb < 16 or kb & (kb - 1)):
             raise ValueError(f"key_block: expected a power of two >= 16, got {kb!r}")
@@ -290,11 +297,13 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         precision=options.precision,
         warps_gates=nw or 4,
         warps_intra=nw or (4 if BK <= 64 else 8),
-        # wu, output and dvl_bwd on one warpgroup: their products with C = 64 rows are wgmma
-        # with N = the tile's width (8 warps split N between two warpgroups: N = 16-32 at K = V
-        # = 128 before). Measured on sm_90 at K = V = 128 (built-in specs): wu 171-205 registers,
-        # output 181, dvl_bwd 126-148, no spills; all N = 64 or 128.
-        BVP=min(_pow2_at_least(V), 64),
+        # wu, output, dvl_bwd and channel decay's dqk_bwd on one warpgroup: their products with
+        # C = 64 rows are wgmma with N = the tile's width (8 warps split N between two
+        # warpgroups: N = 8-32 at K = V = 128 before). Measured on sm_90 at K = V = 128 (built-in
+        # specs), no spills: wu 171-205 registers, output 165-252, dvl_bwd 125-148 (N = 64 or
+        # 128 throughout), dqk 118-250 (N = 16 for its [C, KBB] accumulators, 32-64 else).
+        # dchunk_bwd stays on 8 warps: on 4 it spills (GDN: 36 bytes at 255 registers).
+        BVP=options.product_block_v or min(_pow2_at_least(V), 64),
         warps_wide=nw or 4,
         # The sequential passes: one program per (sequence, value head, V tile), the whole
         # sequence long, so every program should be resident at once (one wave). B1 T8192 H96

@@ -520,7 +520,7 @@ def _add(grads: dict, name: str, d: torch.Tensor) -> None:
 def compile(spec: Spec, **options) -> CompiledOp:  # noqa: A001 (the name users expect)
     """Compile ``spec`` to chunkwise kernels.
 
-    Options (all compile-time): ``chunk_size`` (64), ``subchunk_size`` (16), ``block_v``,
+    Options (all compile-time): ``chunk_size`` (64), ``subchunk_size`` (16), ``block_v``, ``product_block_v``,
     ``precision`` ("ieee" or "tf32" for fp32 inputs), ``num_warps``. Kernels are
     generated on the first call for each input dtype and head sizes, and cached on disk.
     """

@@ -82,6 +82,21 @@ def test_varlen_gradients(spec):
 
 
 @pytest.mark.parametrize(
+    "spec, fused",
+    [(specs.GDN, False), (specs.KDA, None), (specs.GLA, None), (specs.NEMOTRON_MAMBA2, None)],
+    ids=lambda x: getattr(x, "name", str(x)),
+)
+def test_v_tile_gradients(spec, fused):
+    """V walked in several tiles, of two widths: the state passes' 16 columns (block_v) and
+    the chunk-parallel products' 32 (product_block_v), at V = 64: every kernel's V loop or V
+    grid axis against the oracle, forward and gradients (with and without the output kernel)."""
+    x = make_inputs(spec, lengths=[37, 50], H=1, HV=2, K=16, V=64, dtype=torch.float32, h0=True, seed=5)
+    op = compiled(spec, block_v=16, product_block_v=32, fused_output=fused)
+    assert (op.plan("fp32", 16, 64).NV, op.plan("fp32", 16, 64).NVP) == (4, 2)
+    check_grads(spec, x, 1e-4, 2e-4, block_v=16, product_block_v=32, fused_output=fused)
+
+
+@pytest.mark.parametrize(
     "decay,correction,skip,gate",
     [("scalar", "delta", "head", "none"), ("none", "delta", "channel", "silu"), ("scalar", "none", "head", "silu"),
      ("channel", "delta", "head", "none"), ("channel", "none", "channel", "none")],
