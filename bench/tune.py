@@ -34,12 +34,14 @@ SHAPES = ((1, 8192, 96, 128), (8, 2048, 32, 256))
 #: option sets tried against the defaults, most promising first (the budget may end the list)
 CANDIDATES = (
     {"block_v": 64},
+    {"block_v": 32},
     {"fused_output": False},
     {"num_warps": 4},
     {"block_v": 16},
     {"num_warps": 8},
     {"subchunk_size": 32},
     {"chunk_size": 128},
+    {"product_block_v": 128},
 )
 
 

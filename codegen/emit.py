@@ -117,16 +117,17 @@ class Emitter:
             else:
                 s(f"p_{p.name} = {p.name} + (t0 * {heads} + {head}) * {p.shape[2]}")
 
-    def sequence_prologue(self, s: Source) -> None:
-        """A (sequence, value head, V tile) program of a sequential pass: its bounds and state tiles' offsets."""
-        self.v_tiled_ids(s, "n")
+    def sequence_prologue(self, s: Source, bv: str = "BV") -> None:
+        """A (sequence, value head, V tile) program of a sequential pass: its bounds and state
+        tiles' offsets (``bv``: the V tile's width constant, "BV", or the scan's "BVS")."""
+        self.v_tiled_ids(s, "n", "N" + bv[1:])
         s("i_hk = i_h // GROUP")
         self.sequence_bounds(s)
         s("first = tl.load(chunk_off + i_n)  # global index of the sequence's first chunk")
         s("NT = tl.load(chunk_off + i_n + 1) - first  # its chunks (the table never exceeds the grid)")
         s("rb = tl.arange(0, RB)")
         self.key_blocks(s)
-        s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
+        s(f"cv = i_v * {bv} + tl.arange(0, {bv})", "cv_ok = cv < V")
         for b in self.blocks:
             s(f"s_mask{b} = ck_ok{b}[:, None] & cv_ok[None, :]", f"s_off{b} = ck{b}[:, None] * V + cv[None, :]")
 
@@ -145,8 +146,8 @@ class Emitter:
         s("bos = tl.minimum(tl.maximum(tl.load(cu_seqlens + i_n).to(tl.int64), 0), TT)")
         s("eos = tl.minimum(tl.maximum(tl.load(cu_seqlens + i_n + 1).to(tl.int64), bos), TT)")
 
-    def state_tiles(self, s: Source, var: str, flag: str, ptr: str) -> None:
-        """The key blocks ``{var}b`` of a [K, BV] state tile: loaded from ``ptr`` if ``flag``, else zeros."""
+    def state_tiles(self, s: Source, var: str, flag: str, ptr: str, bv: str = "BV") -> None:
+        """The key blocks ``{var}b`` of a [K, bv] state tile: loaded from ``ptr`` if ``flag``, else zeros."""
         s(f"if {flag}:")
         for b in self.blocks:
             s(
@@ -155,7 +156,7 @@ class Emitter:
             )
         s("else:")
         for b in self.blocks:
-            s(f"    {var}{b} = tl.zeros([{self.kb}, BV], dtype=tl.float32)")
+            s(f"    {var}{b} = tl.zeros([{self.kb}, {bv}], dtype=tl.float32)")
 
     def decay_state(self, s: Source, var: str) -> None:
         """The key blocks ``{var}b`` of a state tile times the chunk's decay ``exp(G_C)``."""

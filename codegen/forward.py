@@ -577,12 +577,12 @@ def _emit_scan(plan: Plan) -> Kernel:
     causal = "ro[:, None] >= r[None, :]"
     with s.block(signature("scan_fwd", params)):
         s('"""Sequential over one sequence\'s chunks: Δ = U - W S (or β ⊙ V) into this program\'s')
-        s("[C, BV] tile of ``dtile`` (rewritten every chunk, so it stays in L2), O = Qg S + Aqk Δ")
+        s("[C, BVS] tile of ``dtile`` (rewritten every chunk, so it stays in L2), O = Qg S + Aqk Δ")
         s('with the output terms a sub-chunk at a time, then S <- exp(G_C) S + Kbᵀ Δ."""')
-        e.sequence_prologue(s)
+        e.sequence_prologue(s, "BVS")
         s("r = tl.arange(0, C)")
         s("p_dtile = dtile + (i_n * HV + i_h) * C * V  # this program's Δ tile")
-        e.state_tiles(s, "b_S", "HAS_H0", "h0")
+        e.state_tiles(s, "b_S", "HAS_H0", "h0", "BVS")
         with s.block("for ic in range(0, NT):"):
             s("t0 = bos + ic * C", "L = tl.minimum(eos - t0, C)", "row_ok = r < L")
             e.bases(s, params)
@@ -614,7 +614,7 @@ def _emit_scan(plan: Plan) -> Kernel:
             # warps without channel decay, where the whole chunk at once took 213-236)
             with s.block("for j in range(C // BC):"):
                 s("ro = j * BC + tl.arange(0, BC)", "oko = ro < L")
-                s("b_o = tl.zeros([BC, BV], dtype=tl.float32)")
+                s("b_o = tl.zeros([BC, BVS], dtype=tl.float32)")
                 if not plan.aqk_stored:
                     s("b_A = tl.zeros([BC, C], dtype=tl.float32)")
                 if l2 and not _norms_stored(plan):  # |q| from the tiles the products load
@@ -646,7 +646,7 @@ def _emit_scan(plan: Plan) -> Kernel:
         s("if STORE_HT:")
         for b in e.blocks:
             s(f"    tl.store(ht + (i_n * HV + i_h) * K * V + s_off{b}, b_S{b}, mask=s_mask{b})")
-    return Kernel("scan_fwd", params, ("N*NV", "HV"), s.text(), plan.warps_scan, num_stages=1)
+    return Kernel("scan_fwd", params, ("N*NVS", "HV"), s.text(), plan.warps_scan, num_stages=1)
 
 
 _EMITTERS = {

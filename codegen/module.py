@@ -80,6 +80,8 @@ def generate(plan: Plan, backward: bool = False) -> Module:
         f"V = tl.constexpr({plan.V})",
         f"BV = tl.constexpr({plan.BV})",
         f"NV = tl.constexpr({plan.NV})  # V tiles",
+        f"BVS = tl.constexpr({plan.BVS})  # V tile of the scan",
+        f"NVS = tl.constexpr({plan.NVS})",
         f"BVP = tl.constexpr({plan.BVP})  # V tile of the chunk-parallel products",
         f"NVP = tl.constexpr({plan.NVP})",
         "",

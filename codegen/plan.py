@@ -112,7 +112,8 @@ class Plan:
     KBI: int  # the key block of the intra-chunk kernel (its tiles are [BC, KBI])
     KBB: int  # the key block of the chunk-parallel backward kernels (several [C, KBB] accumulators)
     RB: int  # row block of the state pass: a chunk is applied RB rows at a time
-    BV: int  # V tile of the state passes and the output
+    BV: int  # V tile of the state passes (state, dstate, the decode step)
+    BVS: int  # V tile of the scan (the forward's state pass that writes the output too)
     BVP: int  # V tile of the chunk-parallel products (wu, dvl): the width of their wgmma N
     precision: str
     warps_gates: int
@@ -175,8 +176,19 @@ class Plan:
         return -(-self.V // self.BV)
 
     @property
+    def NVS(self) -> int:
+        return -(-self.V // self.BVS)
+
+    @property
     def NVP(self) -> int:
         return -(-self.V // self.BVP)
+
+    @property
+    def BVW(self) -> int:
+        """The V tile ``dchunk_bwd`` and ``dqk_bwd`` walk V in beside their [C, KB] accumulators:
+        32 columns where K > 64 (measured at K = V = 128 with 64: dchunk took Mamba-2's from 127
+        registers to 211, one block an SM instead of two; dqk with the delta rule spilled)."""
+        return min(_pow2_at_least(self.V), 64 if self.BK <= 64 else 32)
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -273,9 +285,14 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
     if not (1 <= V <= 256):
         raise ValueError(f"V: head size must be in [1, 256], got {V}")
     BK = _pow2_at_least(K)
-    # The state tile [BK, BV] lives in registers through the whole sequence: keep it at
-    # <= 4096 fp32 (16 registers a thread at 8 warps) so the chunk's k, G, W tiles fit beside it.
-    BV = options.block_v or min(_pow2_at_least(V), 64 if BK <= 64 else 32)
+    # The state tile [BK, BV] lives in registers through the whole sequence. At K = 128 a
+    # [128, 64] tile on one warpgroup (64 registers a thread) takes its state products on
+    # wgmma with N = 64, at two programs an SM (B1 T8192 H96 V = 128: 192 programs, 0.73
+    # waves). K = 256 keeps 32 (a [256, 64] tile is 128 registers a thread of 4 warps), as
+    # does channel decay's scan at K = 128 (with the gated tiles beside, 64 columns spill
+    # 52-60 bytes).
+    BV = options.block_v or min(_pow2_at_least(V), 64 if BK <= 128 else 32)
+    BVS = options.block_v or (min(BV, 32) if spec.decay is Decay.CHANNEL and BK > 64 else BV)
     nw = options.num_warps
     return Plan(
         spec=spec,
@@ -294,6 +311,7 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         KBB=min(BK, 16),
         RB=min(options.chunk_size, 32),
         BV=BV,
+        BVS=BVS,
         precision=options.precision,
         warps_gates=nw or 4,
         warps_intra=nw or (4 if BK <= 64 else 8),
@@ -307,14 +325,15 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         warps_wide=nw or 4,
         # The sequential passes: one program per (sequence, value head, V tile), the whole
         # sequence long, so every program should be resident at once (one wave). B1 T8192 H96
-        # K = V = 128 has 384 of them on 132 SMs: three programs of 4 warps an SM (at most 168
-        # registers) or four of 2 warps (at most 255). Measured on sm_90 at K = V = 128 (the
-        # built-in specs, no spills): state_fwd takes 217-232 registers on 2 warps (200-212 on
-        # 4), dstate_bwd 145-168 on 4, the scan 168 on 4 without channel decay, 247-248 on 2
-        # with it (the q/k norms from intra: recomputed, 236 on 4 and 8 bytes spilled on 2). At
-        # K = 256 the state alone is 64 registers a thread of 4 warps: 4 warps, 8 for the scan
-        # with channel decay (254-255 registers; 4 spilled 8-32 bytes).
-        warps_state=nw or (2 if BK <= 128 else 4),
+        # K = V = 128: with BV = 64 (scalar or no decay) 192 programs, two of 4 warps an SM (at
+        # most 255 registers), all on wgmma N = 64 for the state products: state_fwd 178-203
+        # registers, dstate_bwd 186-192, the scan 182-184, no spills. Channel decay (BV = 32):
+        # 384 programs, four of 2 warps an SM (mma.sync: a warpgroup MMA needs 4 warps) or
+        # three of 4 (at most 168 registers): state_fwd 230-232 on 2, dstate_bwd 168 on 4, the
+        # scan 247-248 on 2 (the q/k norms from intra: recomputed, 236 on 4 and 8 bytes spilled
+        # on 2). At K = 256 the state alone is 64 registers a thread of 4 warps: 4 warps, 8 for
+        # the scan with channel decay (254-255 registers; 4 spilled 8-32 bytes).
+        warps_state=nw or (4 if BK * BV >= 128 * 64 else 2),
         warps_dstate=nw or 4,
         warps_scan=nw or ((8 if BK > 128 else 2) if spec.decay is Decay.CHANNEL else 4),
         warps_output=nw or (4 if BK <= 64 else 8),

@@ -285,7 +285,7 @@ class CompiledOp:
         env.update(self._term_args(call))
         if plan.beta and not plan.beta_computed:  # a β operand is the kernels' β as it is
             env["beta"] = env[f"x_{self.spec.beta.operands[0].name}"]
-        stages = plan.forward_stages(self._fused_output(plan, env["N"] * plan.NV * HV, device))
+        stages = plan.forward_stages(self._fused_output(plan, env["N"] * plan.NVS * HV, device))
         self._launch(gen, mod, [f"{stage}_fwd" for stage in stages], env, device)
         if keep is not None:
             # per-token and cheap: the backward reuses them instead of recomputing

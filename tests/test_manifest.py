@@ -77,9 +77,13 @@ def test_grids_resolve_from_sizes():
     mod = codegen.generate(plan)
     sizes = {"TT": 1000, "N": 3, "NCH": 19, "H": 4, "HV": 8, **manifest.constants(plan)}
     grids = {k.name: manifest.resolve(k.grid, sizes) for k in mod.kernels}
-    # the state pass tiles V by the state's BV (32 at K = 128), output by the products' BVP (64)
-    assert (plan.BV, plan.BVP) == (32, 64)
-    assert grids["output_fwd"] == (19 * 2, 8) and grids["state_fwd"] == (3 * 4, 8)
+    # the state pass tiles V by the state's BV, output by the products' BVP: 64 both at K = V =
+    # 128; the scan by BVS, 32 there for channel decay only
+    assert (plan.BV, plan.BVP, plan.BVS) == (64, 64, 64)
+    kda = codegen.make_plan(specs.KDA, "bf16", 128, 128, codegen.Options())
+    assert (kda.BV, kda.BVS) == (64, 32)
+    assert manifest.resolve(codegen.generate(kda).kernel("scan_fwd").grid, {**sizes, **manifest.constants(kda)}) == (3 * 4, 8)
+    assert grids["output_fwd"] == (19 * 2, 8) and grids["state_fwd"] == (3 * 2, 8)
     assert grids["chunk_table"] == (1,) and grids["intra_fwd"] == (19, 8)
     assert manifest.dims_text(mod.kernel("output_fwd").grid) == "NCH*NVP×HV"
     assert manifest.resolve(("N+1", ("TT", 64)), sizes) == (4, 16)
