@@ -287,10 +287,10 @@ def _emit_dqk(plan: Plan) -> Kernel:
         e.norms(s, "r", "row_ok")
         # On one warpgroup. Without the delta rule V is walked BVP columns at a time for dAqk
         # (wgmma N = BVP); with it, the [C, C] T and dT beside [C, 64] tiles spill (measured
-        # at K = V = 128: 36-64 bytes), so BVW (32 there). The state products walk BVW too
+        # at K = V = 128: 36-64 bytes), so BVN (32 there). The state products walk BVN too
         # beside their [C, KBB] accumulators (N = KBB either way).
-        wv, nv = (str(plan.BVW), str(-(-plan.V // plan.BVW))) if delta else ("BVP", "NVP")
-        s(f"cvb = tl.arange(0, {wv})", f"cvb0 = tl.arange(0, {plan.BVW})")
+        wv, nv = ("BVN", "NVN") if delta else ("BVP", "NVP")
+        s(f"cvb = tl.arange(0, {wv})", "cvb0 = tl.arange(0, BVN)")
         bcol = " * b_b[:, None]" if beta else ""
         if delta:
             e.load_cc(s, "b_T", "Tm", causal, raw=True)  # a product operand only
@@ -322,8 +322,8 @@ def _emit_dqk(plan: Plan) -> Kernel:
             if delta:
                 s(f"b_dw = tl.zeros([C, {e.kb}], dtype=tl.float32)")
             s(f"b_dGC = tl.zeros([{e.kb}], dtype=tl.float32)")
-            with s.block(f"for i_v in range({-(-plan.V // plan.BVW)}):"):
-                s(f"cv = i_v * {plan.BVW} + cvb0", "cv_ok = cv < V")
+            with s.block("for i_v in range(NVN):"):
+                s("cv = i_v * BVN + cvb0", "cv_ok = cv < V")
                 e.load_state(s, "b_S", "hs", "i_c", b)
                 e.load_state(s, "b_dS", "dh", "i_c", b)
                 e.load(s, "b_do", "dO", "r", "row_ok")
@@ -612,7 +612,7 @@ def _emit_dchunk(plan: Plan) -> Kernel:
         e.chunk_prologue(s)
         e.bases(s, params)
         e.norms(s, "r", "row_ok")
-        s(f"cvb = tl.arange(0, {plan.BVW})")
+        s("cvb = tl.arange(0, BVN)")
         if scalar:
             e.load_glast(s)
             e.load_G(s, "b_G", "r", "row_ok")
@@ -631,8 +631,8 @@ def _emit_dchunk(plan: Plan) -> Kernel:
         if delta:
             s("b_dT = tl.zeros([C, C], dtype=tl.float32)")
         _skip_begin(e, s)
-        with s.block(f"for i_v in range({-(-plan.V // plan.BVW)}):"):
-            s(f"cv = i_v * {plan.BVW} + cvb", "cv_ok = cv < V")
+        with s.block("for i_v in range(NVN):"):
+            s("cv = i_v * BVN + cvb", "cv_ok = cv < V")
             e.load(s, "b_do", "dO", "r", "row_ok")
             if delta:
                 e.load(s, "b_d", "vnew", "r", "row_ok")
@@ -674,8 +674,8 @@ def _emit_dchunk(plan: Plan) -> Kernel:
         s("", "# ---- over the key blocks: dq = dO Sᵀ (gated) + dAqk k")
         with e.key_loop(s) as b:
             s(f"b_dq = tl.zeros([C, {e.kb}], dtype=tl.float32)")
-            with s.block(f"for i_v in range({-(-plan.V // plan.BVW)}):"):
-                s(f"cv = i_v * {plan.BVW} + cvb", "cv_ok = cv < V")
+            with s.block("for i_v in range(NVN):"):
+                s("cv = i_v * BVN + cvb", "cv_ok = cv < V")
                 e.load_state(s, "b_S", "hs", "i_c", b)
                 e.load(s, "b_do", "dO", "r", "row_ok")
                 s(f"b_dq += {e.dot('b_do', 'tl.trans(b_S)')}")
@@ -694,8 +694,8 @@ def _emit_dchunk(plan: Plan) -> Kernel:
             s(f"b_dk = tl.zeros([C, {e.kb}], dtype=tl.float32)")
             if delta:
                 s(f"b_dw = tl.zeros([C, {e.kb}], dtype=tl.float32)")
-            with s.block(f"for i_v in range({-(-plan.V // plan.BVW)}):"):
-                s(f"cv = i_v * {plan.BVW} + cvb", "cv_ok = cv < V")
+            with s.block("for i_v in range(NVN):"):
+                s("cv = i_v * BVN + cvb", "cv_ok = cv < V")
                 if delta:
                     e.load_state(s, "b_S", "hs", "i_c", b)
                 e.load_state(s, "b_dS", "dh", "i_c", b)

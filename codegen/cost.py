@@ -106,7 +106,7 @@ def kernel_bytes(
 
 #: the tensor dimensions each grid dimension walks (a program of the grid owns a slice of them;
 #: a q/k head's program owns the rows of the value heads it serves)
-_WALKS = {"NCH": {"TT", "NCH"}, "N": {"TT", "N", "N+1"}, "HV": {"HV", "H"}, "H": {"H", "HV"}, "NV": {"V"}, "NVS": {"V"}, "NVP": {"V"}, "NKB": {"K"}}
+_WALKS = {"NCH": {"TT", "NCH"}, "N": {"TT", "N", "N+1"}, "HV": {"HV", "H"}, "H": {"H", "HV"}, "NV": {"V"}, "NVS": {"V"}, "NVP": {"V"}, "NVN": {"V"}, "NKB": {"K"}}
 
 
 def _walks(dim) -> set[str]:

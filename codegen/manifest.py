@@ -92,7 +92,7 @@ class Kernel:
 
 def constants(plan: Plan) -> dict[str, int]:
     """The compile-time sizes shapes and grids are written in: head sizes, chunk, tile counts."""
-    return {"K": plan.K, "V": plan.V, "C": plan.C, "NKB": plan.NKB, "NV": plan.NV, "NVS": plan.NVS, "NVP": plan.NVP}
+    return {"K": plan.K, "V": plan.V, "C": plan.C, "NKB": plan.NKB, "NV": plan.NV, "NVS": plan.NVS, "NVP": plan.NVP, "NVN": plan.NVN}
 
 
 def partial_name(operand: str) -> str:

@@ -82,6 +82,8 @@ def generate(plan: Plan, backward: bool = False) -> Module:
         f"NV = tl.constexpr({plan.NV})  # V tiles",
         f"BVS = tl.constexpr({plan.BVS})  # V tile of the scan",
         f"NVS = tl.constexpr({plan.NVS})",
+        f"BVN = tl.constexpr({plan.BVN})  # narrow V tile: the decode step, V walks beside accumulators",
+        f"NVN = tl.constexpr({plan.NVN})",
         f"BVP = tl.constexpr({plan.BVP})  # V tile of the chunk-parallel products",
         f"NVP = tl.constexpr({plan.NVP})",
         "",

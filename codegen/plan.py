@@ -184,11 +184,17 @@ class Plan:
         return -(-self.V // self.BVP)
 
     @property
-    def BVW(self) -> int:
-        """The V tile ``dchunk_bwd`` and ``dqk_bwd`` walk V in beside their [C, KB] accumulators:
-        32 columns where K > 64 (measured at K = V = 128 with 64: dchunk took Mamba-2's from 127
-        registers to 211, one block an SM instead of two; dqk with the delta rule spilled)."""
+    def BVN(self) -> int:
+        """The narrow V tile, 32 columns where K > 64: what ``dchunk_bwd`` and ``dqk_bwd`` walk
+        V in beside their [C, KB] accumulators (measured at K = V = 128 with 64: dchunk took
+        Mamba-2's from 127 registers to 211, one block an SM instead of two; dqk with the delta
+        rule spilled), and the decode step's tile (a step of a small batch needs its programs:
+        B1 HV32 V128 has 128 of them)."""
         return min(_pow2_at_least(self.V), 64 if self.BK <= 64 else 32)
+
+    @property
+    def NVN(self) -> int:
+        return -(-self.V // self.BVN)
 
     @property
     def stages(self) -> tuple[str, ...]:

@@ -35,7 +35,7 @@ def step_kernel(plan: Plan) -> Kernel:
     params = declare(plan, params)
     with s.block(signature("step_fwd", params)):
         s('"""Decode: run one sequence\'s new tokens through the recurrence on its state, in place."""')
-        e.v_tiled_ids(s, "n")
+        e.v_tiled_ids(s, "n", "NVN")  # the narrow tile: a small batch's step needs programs
         s("i_hk = i_h // GROUP")
         e.sequence_bounds(s)
         s("if HAS_IDX:", "    slot = tl.load(state_idx + i_n).to(tl.int64)", "else:", "    slot = i_n.to(tl.int64)")
@@ -45,7 +45,7 @@ def step_kernel(plan: Plan) -> Kernel:
         s("if (slot != -1) & (live == 0):", "    tl.store(pool_err, 1)")
         s("slot = tl.where(live, slot, 0)")
         e.key_blocks(s)
-        s("cv = i_v * BV + tl.arange(0, BV)", "cv_ok = cv < V")
+        s("cv = i_v * BVN + tl.arange(0, BVN)", "cv_ok = cv < V")
         for b in e.blocks:
             s(f"s_mask{b} = (ck{b} < tl.where(live, K, 0))[:, None] & cv_ok[None, :]")
             s(f"s_off{b} = ck{b}[:, None] * V + cv[None, :]")
@@ -126,4 +126,4 @@ def step_kernel(plan: Plan) -> Kernel:
             s("tl.store(o + p_h * V + cv, b_o.to(o.dtype.element_ty), mask=cv_ok)")
         for b in e.blocks:
             s(f"tl.store(state + (slot * HV + i_h) * K * V + s_off{b}, b_S{b}, mask=s_mask{b})")
-    return Kernel("step_fwd", params, ("N*NV", "HV"), s.text(), plan.warps_dstate)
+    return Kernel("step_fwd", params, ("N*NVN", "HV"), s.text(), plan.warps_dstate)

@@ -322,17 +322,22 @@ def test_fused_recurrent_kda_varlen():
     assert_close("final states", ht, s_ref, TOL)
 
 
-@pytest.mark.parametrize("spec", [specs.KIMI_KDA, specs.QWEN3_NEXT_GDN, specs.NEMOTRON_MAMBA2], ids=lambda s: s.name)
-def test_step_kernel_with_a_state_pool(spec):
+@pytest.mark.parametrize(
+    "spec, K, V",
+    [(specs.KIMI_KDA, 16, 16), (specs.QWEN3_NEXT_GDN, 16, 16), (specs.NEMOTRON_MAMBA2, 16, 16),
+     (specs.QWEN3_NEXT_GDN, 128, 80)],  # the step's narrow V tile: 32 columns, three tiles, one partial
+    ids=lambda x: getattr(x, "name", str(x)),
+)
+def test_step_kernel_with_a_state_pool(spec, K, V):
     """Decoding: two tokens at a time for three sequences whose states live in a pool of six;
     two calls continue where the first left off; the other rows of the pool are untouched."""
     import linattn
     from helpers import make_inputs
 
     op = linattn.compile(spec)
-    x = make_inputs(spec, B=3, T=4, H=1, HV=2, K=16, V=16, dtype=torch.float32, h0=True, seed=3)
+    x = make_inputs(spec, B=3, T=4, H=1, HV=2, K=K, V=V, dtype=torch.float32, h0=True, seed=3)
     h0 = x.kwargs.pop("initial_state")
-    pool = _rand(6, 2, 16, 16, seed=4)
+    pool = _rand(6, 2, K, V, seed=4)
     idx = torch.tensor([4, 0, 2], dtype=torch.int32)
     pool[idx.long()] = h0
     others = pool[[1, 3, 5]].clone()
