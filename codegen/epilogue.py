@@ -154,9 +154,10 @@ def _emit_terms_bwd(plan: Plan) -> Kernel:
         # a channel gate: [C, KB] tiles, key block by key block
         if channel and any(buf == "dG" for buf, _ in terms):
             # key blocks of the backward's width: a gate's derivatives hold several [C, kb] tiles
-            gate, kb = spec.gate, plan.KBB
-            for b in range(plan.BK // kb):
-                s(f"ck = {plus(b * kb, f'tl.arange(0, {kb})')}", "ck_ok = ck < K", "m = row_ok[:, None] & ck_ok[None, :]")
+            # (a runtime loop: unrolled, K = 256 held 16 blocks' loads at once and spilled)
+            gate, kb, b = spec.gate, plan.KBB, "x"
+            with s.block(f"for kb in range({plan.BK // kb}):"):
+                s(f"ck = kb * {kb} + tl.arange(0, {kb})", "ck_ok = ck < K", "m = row_ok[:, None] & ck_ok[None, :]")
                 for o in gate.operands:
                     if o.role is Role.TOKEN_CHANNEL:
                         s(

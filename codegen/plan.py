@@ -340,7 +340,9 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         # on 2). At K = 256 the state alone is 64 registers a thread of 4 warps: 4 warps, 8 for
         # the scan with channel decay (254-255 registers; 4 spilled 8-32 bytes).
         warps_state=nw or (4 if BK * BV >= 128 * 64 else 2),
-        warps_dstate=nw or 4,
+        # At K = 256 with the q/k norm applied on load and scalar decay, 4 warps spill (Qwen3-Next:
+        # 36 bytes; 178 registers on 8). Channel decay's takes 254 on 4 (252 on 8).
+        warps_dstate=nw or (8 if BK > 128 and spec.qk_l2norm and spec.decay is not Decay.CHANNEL else 4),
         warps_scan=nw or ((8 if BK > 128 else 2) if spec.decay is Decay.CHANNEL else 4),
         warps_output=nw or (4 if BK <= 64 else 8),
     )
