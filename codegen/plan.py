@@ -331,12 +331,11 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         warps_wide=nw or 4,
         # The sequential passes: one program per (sequence, value head, V tile), the whole
         # sequence long, so every program should be resident at once (one wave). B1 T8192 H96
-        # K = V = 128: with BV = 64 (scalar or no decay) 192 programs, two of 4 warps an SM (at
-        # most 255 registers), all on wgmma N = 64 for the state products: state_fwd 178-203
-        # registers, dstate_bwd 186-192, the scan 182-184, no spills. Channel decay (BV = 32):
-        # 384 programs, four of 2 warps an SM (mma.sync: a warpgroup MMA needs 4 warps) or
-        # three of 4 (at most 168 registers): state_fwd 230-232 on 2, dstate_bwd 168 on 4, the
-        # scan 247-248 on 2 (the q/k norms from intra: recomputed, 236 on 4 and 8 bytes spilled
+        # K = V = 128: with BV = 64, 192 programs, two of 4 warps an SM (at most 255 registers),
+        # the state products on wgmma N = 64; measured, no spills: state_fwd 193-214 registers,
+        # dstate_bwd 186-214, the scan 182-184 without channel decay. Channel decay's scan (BVS
+        # = 32): 384 programs, four of 2 warps an SM (mma.sync: a warpgroup MMA needs 4 warps),
+        # 247-248 registers (the q/k norms from intra: recomputed, 236 on 4 and 8 bytes spilled
         # on 2). At K = 256 the state alone is 64 registers a thread of 4 warps: 4 warps, 8 for
         # the scan with channel decay (254-255 registers; 4 spilled 8-32 bytes).
         warps_state=nw or (4 if BK * BV >= 128 * 64 else 2),
