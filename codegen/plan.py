@@ -47,8 +47,9 @@ class Options:
 
     ``chunk_size``: tokens per chunk (C). ``subchunk_size``: the block of the intra-chunk
     matrices and of channel decay's reference points (BC). ``block_v``: the V tile of the
-    state passes, whose state tile [K, block_v] stays in registers (default: V rounded up to
-    a power of two, at most 64, 32 where K > 64). ``product_block_v``: the V tile of the
+    state passes and the scan, whose state tile [K, block_v] stays in registers (default: V
+    rounded up to a power of two, at most 64; 32 where K > 128, and for channel decay's scan
+    where K > 64). ``product_block_v``: the V tile of the
     chunk-parallel kernels whose products have C rows (wu, output, dvl, channel decay's dqk
     without the delta rule): the wgmma's N (default: V rounded up, at most 64).
     ``key_block``: the key-channel block every kernel walks K in (default 64).
@@ -114,7 +115,7 @@ class Plan:
     RB: int  # row block of the state pass: a chunk is applied RB rows at a time
     BV: int  # V tile of the state passes (state, dstate, the decode step)
     BVS: int  # V tile of the scan (the forward's state pass that writes the output too)
-    BVP: int  # V tile of the chunk-parallel products (wu, dvl): the width of their wgmma N
+    BVP: int  # V tile of the chunk-parallel products (wu, output, dvl): the width of their wgmma N
     precision: str
     warps_gates: int
     warps_intra: int
