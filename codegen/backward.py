@@ -438,7 +438,7 @@ def _emit_dprod(plan: Plan) -> Kernel:
             s("b_dGr = tl.sum(b_P, 1) - tl.sum(b_P, 0)")
             e.load(s, "b_x", "dG", "r", "row_ok")
             e.store(s, "dG", "b_x + b_dGr", "r", "row_ok")
-    return Kernel("dprod_bwd", params, ("NCH", "HV"), s.text(), plan.warps_output, num_stages=1)
+    return Kernel("dprod_bwd", params, ("NCH", "HV"), s.text(), plan.warps_dchunk, num_stages=1)
 
 
 def _emit_dprod_channel(plan: Plan) -> Kernel:
@@ -748,7 +748,7 @@ def _emit_dchunk(plan: Plan) -> Kernel:
         if scalar:
             s("b_dGr += tl.where(r == L - 1, b_dGS * tl.exp(b_Glast) + b_dGK, 0.0)")
             e.store(s, "dG", "b_dGr", "r", "row_ok")
-    return Kernel("dchunk_bwd", params, ("NCH", "HV"), s.text(), plan.warps_output, num_stages=1)
+    return Kernel("dchunk_bwd", params, ("NCH", "HV"), s.text(), plan.warps_dchunk, num_stages=1)
 
 
 # ============================================================================ 5. dgate

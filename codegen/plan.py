@@ -123,7 +123,7 @@ class Plan:
     warps_state: int
     warps_dstate: int
     warps_scan: int
-    warps_output: int
+    warps_dchunk: int  # dchunk_bwd and dprod_bwd without channel decay (8 warps at K > 64)
 
     # ---- what the spec needs
     @property
@@ -344,5 +344,5 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         # 36 bytes; 178 registers on 8). Channel decay's takes 254 on 4 (252 on 8).
         warps_dstate=nw or (8 if BK > 128 and spec.qk_l2norm and spec.decay is not Decay.CHANNEL else 4),
         warps_scan=nw or ((8 if BK > 128 else 2) if spec.decay is Decay.CHANNEL else 4),
-        warps_output=nw or (4 if BK <= 64 else 8),
+        warps_dchunk=nw or (4 if BK <= 64 else 8),
     )
