@@ -366,82 +366,6 @@ def _emit_dqk(plan: Plan) -> Kernel:
 
 # ============================================================================ 4. dprod
 def _emit_dprod(plan: Plan) -> Kernel:
-    """dAqk (and dAkk) through the gated products M[r, s] = Σ_c a_rc b_sc exp(G_rc - G_sc).
-
-    With weights ``dM``: da_r = Σ_s dM[r,s] b_s e^{G_r - G_s}, db_s = Σ_r dM[r,s] a_r e^{G_r - G_s},
-    and dG += a ⊙ da - b ⊙ db (the exp factor is a product x_r e^{G_r} · y_s e^{-G_s}).
-    """
-    if plan.channel:
-        return _emit_dprod_channel(plan)
-    e = _B(plan, plan.KBB)
-    params = ["q", "k"]
-    if plan.scalar:
-        params.append("G")
-    if plan.delta and plan.beta:
-        params += ["beta", inout("dbeta")]
-    params += ["dAqk"]
-    if plan.delta:
-        params.append("dAkk")
-    params += ["dq", "dk", out("dqo"), out("dko")]  # the final dq, dk: in the inputs' dtype where nothing follows
-    if plan.scalar:
-        params.append(inout("dG"))
-    params += ["scale", *_CHUNK, "MMA"]
-    s = Source()
-    causal, strict = "r[:, None] >= r[None, :]", "r[:, None] > r[None, :]"
-    params = declare(plan, params)
-    with s.block(signature("dprod_bwd", params)):
-        s('"""Per chunk: dAqk' + (" and dAkk" if plan.delta else "") + ' pushed to q, k' + (", β" if plan.delta and plan.beta else "") + (" and G" if plan.scalar else "") + '."""')
-        e.chunk_prologue(s)
-        e.bases(s, params)
-        e.norms(s, "r", "row_ok")
-        if plan.scalar:
-            e.load_glast(s)
-            e.load_G(s, "b_G", "r", "row_ok")
-        e.load_cc(s, "b_dA", "dAqk", causal)
-        decay = lambda m: f" * tl.exp(tl.where({m}, b_G[:, None] - b_G[None, :], 0.0))" if plan.scalar else ""  # noqa: E731
-        s(f"b_M = b_dA * scale{decay(causal)}")
-        if plan.scalar:
-            # dG_r = Σ_s P[r, s] - Σ_s P[s, r] with P = dA ⊙ A: the exact products, so the
-            # diagonal (which does not depend on G) cancels exactly instead of through two
-            # differently rounded matrix products
-            s("b_P = tl.zeros([C, C], dtype=tl.float32)")
-        if plan.delta:
-            e.load_cc(s, "b_N", "dAkk", strict)
-            if decay(strict):
-                s(f"b_N = b_N{decay(strict)}")
-            s("b_Pk = tl.zeros([C, C], dtype=tl.float32)  # dAkk ⊙ Akk without β")
-            if plan.beta:
-                e.load(s, "b_b", "beta", "r", "row_ok")
-        with e.key_loop(s) as b:
-            e.qk(s, "b_q", "q", "r", "row_ok", b)
-            e.qk(s, "b_k", "k", "r", "row_ok", b)
-            s(f"b_dqa = {e.dot('b_M', 'b_k')}", f"b_dka = {e.dot('tl.trans(b_M)', 'b_q')}")
-            if plan.scalar:
-                s(f"b_P += b_M * {e.dot('b_q', 'tl.trans(b_k)')}")
-            grads = ["b_dka"]
-            if plan.delta:
-                # Akk[s, j] = β_s Σ_c k_sc k_jc e^{G_s - G_j}: rows and columns are both k
-                s(f"b_Pk += b_N * {e.dot('b_k', 'tl.trans(b_k)')}")
-                nb = "b_N * b_b[:, None]" if plan.beta else "b_N"
-                s(f"b_dkr = {e.dot(nb, 'b_k')}", f"b_dkc = {e.dot(f'tl.trans({nb})', 'b_k')}")
-                grads += ["b_dkr", "b_dkc"]
-            e.load(s, "b_x", "dq", "r", "row_ok", b)
-            e.store(s, "dqo", "b_x + b_dqa", "r", "row_ok", b)
-            e.load(s, "b_x", "dk", "r", "row_ok", b)
-            e.store(s, "dko", "b_x + " + " + ".join(grads), "r", "row_ok", b)
-        if plan.delta and plan.beta:
-            e.load(s, "b_x", "dbeta", "r", "row_ok")
-            e.store(s, "dbeta", "b_x + tl.sum(b_Pk, 1)", "r", "row_ok")
-        if plan.scalar:
-            if plan.delta:
-                s("b_P += b_Pk" + (" * b_b[:, None]" if plan.beta else ""))
-            s("b_dGr = tl.sum(b_P, 1) - tl.sum(b_P, 0)")
-            e.load(s, "b_x", "dG", "r", "row_ok")
-            e.store(s, "dG", "b_x + b_dGr", "r", "row_ok")
-    return Kernel("dprod_bwd", params, ("NCH", "HV"), s.text(), plan.warps_dchunk, num_stages=1)
-
-
-def _emit_dprod_channel(plan: Plan) -> Kernel:
     """Channel decay: the products per sub-chunk block, factored around reference points
     (rows of block i against earlier columns: G at the token before i; columns of block j
     against later rows: G at j's last token), diagonal blocks pairwise."""
@@ -585,9 +509,7 @@ def _emit_dchunk(plan: Plan) -> Kernel:
     from a walk over V; with the delta rule dT, whose dW part needs a first walk over the key
     blocks, then dAkk); one more walk over the key blocks then finishes dq and dk block by
     block, with dW recomputed from the chunk's (L2-resident) S and dΔ."""
-    # the delta rule keeps three [C, C] weights live beside the walks: key blocks of 8 channels
-    # keep them free of spills on sm_90 (measured at K = 128: 16 spilled 60 bytes, 32 spilled 224)
-    e = _B(plan, min(plan.KBB, 8) if plan.delta else plan.KBB)
+    e = _B(plan, plan.KBD)  # see Plan.KBD
     delta, beta, scalar = plan.delta, plan.delta and plan.beta, plan.scalar
     params = ["q", "k"]
     if scalar:
@@ -657,6 +579,8 @@ def _emit_dchunk(plan: Plan) -> Kernel:
         if scalar:
             s("b_Md = tl.sum(tl.where(r[:, None] == r[None, :], b_M, 0.0), 1)  # the diagonal")
             s("b_M = tl.where(r[:, None] == r[None, :], 0.0, b_M)")
+        if e.dt != "tl.float32":  # a product operand only: held as the products round it
+            s(f"b_M = b_M.to({e.dt})")
         if delta:
             e.split(s, "b_N", "b_N")
             if beta:

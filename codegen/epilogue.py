@@ -23,7 +23,7 @@ from __future__ import annotations
 from linattn.spec import Role, Term
 
 from .exprs import assign
-from .emit import L2NORM_EPS, Kernel, plus, signature
+from .emit import L2NORM_EPS, Kernel, signature
 from .manifest import declare, out, partial_name
 from .plan import Plan
 from .source import Source

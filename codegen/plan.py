@@ -15,7 +15,7 @@ from linattn.spec import Decay, Role, Skip, Spec
 __all__ = ["Options", "Plan", "make_plan", "core_spec", "skip_in_core", "DTYPES", "STORE_DTYPE", "MMA_DTYPE", "GATE_FLOOR", "CODEGEN_VERSION"]
 
 #: Bump when the emitted source changes for the same plan (invalidates the disk cache).
-CODEGEN_VERSION = 7
+CODEGEN_VERSION = 8
 
 #: Input dtypes the kernels take, by short name.
 #: (fp64 runs everything in float64 and exists for gradient checks through the interpreter.)
@@ -112,6 +112,7 @@ class Plan:
     KB: int  # key-channel block: kernels walk K in blocks of KB to bound their registers
     KBI: int  # the key block of the intra-chunk kernel (its tiles are [BC, KBI])
     KBB: int  # the key block of the chunk-parallel backward kernels (several [C, KBB] accumulators)
+    KBD: int  # the key block of dchunk_bwd: the N of its [C, KBD] products
     RB: int  # row block of the state pass: a chunk is applied RB rows at a time
     BV: int  # V tile of the state passes (state, dstate, the decode step)
     BVS: int  # V tile of the scan (the forward's state pass that writes the output too)
@@ -123,7 +124,7 @@ class Plan:
     warps_state: int
     warps_dstate: int
     warps_scan: int
-    warps_dchunk: int  # dchunk_bwd and dprod_bwd without channel decay (8 warps at K > 64)
+    warps_dchunk: int  # dchunk_bwd (scalar or no decay): 8 warps with the delta rule, else one warpgroup
 
     # ---- what the spec needs
     @property
@@ -186,12 +187,13 @@ class Plan:
 
     @property
     def BVN(self) -> int:
-        """The narrow V tile, 32 columns where K > 64: what ``dchunk_bwd`` and ``dqk_bwd`` walk
-        V in beside their [C, KB] accumulators (measured at K = V = 128 with 64: dchunk took
-        Mamba-2's from 127 registers to 211, one block an SM instead of two; dqk with the delta
-        rule spilled), and the decode step's tile (a step of a small batch needs its programs:
-        B1 HV32 V128 has 128 of them)."""
-        return min(_pow2_at_least(self.V), 64 if self.BK <= 64 else 32)
+        """The narrow V tile, 32 columns where K > 64 or with the delta rule: what ``dchunk_bwd``
+        and ``dqk_bwd`` walk V in beside their [C, KB] accumulators (measured at K = V = 128
+        with 64: dchunk took Mamba-2's from 127 registers to 211, one block an SM instead of
+        two; dqk with the delta rule spilled; at K = V = 64 the delta rule's dchunk spilled
+        136-316 bytes with 64, none on 8 warps with 32), and the decode step's tile (a step of
+        a small batch needs its programs: B1 HV32 V128 has 128 of them)."""
+        return min(_pow2_at_least(self.V), 64 if self.BK <= 64 and not self.delta else 32)
 
     @property
     def NVN(self) -> int:
@@ -314,20 +316,28 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         # (A and T of a block row). Measured at K = V = 128 on sm_90 (`python -m linattn
         # inspect`): 16 keeps the scalar/no-decay solve free of spills, channel decay's
         # pairwise diagonal blocks need 32.
-        KBI=min(BK, 32 if spec.decay is Decay.CHANNEL else 16),
+        KBI=min(BK, 32 if spec.decay is Decay.CHANNEL or BK <= 64 else 16),
         KBB=min(BK, 16),
+        # dchunk_bwd's [C, KBD] accumulators are its products' N. Without the delta rule only
+        # dAqk's weights stay live beside them: 32 columns on one warpgroup, wgmma N = 32-64 (at
+        # K = V = 128: 204-246 registers, no spills; 64 columns took 250-255 and spilled 8-12
+        # bytes in some launch variants; 16 columns on 8 warps took N = 8-32). The delta rule
+        # keeps three [C, C] weights live: 8 columns on 8 warps (16 spilled 60 bytes, 32
+        # spilled 224; a [K, C] orientation, M = K on 8 warps and N = 64, spilled 452-1,152).
+        KBD=min(BK, 8 if spec.has_delta else 32),
         RB=min(options.chunk_size, 32),
         BV=BV,
         BVS=BVS,
         precision=options.precision,
         warps_gates=nw or 4,
-        warps_intra=nw or (4 if BK <= 64 else 8),
+        warps_intra=nw or (4 if BK <= 32 or BK <= 64 and spec.decay is Decay.CHANNEL else 8),
         # wu, output, dvl_bwd and channel decay's dqk_bwd on one warpgroup: their products with
         # C = 64 rows are wgmma with N = the tile's width (8 warps split N between two
         # warpgroups: N = 8-32 at K = V = 128 before). Measured on sm_90 at K = V = 128 (built-in
         # specs), no spills: wu 171-205 registers, output 165-252, dvl_bwd 125-148 (N = 64 or
         # 128 throughout), dqk 118-250 (N = 16 for its [C, KBB] accumulators, 32-64 else).
-        # dchunk_bwd stays on 8 warps: on 4 it spills (GDN: 36 bytes at 255 registers).
+        # dchunk_bwd with the delta rule stays on 8 warps: on 4 it spills (GDN: 36 bytes at 255
+        # registers); without it, one warpgroup (see KBD).
         BVP=options.product_block_v or min(_pow2_at_least(V), 64),
         warps_wide=nw or 4,
         # The sequential passes: one program per (sequence, value head, V tile), the whole
@@ -339,10 +349,10 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         # 247-248 registers (the q/k norms from intra: recomputed, 236 on 4 and 8 bytes spilled
         # on 2). At K = 256 the state alone is 64 registers a thread of 4 warps: 4 warps, 8 for
         # the scan with channel decay (254-255 registers; 4 spilled 8-32 bytes).
-        warps_state=nw or (4 if BK * BV >= 128 * 64 else 2),
+        warps_state=nw or (4 if BK * BV >= 64 * 64 else 2),
         # At K = 256 with the q/k norm applied on load and scalar decay, 4 warps spill (Qwen3-Next:
         # 36 bytes; 178 registers on 8). Channel decay's takes 254 on 4 (252 on 8).
         warps_dstate=nw or (8 if BK > 128 and spec.qk_l2norm and spec.decay is not Decay.CHANNEL else 4),
         warps_scan=nw or ((8 if BK > 128 else 2) if spec.decay is Decay.CHANNEL else 4),
-        warps_dchunk=nw or (4 if BK <= 64 else 8),
+        warps_dchunk=nw or (8 if spec.has_delta else 4),
     )

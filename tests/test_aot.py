@@ -3,6 +3,7 @@ the variant a launch compiles (captured from a call on meta tensors, with the la
 specialization of pointer alignment and integer divisibility)."""
 import pytest
 
+from linattn import specs
 from linattn.codegen.aot import format_reports
 from linattn.inspection import inspect_spec
 from linattn.spec import Decay
@@ -39,6 +40,20 @@ def test_backward_kernels_compile_for_sm90_without_spills(spec):
         allowed = _KNOWN_SPILL.get(r.stage, 0) if spec.decay is Decay.CHANNEL else 0
         assert max(r.spill_stores, r.spill_loads) <= allowed, f"{spec.name}: {r.name} spills\n{table}"
         assert r.shared <= 227 * 1024, table
+
+
+@pytest.mark.parametrize("spec", [specs.DELTANET, specs.GDN, specs.KDA, specs.MAMBA2], ids=lambda s: s.name)
+def test_kernels_at_head_size_64_compile_for_sm90_without_spills(spec):
+    """K = V = 64 takes its own tiles (the state passes on 4 warps, the intra solve in key
+    blocks of 32, the delta rule's dchunk walking V in 32 columns): forward and backward
+    kernels, no spills beyond channel decay's known ones (its dqk_bwd: 4 bytes here)."""
+    reports = inspect_spec(spec, "bf16", 64, 64, arch=90) + inspect_spec(spec, "bf16", 64, 64, arch=90, backward=True)
+    table = "\n".join(format_reports(reports))
+    for r in reports:
+        allowed = {**_KNOWN_SPILL, "dqk_bwd": 8}.get(r.stage, 0) if spec.decay is Decay.CHANNEL else 0
+        assert max(r.spill_stores, r.spill_loads) <= allowed, f"{spec.name}: {r.name} spills\n{table}"
+        if r.stage in ("state_fwd", "dstate_bwd"):  # a warpgroup: the state products on wgmma
+            assert r.wgmma > 0 and r.num_warps == 4, f"{spec.name}: {r.name}\n{table}"
 
 
 def test_inspection_captures_what_a_call_launches():
