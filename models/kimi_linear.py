@@ -318,6 +318,8 @@ class MultiHeadLatentAttention(nn.Module):
 class Expert(nn.Module):
     """One routed expert: ``w2(act(w1 x) · w3 x)``."""
 
+    expert_projections = {"gate": "w1", "up": "w3", "down": "w2"}  # for dispatch_experts
+
     def __init__(self, hidden: int, intermediate: int, act: str) -> None:
         super().__init__()
         self.w1 = nn.Linear(hidden, intermediate, bias=False)

@@ -50,6 +50,8 @@ class RMSNorm(nn.Module):
 class GatedMLP(nn.Module):
     """``down(act(gate(x)) · up(x))`` — the SwiGLU MLP of Qwen3-Next and Kimi Linear."""
 
+    expert_projections = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}  # for dispatch_experts
+
     def __init__(self, hidden: int, intermediate: int, act: str = "silu") -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
@@ -116,17 +118,24 @@ class BiasedRouter(nn.Module):
 def dispatch_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
     """``Σ_j weights[:, j] · experts[indices[:, j]](x)`` for tokens ``x`` ``[N, hidden]``.
 
-    Two paths, by how many (token, expert) pairs there are:
+    Three paths. Without autograd (a decode step, a prefill for generation) nothing is read
+    back to the host, so a step can be captured in a CUDA graph:
 
-    - at most one per expert, without autograd (a decode step): every pair runs its expert
-      on the stacked weights (:func:`stacked_experts`) gathered by ``indices`` on the device.
-      Nothing is read back to the host, so the step can be captured in a CUDA graph, and it
-      reads no more weight matrices than there are experts;
-    - otherwise (prefill, training) each expert runs once on the tokens routed to it (a
-      gather, the expert's MLP and a scatter-add), so the cost follows the routing, not the
-      number of experts; the per-expert token counts are read on the host to slice.
+    - at most one (token, expert) pair per expert: every pair runs its expert on the stacked
+      weights (:func:`stacked_experts`) gathered by ``indices`` on the device, reading no
+      more weight matrices than there are experts;
+    - more pairs: the pairs sorted by expert run as grouped matrix products over the stacked
+      weights, the groups' bounds found on the device (:func:`_grouped_experts`), where
+      ``torch._grouped_mm`` takes the expert (its projections and their dtype);
+    - otherwise, and in training, each expert runs once on the tokens routed to it (a gather,
+      the expert's MLP and a scatter-add), so the cost follows the routing, not the number
+      of experts; the per-expert token counts are read on the host to slice.
     """
     N, k = indices.shape
+    if not torch.is_grad_enabled() and N * k > len(experts):
+        out = _grouped_experts(x, weights, indices, experts)
+        if out is not None:
+            return out
     if N * k <= len(experts) and not torch.is_grad_enabled():
         stack = stacked_experts(experts)
         flat = indices.reshape(-1)
@@ -150,6 +159,52 @@ def dispatch_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tens
         out.index_add_(0, rows, y)
         start += n
     return out
+
+
+def _grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor | None:
+    """The experts as grouped matrix products (``torch._grouped_mm``), or None where it does
+    not apply: experts that do not name their linear projections in ``expert_projections``
+    (``{"gate": ..., "up": ..., "down": ...}``: ``down(act(gate(x)) · up(x))``; without
+    ``"gate"``: ``down(act(up(x)))``), or a product it does not take (CPU: fp32, bf16, fp16;
+    CUDA: sm_90 on, bf16, rows of 16-byte multiples). The (token, expert) pairs are sorted
+    by expert; group ``e`` ends where the sorted experts pass ``e`` (a search on the device,
+    where a bincount would read its size back); each pair's output is put back in its place
+    and weighted."""
+    if not hasattr(torch, "_grouped_mm"):
+        return None
+    roles = getattr(experts[0], "expert_projections", None)  # {"gate"?, "up", "down"} -> Linear names
+    if not roles or {"up", "down"} - set(roles) or set(roles) - {"gate", "up", "down"}:
+        return None
+    stack = stacked_experts(experts)
+    names = tuple(roles.values())
+    if set(stack) - {f"{n}.{kind}" for n in names for kind in ("weight", "bias")}:
+        return None
+    w = {n: stack[f"{n}.weight"].transpose(1, 2) for n in names}  # [E, in, out]
+    takes = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cuda": (torch.bfloat16,)}.get(x.device.type, ())
+    if x.dtype not in takes or any(t.dtype != x.dtype for t in w.values()):
+        return None
+    if x.device.type == "cuda" and (
+        torch.cuda.get_device_capability(x.device) < (9, 0) or any(t.shape[1] % 8 or t.shape[2] % 8 for t in w.values())
+    ):
+        return None
+    N, k = indices.shape
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    experts_sorted = flat.index_select(0, order)
+    ends = torch.searchsorted(experts_sorted, torch.arange(len(experts), device=x.device, dtype=flat.dtype), right=True, out_int32=True)
+
+    def project(h: torch.Tensor, name: str) -> torch.Tensor:
+        y = torch._grouped_mm(h, w[name], offs=ends)
+        bias = stack.get(f"{name}.bias")
+        return y if bias is None else y + bias.index_select(0, experts_sorted).to(y.dtype)
+
+    xs = x.index_select(0, order // k)
+    act = experts[0].act
+    up = project(xs, roles["up"])
+    h = act(project(xs, roles["gate"])) * up if "gate" in roles else act(up)
+    y = project(h.to(x.dtype), roles["down"])
+    y = torch.empty_like(y).index_copy_(0, order, y).view(N, k, -1)
+    return (y * weights[..., None].to(y.dtype)).sum(1).to(x.dtype)
 
 
 def stacked_experts(experts: nn.ModuleList) -> dict[str, torch.Tensor]:

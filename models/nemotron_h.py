@@ -389,6 +389,8 @@ class NemotronHAttention(nn.Module):
 class NemotronHMLP(nn.Module):
     """``down(act(up(x)))``: the non-gated MLP of the ``-`` layers, the experts and the shared expert."""
 
+    expert_projections = {"up": "up_proj", "down": "down_proj"}  # for dispatch_experts
+
     def __init__(self, size: int, intermediate: int, act: str, bias: bool) -> None:
         super().__init__()
         self.up_proj = nn.Linear(size, intermediate, bias=bias)

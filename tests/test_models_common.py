@@ -222,10 +222,44 @@ class _SyncDetector(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("form", ["gated", "plain"])
+def test_dispatch_experts_grouped_path(form, monkeypatch):
+    """Without autograd and with more (token, expert) pairs than experts, the experts run as
+    grouped products over the stacked weights (one expert getting no token): the dense sums
+    in fp32, and in bf16 no further from the float64 sums than the routed path is."""
+    from linattn.models.nemotron_h import NemotronHMLP
+
+    calls = []
+    grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: (calls.append(1), grouped_mm(*a, **k))[1])
+    torch.manual_seed(0)
+    make = (lambda: GatedMLP(16, 8)) if form == "gated" else (lambda: NemotronHMLP(16, 8, "relu2", bias=True))
+    experts = nn.ModuleList(make() for _ in range(6))
+    x, weights = torch.randn(7, 16), torch.rand(7, 2)
+    indices = torch.stack([torch.randperm(5)[:2] for _ in range(7)])  # expert 5 gets none
+    dense = torch.stack([sum(weights[n, j].double() * experts[int(indices[n, j])].double()(x[n].double()) for j in range(2))
+                         for n in range(7)])
+    experts.float()
+    with torch.no_grad():
+        grouped = dispatch_experts(x, weights, indices, experts)
+    assert calls, "the grouped path did not run"
+    torch.testing.assert_close(grouped.double(), dense, rtol=1e-5, atol=1e-5)
+    experts.bfloat16()
+    xb = x.bfloat16()
+    routed = dispatch_experts(xb, weights, indices, experts)  # autograd on: the routed path
+    with torch.no_grad():
+        grouped = dispatch_experts(xb, weights, indices, experts)
+    err = lambda y: (y.double() - dense).abs().max().item()  # noqa: E731
+    assert err(grouped) <= 2 * max(err(routed), 2**-8 * dense.abs().max().item()), (err(grouped), err(routed))
+
+
+@pytest.mark.parametrize("batch", [2, 5], ids=["pairs<=experts", "pairs>experts"])
 @pytest.mark.parametrize("family", sorted(TINY_MODELS))
-def test_decode_step_never_waits_for_the_device(family, monkeypatch):
+def test_decode_step_never_waits_for_the_device(family, batch, monkeypatch):
     """A decode step of every model (all its layers: the recurrences, the convolutions,
-    attention, the MoE) reads nothing back to the host, so it can be captured in a CUDA graph."""
+    attention, the MoE) reads nothing back to the host, so it can be captured in a CUDA graph:
+    at a batch whose (token, expert) pairs fit the experts once (4 experts, top 2) and at one
+    whose pairs outnumber them."""
     model = tiny_model(family)
     detector = _SyncDetector()
     for method in ("tolist", "item", "__bool__", "__int__", "__float__"):
@@ -233,11 +267,11 @@ def test_decode_step_never_waits_for_the_device(family, monkeypatch):
         monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _m=method, _f=original, **k: (detector.hits.append(_m), _f(self, *a, **k))[1])
     with torch.no_grad():
         cache = model.new_cache()
-        model(torch.randint(0, 97, (2, 7)), cache)  # prefill (the routed MoE path reads counts: allowed)
+        model(torch.randint(0, 97, (batch, 7)), cache)  # prefill (the routed MoE path reads counts: allowed)
         detector.hits.clear()
         with detector:
-            logits = model(torch.randint(0, 97, (2, 1)), cache)
-    assert logits.shape == (2, 1, 97)
+            logits = model(torch.randint(0, 97, (batch, 1)), cache)
+    assert logits.shape == (batch, 1, 97)
     assert detector.hits == [], f"{family}: host synchronisations in a decode step: {detector.hits}"
 
 
