@@ -118,6 +118,7 @@ class CompiledOp:
         self._modules: dict[tuple[str, int, int], tuple[codegen.module.Module, object]] = {}
         self._last: tuple[str, int, int] | None = None
         self._lock = threading.Lock()
+        self._transition: CompiledOp | None = None  # see transition_op
         self.key = custom_ops.register(self)  # how the torch custom op finds this op
 
     # ------------------------------------------------------------------ generation
@@ -172,11 +173,18 @@ class CompiledOp:
         cu_seqlens: torch.Tensor | None = None,
         z: torch.Tensor | None = None,
         D: torch.Tensor | None = None,
+        cp_group: "torch.distributed.ProcessGroup | None" = None,
         **operands: torch.Tensor | float,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the recurrence; returns ``(o [B, T, HV, V], final_state [N, HV, K, V] fp32 or None)``."""
+        """Run the recurrence; returns ``(o [B, T, HV, V], final_state [N, HV, K, V] fp32 or None)``.
+
+        ``cp_group``: context parallelism (:mod:`linattn.context_parallel`): q, k, v and the
+        per-token operands are this rank's share of one packed stream (batch 1) split over
+        the group's ranks in order, ``cu_seqlens`` the global offsets (the same on every
+        rank); returns this rank's share of o and every sequence's final state."""
         # reading cu_seqlens on the host would synchronise CUDA (and break a torch.compile graph)
         check_values = isinstance(q, torch.Tensor) and q.device.type == "cpu" and not torch.compiler.is_compiling()
+        check_values = check_values and cp_group is None  # global offsets: checked against every share
         call = check_call(
             self.spec, q, k, v, operands, z=z, D=D, scale=scale, initial_state=initial_state,
             cu_seqlens=cu_seqlens, check_values=check_values, warn_layout=True,
@@ -185,6 +193,10 @@ class CompiledOp:
             raise ValueError(f"q: compiled kernels take bf16, fp16 or fp32 inputs, got {q.dtype}")
         if q.dtype == torch.float64 and q.device.type != "cpu":
             raise ValueError("q: float64 inputs run only through the interpreter (CPU tensors), for gradient checks")
+        if cp_group is not None:
+            from . import context_parallel
+
+            return context_parallel.forward(self, call, bool(output_final_state), cp_group)
         named = {"q": q, "k": k, "v": v, "z": z, "D": D, "initial_state": initial_state, **operands}
         named = {n: t for n, t in named.items() if isinstance(t, torch.Tensor)}
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in named.values())
@@ -192,6 +204,16 @@ class CompiledOp:
             # the custom op: its registered gradient, and one opaque node for torch.compile
             return custom_ops.forward(self, call, bool(output_final_state))
         return self._forward(call, bool(output_final_state))
+
+    def transition_op(self) -> CompiledOp:
+        """The op of this spec without its output-side terms, same options: what context
+        parallelism computes a share's transitions with."""
+        with self._lock:
+            if self._transition is None:
+                from .context_parallel import transition_spec
+
+                self._transition = CompiledOp(transition_spec(self.spec), self.options, self.explicit)
+            return self._transition
 
     def _geometry(self, call, gen, mod) -> dict:
         """Sizes, the chunk tables and the flattened q, k, v of a call (shared by forward and backward)."""

@@ -1,0 +1,176 @@
+"""Context parallelism over torch.distributed (gloo, CPU): P processes, each holding its share
+of one packed stream, against the same call in one process: the outputs, every final state,
+the gradients of per-token inputs (this rank's slice) and of replicated ones (summed over the
+ranks). Every process runs with a timeout, so a failure can never hang the suite."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+from linattn import specs
+from linattn.spec import Role
+
+#: (spec, lengths of the packed sequences, the ranks' shares)
+CASES = {
+    "gdn-P2-uneven-h0": ("GDN", [40, 23, 37], [55, 45]),
+    "kda-P3-spans-all": ("KDA", [70, 10], [30, 0, 50]),
+    "qwen-P4-empty-rank": ("QWEN3_NEXT_GDN", [17, 60, 3], [20, 25, 0, 35]),
+    "mamba2-P3": ("NEMOTRON_MAMBA2", [33, 47], [16, 40, 24]),
+    "gla-P2-chunk-inside": ("GLA", [90], [45, 45]),
+}
+
+#: cases whose group leaves rank 0 of the world out
+SUBGROUP = {"gdn-subgroup-of-3": ("GDN", [30, 41], [26, 45])}
+#: cu_seqlens that the ranks must reject, each with the same error
+BAD_CU = {"disagree": [[0, 20, 50], [0, 30, 50]], "short": [[0, 20, 40], [0, 20, 40]]}
+
+_TIMEOUT = 240
+
+
+def _inputs(spec, lengths):
+    from linattn.testing import random_inputs
+
+    return random_inputs(spec, H=2, HV=2, K=16, V=16, dtype=torch.float32, seed=1, lengths=lengths, h0=True)
+
+
+def _worker(rank: int, world: int, init: str, case: str) -> None:
+    import torch.distributed as dist
+
+    import linattn
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    if case in BAD_CU:  # shares of 25 tokens each against cu_seqlens that disagree or end short
+        group = dist.new_group(list(range(world)))
+        x = _inputs(specs.GDN, [25])
+        cu = torch.tensor(BAD_CU[case][rank], dtype=torch.int32)
+        kw = {n: t for n, t in x.kwargs.items() if n not in ("cu_seqlens", "initial_state")}
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            linattn.compile(specs.GDN)(x.q, x.k, x.v, cu_seqlens=cu, cp_group=group, **kw)
+        dist.destroy_process_group()
+        return
+    if case in SUBGROUP:
+        name, lengths, shares = SUBGROUP[case]
+        group = dist.new_group([1, 2])  # every rank of the world creates it
+        if rank == 0:
+            dist.destroy_process_group()
+            return
+        rank, world = dist.get_rank(group), 2
+    else:
+        name, lengths, shares = CASES[case]
+        group = dist.new_group(list(range(world)))
+    spec = getattr(specs, name)
+    op = linattn.compile(spec)
+    x = _inputs(spec, lengths)
+    token = {o.name for o in spec.operands if o.role in (Role.TOKEN, Role.TOKEN_CHANNEL)} | {"z"}
+    gen = torch.Generator().manual_seed(7)
+    T, N = sum(lengths), len(lengths)
+    w_o = torch.randn(1, T, x.v.shape[2], x.v.shape[3], generator=gen)
+    w_h = torch.randn(N, x.v.shape[2], x.q.shape[3], x.v.shape[3], generator=gen)
+
+    def leaves(src):
+        return {n: t.detach().clone().requires_grad_(t.is_floating_point()) for n, t in src.items()}
+
+    full = leaves({"q": x.q, "k": x.k, "v": x.v, **{n: t for n, t in x.kwargs.items() if isinstance(t, torch.Tensor)}})
+    kw = {n: t for n, t in full.items() if n not in ("q", "k", "v")}
+    o, ht = op(full["q"], full["k"], full["v"], output_final_state=True, **kw)
+    ((o * w_o).sum() + (ht * w_h).sum()).backward()
+
+    a, b = sum(shares[:rank]), sum(shares[: rank + 1])
+    mine = {}
+    for n, t in full.items():
+        t = t.detach()
+        mine[n] = t[:, a:b] if n in ("q", "k", "v") or n in token else t
+    mine = leaves(mine)
+    kw = {n: t for n, t in mine.items() if n not in ("q", "k", "v")}
+    o_cp, ht_cp = op(mine["q"], mine["k"], mine["v"], output_final_state=True, cp_group=group, **kw)
+    # the final states are replicated: each rank's share of their loss
+    ((o_cp * w_o[:, a:b]).sum() + (ht_cp * w_h).sum() / world).backward()
+
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(o_cp, o[:, a:b].detach(), **tol)
+    torch.testing.assert_close(ht_cp, ht.detach(), **tol)
+    for n, t in mine.items():
+        if t.grad is None and full[n].grad is None:
+            continue
+        if n in ("q", "k", "v") or n in token:
+            torch.testing.assert_close(t.grad, full[n].grad[:, a:b], **tol, msg=lambda m, n=n: f"{case} rank {rank} d{n}: {m}")
+        else:  # replicated: the ranks' contributions add up to the gradient
+            g = t.grad.clone()
+            dist.all_reduce(g, group=group)
+            torch.testing.assert_close(g, full[n].grad, **tol, msg=lambda m, n=n: f"{case} rank {rank} d{n}: {m}")
+    dist.destroy_process_group()
+
+
+def _run(world: int, case: str, tmp_path: Path) -> None:
+    init = tmp_path / "init"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen([sys.executable, __file__, str(r), str(world), str(init), case], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(world)
+    ]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=_TIMEOUT)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"{case}: a rank did not finish in {_TIMEOUT} s")
+    failed = [(r, out) for r, (p, out) in enumerate(zip(procs, outs)) if p.returncode != 0]
+    assert not failed, "\n".join(f"rank {r}:\n{out[-3000:]}" for r, out in failed)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_context_parallel_matches_one_process(case, tmp_path):
+    _run(len(CASES[case][2]), case, tmp_path)
+
+
+def test_context_parallel_on_a_subgroup(tmp_path):
+    """A group of ranks 1 and 2 of a world of 3: ranks are the group's, not the world's."""
+    _run(3, "gdn-subgroup-of-3", tmp_path)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CU))
+def test_context_parallel_rejects_bad_cu_seqlens_on_every_rank(case, tmp_path):
+    """Ranks holding different cu_seqlens, or shares that do not add up to it: every rank
+    raises a ValueError naming cu_seqlens (none is left waiting)."""
+    _run(2, case, tmp_path)
+
+
+def test_readme_torchrun_example(tmp_path):
+    """The README's torchrun example, run as torchrun would (2 ranks, env:// rendezvous)."""
+    import socket
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    body = text[text.index("# cp.py, run with"):]
+    script = tmp_path / "cp.py"
+    script.write_text(body[: body.index("```")])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r), "WORLD_SIZE": "2",
+               "LOCAL_RANK": str(r)}
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=_TIMEOUT)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"the README example did not finish in {_TIMEOUT} s")
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, out[-3000:]
+        assert f"{r} torch.Size([1, 50, 2, 16]) torch.Size([2, 2, 16, 16])" in out, out[-3000:]
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
