@@ -221,6 +221,7 @@ def chunk_gated_delta_rule(
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     chunk_size: int = 64,
+    cp_group: object | None = None,
     **unsupported,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated DeltaNet over whole sequences, chunk by chunk (fla's ``chunk_gated_delta_rule``).
@@ -269,7 +270,8 @@ def chunk_gated_delta_rule(
             Default ``None``.
         chunk_indices: fla's precomputed chunk list for packed sequences. Accepted and
             not read: the kernels build their chunk tables on the device. Default ``None``.
-        cp_context: fla's context-parallel state. Only ``None`` (the default) is accepted.
+        cp_context: fla's context-parallel state. Only ``None`` (the default) is accepted;
+            context parallelism takes ``cp_group`` (:mod:`linattn.context_parallel`).
         use_gate_in_kernel: Keyword only. Compute the decay in the kernel from the raw ``g``
             as ``-exp(A_log) · softplus(g + dt_bias)`` (with gradients for ``g``, ``A_log``
             and ``dt_bias``). Default ``False``.
@@ -281,6 +283,11 @@ def chunk_gated_delta_rule(
             Default ``None``.
         chunk_size: Keyword only, not an fla argument. Tokens per chunk: 16, 32 or 64; the
             result is the same recurrence. Default 64.
+        cp_group: Keyword only, not an fla argument. A ``torch.distributed`` process group
+            for context parallelism (:mod:`linattn.context_parallel`): the tensors are this
+            rank's share of one packed stream (batch 1), ``cu_seqlens`` the global offsets
+            and ``initial_state`` all N states, the same on every rank; returns this rank's
+            share of ``o`` and all N final states.
         **unsupported: Any other keyword (fla's ``head_first``, for one) is rejected.
 
     Returns:
@@ -298,21 +305,21 @@ def chunk_gated_delta_rule(
     """
     _unexpected("chunk_gated_delta_rule", unsupported)
     if cp_context is not None:
-        raise ValueError("cp_context: context parallelism is not supported")
+        raise ValueError("cp_context: fla's context object is not taken; pass cp_group= (a torch.distributed process group)")
     chunk = _chunk("chunk_gated_delta_rule", chunk_size, (16, 32, 64))
     key, operands = _gdn_spec(g, None, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel,
                               allow_neg_eigval, use_qk_l2norm_in_kernel, chunk)
     return _run(key, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
-                operands)
+                operands, cp_group)
 
 
 def _run(key, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
-         operands):
+         operands, cp_group=None):
     """Run the chunk kernels of the option set ``key`` (an :class:`_OpKey`)."""
     h0 = _state_in(initial_state, state_v_first) if state_v_first else initial_state
     o, ht = _compiled(key)(
         q, k, v, scale=scale, initial_state=h0, output_final_state=output_final_state,
-        cu_seqlens=_cu(cu_seqlens, cu_seqlens_cpu), **operands,
+        cu_seqlens=_cu(cu_seqlens, cu_seqlens_cpu), cp_group=cp_group, **operands,
     )
     if ht is not None and state_v_first:
         ht = ht.transpose(-1, -2)
@@ -387,6 +394,7 @@ def chunk_kda(
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     chunk_size: int = 64,
+    cp_group: object | None = None,
     **unsupported,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kimi Delta Attention over whole sequences, chunk by chunk (fla's ``chunk_kda``).
@@ -447,7 +455,8 @@ def chunk_kda(
         cu_seqlens_cpu: fla's host copy of ``cu_seqlens``. Only its shape is checked
             (it must match ``cu_seqlens``, which it needs); the kernels never read it.
             Default ``None``.
-        cp_context: fla's context-parallel state. Only ``None`` (the default) is accepted.
+        cp_context: fla's context-parallel state. Only ``None`` (the default) is accepted;
+            context parallelism takes ``cp_group`` (:mod:`linattn.context_parallel`).
         use_graph: fla's fixed-shape mode for CUDA/NPU graph capture. Only ``False`` (the
             default) is accepted.
         max_num_seqs: fla's sequence bound for ``use_graph``. Accepted; no effect here.
@@ -460,6 +469,11 @@ def chunk_kda(
             ``use_gate_in_kernel=True``, rejected without it. Default ``None``.
         chunk_size: Keyword only, not an fla argument. Tokens per chunk: 32 or 64; the
             result is the same recurrence. Default 64.
+        cp_group: Keyword only, not an fla argument. A ``torch.distributed`` process group
+            for context parallelism (:mod:`linattn.context_parallel`): the tensors are this
+            rank's share of one packed stream (batch 1), ``cu_seqlens`` the global offsets
+            and ``initial_state`` all N states, the same on every rank; returns this rank's
+            share of ``o`` and all N final states.
         **unsupported: Any other keyword is rejected.
 
     Returns:
@@ -479,7 +493,7 @@ def chunk_kda(
     """
     _unexpected("chunk_kda", unsupported)
     if cp_context is not None:
-        raise ValueError("cp_context: context parallelism is not supported")
+        raise ValueError("cp_context: fla's context object is not taken; pass cp_group= (a torch.distributed process group)")
     if return_intermediate_states:
         raise ValueError("return_intermediate_states: not supported")
     if use_graph:
@@ -490,7 +504,7 @@ def chunk_kda(
     key, operands = _kda_spec(q, v, g, beta, use_gate_in_kernel, A_log, dt_bias, lower_bound,
                               use_beta_sigmoid_in_kernel, allow_neg_eigval, use_qk_l2norm_in_kernel, chunk)
     return _run(key, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
-                operands)
+                operands, cp_group)
 
 
 def _run_recurrent(key, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, operands):
@@ -728,6 +742,7 @@ def chunk_simple_gla(
     cu_seqlens_cpu: torch.Tensor | None = None,
     *,
     chunk_size: int = 64,
+    cp_group: object | None = None,
     **unsupported,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Linear attention with a scalar decay per head, chunk by chunk (fla's ``chunk_simple_gla``).
@@ -769,6 +784,11 @@ def chunk_simple_gla(
             Default ``None``.
         chunk_size: Keyword only, not an fla argument. Tokens per chunk: 16, 32 or 64; the
             result is the same recurrence. Default 64.
+        cp_group: Keyword only, not an fla argument. A ``torch.distributed`` process group
+            for context parallelism (:mod:`linattn.context_parallel`): the tensors are this
+            rank's share of one packed stream (batch 1), ``cu_seqlens`` the global offsets
+            and ``initial_state`` all N states, the same on every rank; returns this rank's
+            share of ``o`` and all N final states.
         **unsupported: Any other keyword is rejected.
 
     Returns:
@@ -797,7 +817,7 @@ def chunk_simple_gla(
     else:
         key = _OpKey(decay="none", chunk_size=chunk)
     return _run(key, q, k, v, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
-                operands)
+                operands, cp_group)
 
 
 # ----------------------------------------------------------------------------- mamba_ssm: SSD
@@ -818,6 +838,7 @@ def mamba_chunk_scan_combined(
     dt_limit: tuple[float, float] = (0.0, float("inf")),
     return_final_states: bool = False,
     return_varlen_states: bool = False,
+    cp_group: object | None = None,
     **unsupported,
 ):
     """Mamba-2's SSD scan (mamba_ssm's ``mamba_chunk_scan_combined``) as a linear recurrence.
@@ -865,6 +886,11 @@ def mamba_chunk_scan_combined(
             with packed sequences ``[1, h, p, n]``, the last sequence's. Default ``False``.
         return_varlen_states: Also return every packed sequence's final state
             ``[N, h, p, n]``. Requires ``cu_seqlens``. Default ``False``.
+        cp_group: Not a mamba_ssm argument. A ``torch.distributed`` process group for
+            context parallelism (:mod:`linattn.context_parallel`): ``x``, ``dt``, ``B``,
+            ``C``, ``z`` and ``seq_idx`` are this rank's share of one packed stream,
+            ``cu_seqlens`` the global offsets and ``initial_states`` the same on every
+            rank; the varlen states are all N, the same on every rank.
         **unsupported: Any other keyword is rejected.
 
     Returns:
@@ -918,7 +944,7 @@ def mamba_chunk_scan_combined(
             h0 = torch.cat([h0, rest], 0)
     want_state = return_final_states or return_varlen_states
     out, ht = op(
-        C, B, x, initial_state=h0, output_final_state=want_state, cu_seqlens=cu, z=z, D=D, **operands
+        C, B, x, initial_state=h0, output_final_state=want_state, cu_seqlens=cu, z=z, D=D, cp_group=cp_group, **operands
     )
     if not want_state:
         return out

@@ -30,7 +30,73 @@ SUBGROUP = {"gdn-subgroup-of-3": ("GDN", [30, 41], [26, 45])}
 #: cu_seqlens that the ranks must reject, each with the same error
 BAD_CU = {"disagree": [[0, 20, 50], [0, 30, 50]], "short": [[0, 20, 40], [0, 20, 40]]}
 
+#: the drop-in ops with cp_group: (op, the ranks' shares) over sequences of 30 and 50 tokens
+DROPIN = {"chunk_gated_delta_rule": [35, 45], "chunk_kda": [50, 30], "chunk_simple_gla": [20, 0, 60],
+          "mamba_chunk_scan_combined": [35, 45]}
+
 _TIMEOUT = 240
+
+
+def _dropin_inputs(name: str) -> tuple[dict, set, object]:
+    """Global inputs of a drop-in op (two packed sequences, 30 and 50 tokens), the names of
+    the per-token ones, and the call: ``run(tensors, cp_group) -> (out, states)``."""
+    from linattn import ops
+
+    gen = torch.Generator().manual_seed(3)
+    T, H, K, V = 80, 2, 16, 16
+    rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    cu = torch.tensor([0, 30, 80], dtype=torch.int32)
+    if name == "mamba_chunk_scan_combined":
+        t = {"x": rand(1, T, H, V), "dt": rand(1, T, H), "A": -torch.rand(H, generator=gen) - 0.5, "B": rand(1, T, 1, K),
+             "C": rand(1, T, 1, K), "D": rand(H), "z": rand(1, T, H, V), "dt_bias": rand(H), "initial_states": rand(1, H, V, K)}
+        seq_idx = torch.tensor([0] * 30 + [1] * 50, dtype=torch.int32)[None]
+
+        def run(t, group, a=0, b=T):
+            out, states = ops.mamba_chunk_scan_combined(t["x"], t["dt"], t["A"], t["B"], t["C"], 64, D=t["D"], z=t["z"],
+                                                        dt_bias=t["dt_bias"], initial_states=t["initial_states"],
+                                                        seq_idx=seq_idx[:, a:b], cu_seqlens=cu, dt_softplus=True,
+                                                        return_varlen_states=True, cp_group=group)
+            return out, states
+
+        return t, {"x", "dt", "B", "C", "z"}, run
+    g = -torch.rand(1, T, H, K, generator=gen) if name == "chunk_kda" else -torch.rand(1, T, H, generator=gen)
+    t = {"q": rand(1, T, H, K), "k": rand(1, T, H, K), "v": rand(1, T, H, V), "g": g, "initial_state": rand(2, H, K, V)}
+    if name != "chunk_simple_gla":
+        t["beta"] = torch.rand(1, T, H, generator=gen)
+
+    def run(t, group, a=0, b=T):
+        kw = {n: x for n, x in t.items() if n not in ("q", "k", "v")}
+        if name != "chunk_simple_gla":
+            kw["use_qk_l2norm_in_kernel"] = True
+        return getattr(ops, name)(t["q"], t["k"], t["v"], output_final_state=True, cu_seqlens=cu, cp_group=group, **kw)
+
+    return t, {"q", "k", "v", "g", "beta"}, run
+
+
+def _dropin_worker(rank: int, world: int, name: str, group) -> None:
+    import torch.distributed as dist
+
+    t, token, run = _dropin_inputs(name)
+    shares = DROPIN[name]
+    a, b = sum(shares[:rank]), sum(shares[: rank + 1])
+    full = {n: x.clone().requires_grad_() for n, x in t.items()}
+    out, states = run(full, None)
+    gen = torch.Generator().manual_seed(9)
+    w_o, w_s = torch.randn(out.shape, generator=gen), torch.randn(states.shape, generator=gen)
+    ((out * w_o).sum() + (states * w_s).sum()).backward()
+    mine = {n: (x[:, a:b] if n in token else x).detach().clone().requires_grad_() for n, x in t.items()}
+    out_cp, states_cp = run(mine, group, a, b)
+    ((out_cp * w_o[:, a:b]).sum() + (states_cp * w_s).sum() / world).backward()
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out_cp, out[:, a:b].detach(), **tol)
+    torch.testing.assert_close(states_cp, states.detach(), **tol)
+    for n, x in mine.items():
+        if n in token:
+            torch.testing.assert_close(x.grad, full[n].grad[:, a:b], **tol, msg=lambda m, n=n: f"{name} rank {rank} d{n}: {m}")
+        else:
+            g = x.grad.clone()
+            dist.all_reduce(g, group=group)
+            torch.testing.assert_close(g, full[n].grad, **tol, msg=lambda m, n=n: f"{name} rank {rank} d{n}: {m}")
 
 
 def _inputs(spec, lengths):
@@ -52,6 +118,10 @@ def _worker(rank: int, world: int, init: str, case: str) -> None:
         kw = {n: t for n, t in x.kwargs.items() if n not in ("cu_seqlens", "initial_state")}
         with pytest.raises(ValueError, match="cu_seqlens"):
             linattn.compile(specs.GDN)(x.q, x.k, x.v, cu_seqlens=cu, cp_group=group, **kw)
+        dist.destroy_process_group()
+        return
+    if case in DROPIN:
+        _dropin_worker(rank, world, case, dist.new_group(list(range(world))))
         dist.destroy_process_group()
         return
     if case in SUBGROUP:
@@ -130,6 +200,14 @@ def _run(world: int, case: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_context_parallel_matches_one_process(case, tmp_path):
     _run(len(CASES[case][2]), case, tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(DROPIN))
+def test_drop_in_ops_take_cp_group(name, tmp_path):
+    """fla's and mamba_ssm's drop-in ops with ``cp_group``: mamba with its own conventions
+    (``seq_idx`` this rank's slice, ``initial_states`` mamba's, the states through
+    ``return_varlen_states``)."""
+    _run(len(DROPIN[name]), name, tmp_path)
 
 
 def test_context_parallel_on_a_subgroup(tmp_path):

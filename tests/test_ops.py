@@ -197,7 +197,7 @@ def test_gradients_through_a_drop_in_op():
     "call, message",
     [
         (lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b, head_first=True), r"unsupported argument\(s\) \['head_first'\]"),
-        (lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b, cp_context=object()), "cp_context: context parallelism"),
+        (lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b, cp_context=object()), "cp_context: fla's context object"),
         (lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b, chunk_size=128), "chunk_size must be one of"),
         (lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b, use_gate_in_kernel=True), "A_log: required"),
         (lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b, A_log=g[0, 0]), "A_log: only used with"),
