@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .spec import OutputGate, Role, Skip
 
-__all__ = ["forward"]
+__all__ = ["forward", "Share"]
 
 
 class _AllGather(torch.autograd.Function):
@@ -101,6 +101,46 @@ def _agree(group, TT: int, cu: torch.Tensor) -> list[int]:
             f"cu_seqlens: ends at {int(cus[0][-1])} tokens, but the ranks' shares add up to {sum(shares)} ({shares})"
         )
     return shares
+
+
+class Share:
+    """This rank's share of a packed stream split over ``group``: global tokens ``[a, b)``,
+    every rank's start (``starts[i]`` to ``starts[i + 1]``), the global sequence bounds."""
+
+    def __init__(self, group, cu: torch.Tensor, TT: int) -> None:
+        self.group = group
+        cu = cu.detach().to("cpu", torch.int64)
+        shares = _agree(group, TT, cu)
+        self.rank, self.P = dist.get_rank(group), len(shares)
+        self.starts = [sum(shares[:i]) for i in range(self.P + 1)]
+        self.a, self.b = self.starts[self.rank], self.starts[self.rank + 1]
+        self.bounds = cu.tolist()
+
+    def local_cu(self) -> list[int]:
+        """The offsets of this share's segments (the sequences it holds tokens of, cut to it)."""
+        out = [0]
+        for n in range(len(self.bounds) - 1):
+            lo, hi = max(self.bounds[n], self.a), min(self.bounds[n + 1], self.b)
+            if hi > lo:
+                out.append(hi - self.a)
+        return out
+
+    def first_start(self) -> int:
+        """The global start of the sequence holding this share's first token."""
+        return max(s for s in self.bounds[:-1] if s <= self.a)
+
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[1, b - a, ...]`` of every rank as the global ``[1, total, ...]`` (differentiable:
+        each rank gets back the gradient of its rows, summed over the ranks)."""
+        longest = max(self.starts[i + 1] - self.starts[i] for i in range(self.P))
+        pad = x.new_zeros(1, longest - x.shape[1], *x.shape[2:])
+        every = _AllGather.apply(torch.cat([x, pad], 1), self.group)  # [P, 1, longest, ...]
+        return torch.cat([every[i, :, : self.starts[i + 1] - self.starts[i]] for i in range(self.P)], 1)
+
+    def before(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The last ``n`` rows before this share, of every rank's ``x`` ``[1, b - a, ...]`` (``n`` at
+        most the tokens before ``a`` in the global stream)."""
+        return self.gather_tokens(x)[:, self.a - n : self.a]
 
 
 def _tokens(call, a: int, b: int) -> dict:

@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from linattn.context_parallel import Share
 from linattn.op import CompiledOp
 
 from .conv import causal_conv1d, causal_conv1d_update
@@ -57,6 +58,8 @@ class Cache:
         self.store = store
         #: the packed sequences of the call in progress (int32 ``[N + 1]``), else None
         self.cu_seqlens: torch.Tensor | None = None
+        #: context parallelism: this rank's share of the packed stream (``cu_seqlens`` global)
+        self.cp: Share | None = None
 
     def empty(self) -> bool:
         return not (self.conv or self.recurrent or self.keys)
@@ -66,7 +69,8 @@ class Cache:
         cu = self.cu_seqlens.long()
         lengths = cu[1:] - cu[:-1]
         starts = torch.repeat_interleave(cu[:-1], lengths)
-        return (torch.arange(int(cu[-1]), device=cu.device) - starts)[None]
+        positions = (torch.arange(int(cu[-1]), device=cu.device) - starts)[None]
+        return positions if self.cp is None else positions[:, self.cp.a : self.cp.b]
 
     def key_mask(self, keys: int) -> torch.Tensor | None:
         """``[B, keys]`` bool, True for real keys (None: no padding). Keys past the merge are all real."""
@@ -131,6 +135,8 @@ def run_conv(
     if cache is None:
         return causal_conv1d(x, weight, bias, activation)[0]
     cu = cache.cu_seqlens
+    if cache.cp is not None:
+        return _cp_conv(cache.cp, x, weight, bias, activation)
     if not cache.store:
         return causal_conv1d(x, weight, bias, activation, cu_seqlens=cu)[0]
     state = cache.conv.get(name)
@@ -138,6 +144,22 @@ def run_conv(
         y, cache.conv[name] = causal_conv1d(x, weight, bias, activation, output_final_state=True, cu_seqlens=cu)
         return y
     return causal_conv1d_update(x, state, weight, bias, activation)
+
+
+def _cp_conv(cp: Share, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    """The conv of this rank's share: its first sequence continues from the inputs before it
+    (up to ``W - 1`` of them, from the ranks before; zeros before the sequence's start)."""
+    W = weight.shape[-1]
+    n = min(W - 1, cp.a - cp.first_start())
+    halo = cp.before(x, n)[0].transpose(0, 1)  # [D, n]: every rank takes part in the gather
+    cu = cp.local_cu()
+    if len(cu) == 1:  # an empty share
+        return x * 0
+    init = x.new_zeros(len(cu) - 1, x.shape[-1], W - 1)
+    if len(cu) > 1:
+        init = torch.cat([torch.cat([init[0, :, : W - 1 - n], halo], 1)[None], init[1:]], 0)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=x.device)
+    return causal_conv1d(x, weight, bias, activation, initial_state=init, cu_seqlens=cu_t)[0]
 
 
 def run_recurrence(
@@ -163,6 +185,8 @@ def _run_recurrence(name: str, cache: Cache | None, op: CompiledOp, q, k, v, **k
         return op(q, k, v, **kwargs)[0]
     if cache.cu_seqlens is not None:
         kwargs["cu_seqlens"] = cache.cu_seqlens
+    if cache.cp is not None:
+        kwargs["cp_group"] = cache.cp.group
     if not cache.store:
         return op(q, k, v, **kwargs)[0]
     state = cache.recurrent.get(name)
@@ -180,6 +204,12 @@ def attend(name: str, cache: Cache | None, q: torch.Tensor, k: torch.Tensor, v: 
     """
     if cache is None:
         return attention(q, k, v, scale)
+    if cache.cp is not None:  # the whole stream's keys and values (no ring: one gather)
+        cp = cache.cp
+        k, v = cp.gather_tokens(k), cp.gather_tokens(v)
+        cu = cache.cu_seqlens.long()
+        segments = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=q.device), (cu[1:] - cu[:-1]))[None]
+        return attention(q, k, v, scale, segments=segments, q_start=cp.a)
     cu = cache.cu_seqlens
     if cu is not None:
         segments = torch.repeat_interleave(

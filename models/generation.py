@@ -166,12 +166,28 @@ class CausalLM(nn.Module):
         return _speculate(self, input_ids, max_new_tokens, eos_token_id)
 
     def _begin(
-        self, input_ids: torch.Tensor, cache: Cache | None, cu_seqlens: torch.Tensor | None
+        self, input_ids: torch.Tensor, cache: Cache | None, cu_seqlens: torch.Tensor | None, cp_group: object | None = None
     ) -> Cache | None:
-        """Check a call's arguments; its cache context (a transient one for packed sequences without a cache)."""
+        """Check a call's arguments; its cache context (a transient one for packed sequences without a cache).
+
+        ``cp_group`` (context parallelism, training): ``input_ids`` ``[1, share]`` is this
+        rank's share of one packed stream split over the group's ranks in order,
+        ``cu_seqlens`` its global offsets (the same on every rank). The recurrences take the
+        group (:mod:`linattn.context_parallel`), the convolutions the inputs before the share
+        from the ranks before, attention the whole stream's keys and values (one all-gather:
+        no ring attention), RoPE global positions; norms, MLPs and MoE are per token. No cache."""
         self._check_ids(input_ids)
         if cache is not None and not isinstance(cache, Cache):
             raise ValueError(f"cache: expected a models.Cache, got {type(cache).__name__}")
+        if cp_group is not None:
+            if cu_seqlens is None or cache is not None or input_ids.shape[0] != 1:
+                raise ValueError("cp_group: context parallelism takes one packed share (batch 1), cu_seqlens and no cache")
+            from linattn.context_parallel import Share
+
+            ctx = Cache(store=False)
+            ctx.cu_seqlens = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
+            ctx.cp = Share(cp_group, cu_seqlens, input_ids.shape[1])
+            return ctx
         if cu_seqlens is None:
             return cache
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):

@@ -414,11 +414,13 @@ class KimiLinearForCausalLM(CausalLM):
         return tensors
 
     def forward(
-        self, input_ids: torch.Tensor, cache: Cache | None = None, *, cu_seqlens: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, cache: Cache | None = None, *, cu_seqlens: torch.Tensor | None = None,
+        cp_group: object | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, T, vocab]``; with ``cache`` the tokens continue the cached ones;
-        ``cu_seqlens`` packs sequences into batch 1."""
-        ctx = self._begin(input_ids, cache, cu_seqlens)
+        ``cu_seqlens`` packs sequences into batch 1; ``cp_group``: context parallelism (see
+        :meth:`CausalLM._begin`)."""
+        ctx = self._begin(input_ids, cache, cu_seqlens, cp_group)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, ctx)

@@ -252,14 +252,17 @@ def attention(
     scale: float,
     key_mask: torch.Tensor | None = None,
     segments: torch.Tensor | None = None,
+    q_start: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of ``q`` ``[B, Tq, H, D]`` over ``k, v`` ``[B, Tk, Hkv, D(v)]``.
 
     The queries are the last ``Tq`` of the ``Tk`` positions (a decode step sees the whole
     cache); ``H`` must be a multiple of ``Hkv`` (grouped-query attention); ``key_mask``
     ``[B, Tk]`` (True: attend) hides padding; ``segments`` ``[B, T]`` (sequence index of
-    each packed token, Tq = Tk) keeps packed sequences apart. Runs
-    ``scaled_dot_product_attention``; returns ``[B, Tq, H, Dv]``.
+    each packed token, Tq = Tk) keeps packed sequences apart. ``q_start``: the queries are
+    positions ``q_start ..`` of the keys instead (a share of a stream under context
+    parallelism, ``segments`` the keys'). Runs ``scaled_dot_product_attention``; returns
+    ``[B, Tq, H, Dv]``.
     """
     Tq, Tk = q.shape[1], k.shape[1]
     H, Hkv = q.shape[2], k.shape[2]
@@ -269,7 +272,12 @@ def attention(
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
-    if Tq == Tk and key_mask is None and segments is None:
+    if q_start is not None:
+        qs = segments[:, q_start : q_start + Tq]
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(q_start)
+        mask = mask & (qs[:, None, :, None] == segments[:, None, None, :])
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    elif Tq == Tk and key_mask is None and segments is None:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)

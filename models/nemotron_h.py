@@ -479,11 +479,13 @@ class NemotronHForCausalLM(CausalLM):
                                                                          bias=False)
 
     def forward(
-        self, input_ids: torch.Tensor, cache: Cache | None = None, *, cu_seqlens: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, cache: Cache | None = None, *, cu_seqlens: torch.Tensor | None = None,
+        cp_group: object | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` (fp32) of ``input_ids`` ``[B, T]``, continuing ``cache`` if
-        given; ``cu_seqlens`` packs sequences into batch 1."""
-        ctx = self._begin(input_ids, cache, cu_seqlens)
+        given; ``cu_seqlens`` packs sequences into batch 1; ``cp_group``: context parallelism
+        (see :meth:`CausalLM._begin`)."""
+        ctx = self._begin(input_ids, cache, cu_seqlens, cp_group)
         h = self.backbone.embeddings(input_ids)
         for layer in self.backbone.layers:
             h = layer(h, ctx)

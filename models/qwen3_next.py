@@ -478,15 +478,17 @@ class Qwen3NextForCausalLM(CausalLM):
         cache: Cache | None = None,
         *,
         cu_seqlens: torch.Tensor | None = None,
+        cp_group: object | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, T, vocab]`` of the tokens after ``cache.seen`` earlier ones
-        (``cu_seqlens``: sequences packed into batch 1, each from position 0).
+        (``cu_seqlens``: sequences packed into batch 1, each from position 0; ``cp_group``:
+        context parallelism, see :meth:`CausalLM._begin`).
 
         With ``return_hidden`` also the final-norm hidden states ``[B, T, hidden]`` (what a
         multi-token-prediction head continues from).
         """
-        ctx = self._begin(input_ids, cache, cu_seqlens)
+        ctx = self._begin(input_ids, cache, cu_seqlens, cp_group)
         hidden = self.model(input_ids, ctx)
         logits = F.linear(hidden, self._head())
         self._end(ctx, input_ids.shape[1])

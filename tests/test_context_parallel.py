@@ -34,6 +34,10 @@ BAD_CU = {"disagree": [[0, 20, 50], [0, 30, 50]], "short": [[0, 20, 40], [0, 20,
 DROPIN = {"chunk_gated_delta_rule": [35, 45], "chunk_kda": [50, 30], "chunk_simple_gla": [20, 0, 60],
           "mamba_chunk_scan_combined": [35, 45]}
 
+#: a training step of each tiny model: (the ranks' shares) of sequences of 20 and 35 tokens; the
+#: 2-token share is shorter than the convolutions' W - 1 = 3 inputs before a token
+MODELS = {"qwen3_next": [25, 2, 28], "kimi_linear": [30, 25], "nemotron_h": [10, 30, 15]}
+
 _TIMEOUT = 240
 
 
@@ -71,6 +75,35 @@ def _dropin_inputs(name: str) -> tuple[dict, set, object]:
         return getattr(ops, name)(t["q"], t["k"], t["v"], output_final_state=True, cu_seqlens=cu, cp_group=group, **kw)
 
     return t, {"q", "k", "v", "g", "beta"}, run
+
+
+def _model_worker(rank: int, world: int, family: str, group) -> None:
+    import torch.distributed as dist
+
+    from helpers import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model(family).float()
+    torch.manual_seed(0)
+    twin = tiny_model(family).float()  # the same weights, its own gradients
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 97, (1, 55), generator=gen)
+    cu = torch.tensor([0, 20, 55], dtype=torch.int32)
+    logits = model(ids, cu_seqlens=cu)
+    w = torch.randn(logits.shape, generator=gen)
+    (logits * w).sum().backward()
+    shares = MODELS[family]
+    a, b = sum(shares[:rank]), sum(shares[: rank + 1])
+    mine = twin(ids[:, a:b], cu_seqlens=cu, cp_group=group)
+    (mine * w[:, a:b]).sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mine, logits[:, a:b].detach(), **tol)
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        g = q.grad.clone() if q.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g, group=group)  # each rank's contribution; their sum is the gradient
+        ref = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(g, ref, **tol, msg=lambda m, n=n: f"{family} rank {rank} d{n}: {m}")
 
 
 def _dropin_worker(rank: int, world: int, name: str, group) -> None:
@@ -118,6 +151,10 @@ def _worker(rank: int, world: int, init: str, case: str) -> None:
         kw = {n: t for n, t in x.kwargs.items() if n not in ("cu_seqlens", "initial_state")}
         with pytest.raises(ValueError, match="cu_seqlens"):
             linattn.compile(specs.GDN)(x.q, x.k, x.v, cu_seqlens=cu, cp_group=group, **kw)
+        dist.destroy_process_group()
+        return
+    if case in MODELS:
+        _model_worker(rank, world, case, dist.new_group(list(range(world))))
         dist.destroy_process_group()
         return
     if case in DROPIN:
@@ -179,7 +216,8 @@ def _worker(rank: int, world: int, init: str, case: str) -> None:
 
 def _run(world: int, case: str, tmp_path: Path) -> None:
     init = tmp_path / "init"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    # the workers import what this process imports (its sys.path, this folder first)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *(p for p in sys.path if p)])}
     procs = [
         subprocess.Popen([sys.executable, __file__, str(r), str(world), str(init), case], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -208,6 +246,13 @@ def test_drop_in_ops_take_cp_group(name, tmp_path):
     (``seq_idx`` this rank's slice, ``initial_states`` mamba's, the states through
     ``return_varlen_states``)."""
     _run(len(DROPIN[name]), name, tmp_path)
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_model_training_step_under_context_parallelism(family, tmp_path):
+    """A tiny model's logits and every parameter's gradient under context parallelism
+    (each rank its share of a packed batch) equal the single-process ones."""
+    _run(len(MODELS[family]), family, tmp_path)
 
 
 def test_context_parallel_on_a_subgroup(tmp_path):
