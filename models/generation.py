@@ -176,7 +176,7 @@ class CausalLM(nn.Module):
         group (:mod:`linattn.context_parallel`), the convolutions the inputs before the share
         from the ranks before, attention the whole stream's keys and values (one all-gather:
         no ring attention), RoPE global positions; norms, MLPs and MoE are per token. No cache."""
-        self._check_ids(input_ids)
+        self._check_ids(input_ids, empty_ok=cp_group is not None)  # a rank's share may be empty
         if cache is not None and not isinstance(cache, Cache):
             raise ValueError(f"cache: expected a models.Cache, got {type(cache).__name__}")
         if cp_group is not None:
@@ -187,6 +187,9 @@ class CausalLM(nn.Module):
             ctx = Cache(store=False)
             ctx.cu_seqlens = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
             ctx.cp = Share(cp_group, cu_seqlens, input_ids.shape[1])
+            shares = [b - a for a, b in zip(ctx.cp.starts, ctx.cp.starts[1:])]
+            if 0 in shares:  # known to every rank after the Share's exchange: all of them raise
+                raise ValueError(f"input_ids: under cp_group every rank's share needs a token in a model, got shares {shares}")
             return ctx
         if cu_seqlens is None:
             return cache
@@ -216,10 +219,10 @@ class CausalLM(nn.Module):
         else:
             ctx.seen = ctx.seen + tokens  # never in place: a snapshot may share the tensor
 
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
+    def _check_ids(self, input_ids: torch.Tensor, empty_ok: bool = False) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError("input_ids: expected an integer tensor [batch, tokens]")
-        if input_ids.shape[1] == 0:
+        if input_ids.shape[1] == 0 and not empty_ok:
             raise ValueError("input_ids: needs at least one token")
 
     @torch.no_grad()

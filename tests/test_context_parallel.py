@@ -23,6 +23,11 @@ CASES = {
     "qwen-P4-empty-rank": ("QWEN3_NEXT_GDN", [17, 60, 3], [20, 25, 0, 35]),
     "mamba2-P3": ("NEMOTRON_MAMBA2", [33, 47], [16, 40, 24]),
     "gla-P2-chunk-inside": ("GLA", [90], [45, 45]),
+    "linear-P2": ("LINEAR", [50, 30], [60, 20]),
+    "deltanet-P3": ("DELTANET", [80], [10, 60, 10]),
+    "simple-gla-P2": ("SIMPLE_GLA", [25, 25, 25], [40, 35]),
+    "mamba2-P2": ("MAMBA2", [64, 16], [70, 10]),
+    "kimi-P2": ("KIMI_KDA", [45, 30], [20, 55]),
 }
 
 #: cases whose group leaves rank 0 of the world out
@@ -153,6 +158,15 @@ def _worker(rank: int, world: int, init: str, case: str) -> None:
             linattn.compile(specs.GDN)(x.q, x.k, x.v, cu_seqlens=cu, cp_group=group, **kw)
         dist.destroy_process_group()
         return
+    if case == "model-empty-share":  # every rank raises, none waits
+        from helpers import tiny_model
+
+        group = dist.new_group(list(range(world)))
+        ids = torch.randint(0, 97, (1, [4, 0, 3][rank]))
+        with pytest.raises(ValueError, match="share"):
+            tiny_model("nemotron_h")(ids, cu_seqlens=torch.tensor([0, 7], dtype=torch.int32), cp_group=group)
+        dist.destroy_process_group()
+        return
     if case in MODELS:
         _model_worker(rank, world, case, dist.new_group(list(range(world))))
         dist.destroy_process_group()
@@ -202,6 +216,9 @@ def _worker(rank: int, world: int, init: str, case: str) -> None:
     tol = dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(o_cp, o[:, a:b].detach(), **tol)
     torch.testing.assert_close(ht_cp, ht.detach(), **tol)
+    every = [torch.empty_like(ht_cp) for _ in range(world)]
+    dist.all_gather(every, ht_cp.detach().contiguous(), group=group)
+    assert all(torch.equal(h, every[0]) for h in every), "the final states differ between ranks"
     for n, t in mine.items():
         if t.grad is None and full[n].grad is None:
             continue
@@ -253,6 +270,10 @@ def test_model_training_step_under_context_parallelism(family, tmp_path):
     """A tiny model's logits and every parameter's gradient under context parallelism
     (each rank its share of a packed batch) equal the single-process ones."""
     _run(len(MODELS[family]), family, tmp_path)
+
+
+def test_model_rejects_an_empty_share_on_every_rank(tmp_path):
+    _run(3, "model-empty-share", tmp_path)
 
 
 def test_context_parallel_on_a_subgroup(tmp_path):
