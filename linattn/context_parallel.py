@@ -96,6 +96,9 @@ def _agree(group, TT: int, cu: torch.Tensor) -> list[int]:
     dist.all_gather(cus, cu.contiguous(), group=group)
     if any(not torch.equal(c, cus[0]) for c in cus):
         raise ValueError("cu_seqlens: the ranks of cp_group hold different cu_seqlens; it must be the global offsets on every rank")
+    steps = cus[0][1:] - cus[0][:-1]
+    if cus[0].numel() < 2 or int(cus[0][0]) != 0 or bool((steps <= 0).any()):
+        raise ValueError(f"cu_seqlens: must start at 0 and be strictly increasing, got {cus[0].tolist()}")
     if int(cus[0][-1]) != sum(shares):
         raise ValueError(
             f"cu_seqlens: ends at {int(cus[0][-1])} tokens, but the ranks' shares add up to {sum(shares)} ({shares})"
@@ -163,13 +166,10 @@ def forward(op, call, output_final_state: bool, group) -> tuple[torch.Tensor, to
         raise ValueError(f"q: with cp_group, each rank holds its share of one packed stream (batch 1), got batch {call.B}")
     if call.cu_seqlens is None:
         raise ValueError("cu_seqlens: with cp_group, the global offsets of the packed stream are required")
-    cu = call.cu_seqlens.detach().to("cpu", torch.int64)
-    TT, HV, K, V = call.T, call.HV, call.K, call.V
-    shares = _agree(group, TT, cu)
-    r, P = dist.get_rank(group), len(shares)
-    starts = [sum(shares[:i]) for i in range(P + 1)]
-    a, b = starts[r], starts[r + 1]
-    bounds = cu.tolist()
+    HV, K, V = call.HV, call.K, call.V
+    share = Share(group, call.cu_seqlens, call.T)
+    r, P, starts, bounds = share.rank, share.P, share.starts, share.bounds
+    a, b = share.a, share.b
     N = len(bounds) - 1
     dev, f32 = call.q.device, torch.float32
     h0 = call.initial_state
@@ -211,10 +211,10 @@ def forward(op, call, output_final_state: bool, group) -> tuple[torch.Tensor, to
         o = call.q.new_zeros(1, 0, HV, V)
         local_final = {}
     else:
-        first, last = seq_of(a), seq_of(b - 1)
-        local_cu = [0] + [min(bounds[n + 1], b) - a for n in range(first, last + 1)]
+        held = [n for n in range(N) if max(bounds[n], a) < min(bounds[n + 1], b)]  # the sequences it holds tokens of
+        first = held[0]
         inits = []
-        for n in range(first, last + 1):
+        for n in held:
             if n == first and bounds[n] < a:  # begun on earlier ranks: their maps, in order
                 h = None
                 for i in range(r):
@@ -224,23 +224,16 @@ def forward(op, call, output_final_state: bool, group) -> tuple[torch.Tensor, to
             else:
                 inits.append(start_state(n))
         kw = dict(scale=call.scale, z=call.z, D=call.D, **call.operands)
-        cu_local = torch.tensor(local_cu, device=call.cu_seqlens.device, dtype=call.cu_seqlens.dtype)
+        cu_local = torch.tensor(share.local_cu(), device=call.cu_seqlens.device, dtype=call.cu_seqlens.dtype)
         o, finals = op(call.q, call.k, call.v, initial_state=torch.stack(inits), output_final_state=True,
                        cu_seqlens=cu_local, **kw)
-        local_final = {n: finals[i] for i, n in enumerate(range(first, last + 1)) if bounds[n + 1] <= b}
+        local_final = {n: finals[i] for i, n in enumerate(held) if bounds[n + 1] <= b}
     if not output_final_state:
         (o,) = _Tie.apply(maps, o)
         return o, None
-    # ---- every sequence's final state, from the rank holding its last token (an empty
-    # sequence's from rank 0: its initial state)
-    rows = []
-    for n in range(N):
-        if n in local_final:
-            rows.append(local_final[n])
-        elif bounds[n] == bounds[n + 1] and r == 0:
-            rows.append(start_state(n))
-        else:
-            rows.append(torch.zeros(HV, K, V, device=dev, dtype=f32))
+    # ---- every sequence's final state, from the rank holding its last token
+    zero = torch.zeros(HV, K, V, device=dev, dtype=f32)
+    rows = [local_final.get(n, zero) for n in range(N)]
     return _Tie.apply(maps, o, _AllReduce.apply(torch.stack(rows) + anchor, group))
 
 

@@ -33,7 +33,8 @@ CASES = {
 #: cases whose group leaves rank 0 of the world out
 SUBGROUP = {"gdn-subgroup-of-3": ("GDN", [30, 41], [26, 45])}
 #: cu_seqlens that the ranks must reject, each with the same error
-BAD_CU = {"disagree": [[0, 20, 50], [0, 30, 50]], "short": [[0, 20, 40], [0, 20, 40]]}
+BAD_CU = {"disagree": [[0, 20, 50], [0, 30, 50]], "short": [[0, 20, 40], [0, 20, 40]],
+          "empty-sequence": [[0, 20, 20, 50], [0, 20, 20, 50]]}
 
 #: the drop-in ops with cp_group: (op, the ranks' shares) over sequences of 30 and 50 tokens
 DROPIN = {"chunk_gated_delta_rule": [35, 45], "chunk_kda": [50, 30], "chunk_simple_gla": [20, 0, 60],
@@ -82,6 +83,16 @@ def _dropin_inputs(name: str) -> tuple[dict, set, object]:
     return t, {"q", "k", "v", "g", "beta"}, run
 
 
+def _on_first_rank(group, compute):
+    """``compute()`` run once, on the group's first rank, and sent to the others (the
+    single-process reference: P copies of it would only load the CPU)."""
+    import torch.distributed as dist
+
+    box = [compute() if dist.get_rank(group) == 0 else None]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
 def _model_worker(rank: int, world: int, family: str, group) -> None:
     import torch.distributed as dist
 
@@ -95,19 +106,24 @@ def _model_worker(rank: int, world: int, family: str, group) -> None:
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 97, (1, 55), generator=gen)
     cu = torch.tensor([0, 20, 55], dtype=torch.int32)
-    logits = model(ids, cu_seqlens=cu)
-    w = torch.randn(logits.shape, generator=gen)
-    (logits * w).sum().backward()
+    w = torch.randn(1, 55, model.config.vocab_size, generator=gen)
+
+    def reference():
+        logits = model(ids, cu_seqlens=cu)
+        (logits * w).sum().backward()
+        return logits.detach(), [p.grad for p in model.parameters()]
+
+    logits, grads = _on_first_rank(group, reference)
     shares = MODELS[family]
     a, b = sum(shares[:rank]), sum(shares[: rank + 1])
     mine = twin(ids[:, a:b], cu_seqlens=cu, cp_group=group)
     (mine * w[:, a:b]).sum().backward()
     tol = dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(mine, logits[:, a:b].detach(), **tol)
-    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+    torch.testing.assert_close(mine, logits[:, a:b], **tol)
+    for (n, p), q, grad in zip(twin.named_parameters(), twin.parameters(), grads):
         g = q.grad.clone() if q.grad is not None else torch.zeros_like(p)
         dist.all_reduce(g, group=group)  # each rank's contribution; their sum is the gradient
-        ref = p.grad if p.grad is not None else torch.zeros_like(p)
+        ref = grad if grad is not None else torch.zeros_like(p)
         torch.testing.assert_close(g, ref, **tol, msg=lambda m, n=n: f"{family} rank {rank} d{n}: {m}")
 
 
@@ -117,24 +133,28 @@ def _dropin_worker(rank: int, world: int, name: str, group) -> None:
     t, token, run = _dropin_inputs(name)
     shares = DROPIN[name]
     a, b = sum(shares[:rank]), sum(shares[: rank + 1])
-    full = {n: x.clone().requires_grad_() for n, x in t.items()}
-    out, states = run(full, None)
-    gen = torch.Generator().manual_seed(9)
-    w_o, w_s = torch.randn(out.shape, generator=gen), torch.randn(states.shape, generator=gen)
-    ((out * w_o).sum() + (states * w_s).sum()).backward()
+    def reference():
+        full = {n: x.clone().requires_grad_() for n, x in t.items()}
+        out, states = run(full, None)
+        gen = torch.Generator().manual_seed(9)
+        w_o, w_s = torch.randn(out.shape, generator=gen), torch.randn(states.shape, generator=gen)
+        ((out * w_o).sum() + (states * w_s).sum()).backward()
+        return out.detach(), states.detach(), w_o, w_s, {n: x.grad for n, x in full.items()}
+
+    out, states, w_o, w_s, grads = _on_first_rank(group, reference)
     mine = {n: (x[:, a:b] if n in token else x).detach().clone().requires_grad_() for n, x in t.items()}
     out_cp, states_cp = run(mine, group, a, b)
     ((out_cp * w_o[:, a:b]).sum() + (states_cp * w_s).sum() / world).backward()
     tol = dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out_cp, out[:, a:b].detach(), **tol)
-    torch.testing.assert_close(states_cp, states.detach(), **tol)
+    torch.testing.assert_close(out_cp, out[:, a:b], **tol)
+    torch.testing.assert_close(states_cp, states, **tol)
     for n, x in mine.items():
         if n in token:
-            torch.testing.assert_close(x.grad, full[n].grad[:, a:b], **tol, msg=lambda m, n=n: f"{name} rank {rank} d{n}: {m}")
+            torch.testing.assert_close(x.grad, grads[n][:, a:b], **tol, msg=lambda m, n=n: f"{name} rank {rank} d{n}: {m}")
         else:
             g = x.grad.clone()
             dist.all_reduce(g, group=group)
-            torch.testing.assert_close(g, full[n].grad, **tol, msg=lambda m, n=n: f"{name} rank {rank} d{n}: {m}")
+            torch.testing.assert_close(g, grads[n], **tol, msg=lambda m, n=n: f"{name} rank {rank} d{n}: {m}")
 
 
 def _inputs(spec, lengths):
@@ -198,9 +218,14 @@ def _worker(rank: int, world: int, init: str, case: str) -> None:
         return {n: t.detach().clone().requires_grad_(t.is_floating_point()) for n, t in src.items()}
 
     full = leaves({"q": x.q, "k": x.k, "v": x.v, **{n: t for n, t in x.kwargs.items() if isinstance(t, torch.Tensor)}})
-    kw = {n: t for n, t in full.items() if n not in ("q", "k", "v")}
-    o, ht = op(full["q"], full["k"], full["v"], output_final_state=True, **kw)
-    ((o * w_o).sum() + (ht * w_h).sum()).backward()
+
+    def reference():
+        kw = {n: t for n, t in full.items() if n not in ("q", "k", "v")}
+        o, ht = op(full["q"], full["k"], full["v"], output_final_state=True, **kw)
+        ((o * w_o).sum() + (ht * w_h).sum()).backward()
+        return o.detach(), ht.detach(), {n: t.grad for n, t in full.items()}
+
+    o, ht, grads = _on_first_rank(group, reference)
 
     a, b = sum(shares[:rank]), sum(shares[: rank + 1])
     mine = {}
@@ -214,20 +239,20 @@ def _worker(rank: int, world: int, init: str, case: str) -> None:
     ((o_cp * w_o[:, a:b]).sum() + (ht_cp * w_h).sum() / world).backward()
 
     tol = dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(o_cp, o[:, a:b].detach(), **tol)
-    torch.testing.assert_close(ht_cp, ht.detach(), **tol)
+    torch.testing.assert_close(o_cp, o[:, a:b], **tol)
+    torch.testing.assert_close(ht_cp, ht, **tol)
     every = [torch.empty_like(ht_cp) for _ in range(world)]
     dist.all_gather(every, ht_cp.detach().contiguous(), group=group)
     assert all(torch.equal(h, every[0]) for h in every), "the final states differ between ranks"
     for n, t in mine.items():
-        if t.grad is None and full[n].grad is None:
+        if t.grad is None and grads[n] is None:
             continue
         if n in ("q", "k", "v") or n in token:
-            torch.testing.assert_close(t.grad, full[n].grad[:, a:b], **tol, msg=lambda m, n=n: f"{case} rank {rank} d{n}: {m}")
+            torch.testing.assert_close(t.grad, grads[n][:, a:b], **tol, msg=lambda m, n=n: f"{case} rank {rank} d{n}: {m}")
         else:  # replicated: the ranks' contributions add up to the gradient
             g = t.grad.clone()
             dist.all_reduce(g, group=group)
-            torch.testing.assert_close(g, full[n].grad, **tol, msg=lambda m, n=n: f"{case} rank {rank} d{n}: {m}")
+            torch.testing.assert_close(g, grads[n], **tol, msg=lambda m, n=n: f"{case} rank {rank} d{n}: {m}")
     dist.destroy_process_group()
 
 
@@ -283,8 +308,8 @@ def test_context_parallel_on_a_subgroup(tmp_path):
 
 @pytest.mark.parametrize("case", sorted(BAD_CU))
 def test_context_parallel_rejects_bad_cu_seqlens_on_every_rank(case, tmp_path):
-    """Ranks holding different cu_seqlens, or shares that do not add up to it: every rank
-    raises a ValueError naming cu_seqlens (none is left waiting)."""
+    """Ranks holding different cu_seqlens, shares that do not add up to it, or an empty
+    sequence: every rank raises a ValueError naming cu_seqlens (none is left waiting)."""
     _run(2, case, tmp_path)
 
 
