@@ -140,10 +140,21 @@ class Share:
         every = _AllGather.apply(torch.cat([x, pad], 1), self.group)  # [P, 1, longest, ...]
         return torch.cat([every[i, :, : self.starts[i + 1] - self.starts[i]] for i in range(self.P)], 1)
 
-    def before(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """The last ``n`` rows before this share, of every rank's ``x`` ``[1, b - a, ...]`` (``n`` at
-        most the tokens before ``a`` in the global stream)."""
-        return self.gather_tokens(x)[:, self.a - n : self.a]
+    def before(self, x: torch.Tensor, n: int, width: int) -> torch.Tensor:
+        """The last ``n`` rows before this share of every rank's ``x`` ``[1, b - a, ...]`` (``n`` at
+        most ``width`` and the tokens before ``a``): each rank sends only its last ``width``
+        rows (zeros in front where its share is shorter), and the rows are taken walking back
+        over the ranks before, however short their shares."""
+        tail = x[:, max(x.shape[1] - width, 0) :]
+        tail = torch.cat([x.new_zeros(1, width - tail.shape[1], *x.shape[2:]), tail], 1)
+        every = _AllGather.apply(tail, self.group)  # [P, 1, width, ...]
+        pieces, need, i = [], n, self.rank - 1
+        while need > 0:
+            take = min(need, self.starts[i + 1] - self.starts[i])
+            if take:
+                pieces.insert(0, every[i, :, width - take :])
+            need, i = need - take, i - 1
+        return torch.cat(pieces, 1) if pieces else every[0, :, :0]  # in the graph either way: its backward is a collective
 
 
 def _tokens(call, a: int, b: int) -> dict:

@@ -151,13 +151,12 @@ def _cp_conv(cp: Share, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     (up to ``W - 1`` of them, from the ranks before; zeros before the sequence's start)."""
     W = weight.shape[-1]
     n = min(W - 1, cp.a - cp.first_start())
-    halo = cp.before(x, n)[0].transpose(0, 1)  # [D, n]: every rank takes part in the gather
+    halo = cp.before(x, n, W - 1)[0].transpose(0, 1)  # [D, n]: every rank takes part in the gather
     cu = cp.local_cu()
     if len(cu) == 1:  # an empty share
         return x * 0
     init = x.new_zeros(len(cu) - 1, x.shape[-1], W - 1)
-    if len(cu) > 1:
-        init = torch.cat([torch.cat([init[0, :, : W - 1 - n], halo], 1)[None], init[1:]], 0)
+    init = torch.cat([torch.cat([init[0, :, : W - 1 - n], halo], 1)[None], init[1:]], 0)
     cu_t = torch.tensor(cu, dtype=torch.int32, device=x.device)
     return causal_conv1d(x, weight, bias, activation, initial_state=init, cu_seqlens=cu_t)[0]
 
