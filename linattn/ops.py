@@ -37,6 +37,7 @@ __all__ = [
     "fused_recurrent_kda",
     "chunk_simple_gla",
     "mamba_chunk_scan_combined",
+    "selective_state_update",
 ]
 
 
@@ -821,6 +822,24 @@ def chunk_simple_gla(
 
 
 # ----------------------------------------------------------------------------- mamba_ssm: SSD
+def _ssd(dt, A, D, z, dt_bias, dt_softplus: bool, dt_limit) -> tuple[CompiledOp, dict]:
+    """The compiled SSD op of mamba's options and its gate operands (``dt``, ``A`` per head)."""
+    lo, hi = dt_limit
+    limit = not (lo == 0.0 and math.isinf(hi) and hi > 0)
+    dt_text, dt_roles = gates.mamba_dt_text(softplus=dt_softplus, bias=dt_bias is not None, limit=limit)
+    operands: dict = {"dt": dt, "A": A}
+    if dt_bias is not None:
+        operands["dt_bias"] = dt_bias
+    if limit:
+        operands.update(dt_min=float(lo), dt_max=float(hi))
+    skip = "none" if D is None else ("head" if D.dim() == 1 else "channel")
+    op = _compiled(_OpKey(
+        decay="scalar", gate=f"A * {dt_text}", beta=dt_text, roles=_roles(A="head", **dt_roles), chunk_size=64,
+        skip=skip, output_gate="none" if z is None else "silu", default_scale=1.0, name="MAMBA2",
+    ))
+    return op, operands
+
+
 def mamba_chunk_scan_combined(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -914,19 +933,7 @@ def mamba_chunk_scan_combined(
         raise ValueError("x: expected a 4-D tensor [batch, seqlen, nheads, headdim]")
     if not isinstance(A, torch.Tensor) or A.dim() != 1:
         raise ValueError("A: expected a 1-D tensor [nheads]")
-    lo, hi = dt_limit
-    limit = not (lo == 0.0 and math.isinf(hi) and hi > 0)
-    dt_text, dt_roles = gates.mamba_dt_text(softplus=dt_softplus, bias=dt_bias is not None, limit=limit)
-    operands: dict = {"dt": dt, "A": A}
-    if dt_bias is not None:
-        operands["dt_bias"] = dt_bias
-    if limit:
-        operands.update(dt_min=float(lo), dt_max=float(hi))
-    skip = "none" if D is None else ("head" if D.dim() == 1 else "channel")
-    op = _compiled(_OpKey(
-        decay="scalar", gate=f"A * {dt_text}", beta=dt_text, roles=_roles(A="head", **dt_roles), chunk_size=64,
-        skip=skip, output_gate="none" if z is None else "silu", default_scale=1.0, name="MAMBA2",
-    ))
+    op, operands = _ssd(dt, A, D, z, dt_bias, dt_softplus, dt_limit)
     packed = cu_seqlens is not None or seq_idx is not None
     if packed and (cu_seqlens is None or seq_idx is None):
         raise ValueError("seq_idx, cu_seqlens: packed sequences need both (seq_idx for the scan, cu_seqlens for its bounds)")
@@ -955,3 +962,103 @@ def mamba_chunk_scan_combined(
     if return_varlen_states:
         result.append(states)
     return tuple(result)
+
+
+def _tied(t: torch.Tensor, name: str, dims: tuple[int, ...], what: str) -> torch.Tensor:
+    """``t`` with ``dims`` reduced to their first entry, after checking that it does not vary
+    along them (a stride-0 broadcast, as transformers passes it, is checked for free)."""
+    first = t
+    for d in dims:
+        first = first.narrow(d, 0, 1)
+    if all(t.stride(d) == 0 or t.shape[d] == 1 for d in dims) or torch.equal(t, first.expand_as(t)):
+        for d in sorted(dims, reverse=True):
+            first = first.squeeze(d)
+        return first
+    raise ValueError(f"{name}: must be the same along {what} (a per-channel step size is not a Mamba-2 recurrence)")
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    state_batch_indices: torch.Tensor | None = None,
+    **unsupported,
+) -> torch.Tensor:
+    """One decode step of Mamba-2 (mamba_ssm's ``selective_state_update``), updating ``state``.
+
+    The same recurrence as :func:`mamba_chunk_scan_combined` for one token per sequence,
+    in mamba's multi-head layout, where the per-head values arrive broadcast::
+
+        s = softplus(dt + dt_bias)        (each part as selected)
+        state = exp(s · A) · state + s · x Bᵀ
+        y = (state C + D · x) · silu(z)
+
+    Sizes: ``b`` sequences, ``h`` heads, ``p`` head size, ``g`` groups, ``n`` state size.
+
+    Args:
+        state: ``[b, h, p, n]`` (``[S, h, p, n]`` with ``state_batch_indices``), any floating
+            dtype; updated in place.
+        x: ``[b, h, p]``, bf16, fp16 or fp32 (fp64 only on the CPU); ``B`` and ``C`` have
+            the same dtype.
+        dt: ``[b, h, p]``, the same for every ``p`` of a head (mamba passes ``[b, h]``
+            expanded); any floating dtype.
+        A: ``[h, p, n]``, the same for every ``p`` and ``n`` of a head.
+        B: ``[b, g, n]``; C: ``[b, g, n]``.
+        D: ``[h, p]`` or ``[h]``. Default ``None``: no skip.
+        z: ``[b, h, p]``: ``y *= silu(z)``. Default ``None``.
+        dt_bias: ``[h, p]`` (the same along ``p``) or ``[h]``. Default ``None``.
+        dt_softplus: Apply softplus to ``dt + dt_bias``. Default ``False``.
+        state_batch_indices: int ``[b]``: sequence ``i`` updates row ``state_batch_indices[i]``
+            of ``state``. Default ``None``: row ``i``.
+        **unsupported: Any other keyword is rejected.
+
+    Returns:
+        ``y`` ``[b, h, p]`` in ``x``'s dtype.
+
+    Raises:
+        ValueError: An unknown keyword; mamba's head-less layout (a 3-D ``state``: Mamba-1's
+            step size per channel is not a Mamba-2 recurrence); ``dt``, ``dt_bias`` or ``A``
+            varying inside a head; a tensor of the wrong shape, dtype or device (the
+            message names it).
+    """
+    _unexpected("selective_state_update", unsupported)
+    if not isinstance(state, torch.Tensor) or state.dim() != 4:
+        raise ValueError("state: expected a 4-D tensor [batch, nheads, headdim, dstate] (Mamba-2's layout)")
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError("x: expected a 3-D tensor [batch, nheads, headdim]")
+    b, h, p = x.shape
+    n = state.shape[-1]
+    if tuple(state.shape[1:]) != (h, p, n):
+        raise ValueError(f"state: expected shape [S, {h}, {p}, {n}], got {list(state.shape)}")
+    for name, t, shape in (("dt", dt, (b, h, p)), ("A", A, (h, p, n)), ("z", z, (b, h, p))):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(getattr(t, 'shape', []))}")
+    for name, t in (("B", B), ("C", C)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] != b or t.shape[2] != n:
+            raise ValueError(f"{name}: expected shape [{b}, ngroups, {n}], got {list(getattr(t, 'shape', []))}")
+    dt1 = _tied(dt, "dt", (2,), "headdim")
+    A1 = _tied(A, "A", (1, 2), "headdim and dstate")
+    if dt_bias is not None and dt_bias.dim() == 2:
+        dt_bias = _tied(dt_bias, "dt_bias", (1,), "headdim")
+    if D is not None and D.dim() == 2 and D.stride(1) == 0:
+        D = D[:, 0]
+    op, operands = _ssd(dt1[:, None], A1, D, z, dt_bias, dt_softplus, (0.0, math.inf))
+    rows = state_batch_indices.long() if state_batch_indices is not None else None
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mine = (state if rows is None else state[rows]).transpose(-1, -2).to(acc).contiguous()  # [b, h, n, p]
+    if mine.shape[0] != b:
+        raise ValueError(f"state: {mine.shape[0]} rows for {b} sequences")
+    y = op.step(C[:, None], B[:, None], x[:, None], mine, z=None if z is None else z[:, None], D=D, **operands)
+    new = mine.transpose(-1, -2).to(state.dtype)
+    if rows is None:
+        state.copy_(new)
+    else:
+        state[rows] = new
+    return y[:, 0]

@@ -80,7 +80,8 @@ def causal_conv1d_update(
     *,
     state_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode: ``x`` ``[N, D]`` (one new token) or ``[N, T, D]``; ``conv_state`` ``[S, D, W - 1]``
+    """Decode: ``x`` ``[N, D]`` (one new token) or ``[N, T, D]``; ``conv_state`` ``[S, D, L]``,
+    the last ``L >= W - 1`` inputs (causal_conv1d's layout; transformers keeps ``L = W``),
     updated in place (row ``state_indices[n]`` for sequence n, or row n)."""
     single = x.dim() == 2
     xs = x[:, None] if single else x
@@ -88,11 +89,13 @@ def causal_conv1d_update(
         raise ValueError(f"x: expected [N, D] or [N, T, D], got {list(x.shape)}")
     D, W = _check(xs, weight, bias)
     rows = torch.arange(xs.shape[0], device=x.device) if state_indices is None else state_indices.long()
-    if conv_state.dim() != 3 or tuple(conv_state.shape[1:]) != (D, W - 1):
-        raise ValueError(f"conv_state: expected [S, {D}, {W - 1}], got {list(conv_state.shape)}")
+    if conv_state.dim() != 3 or conv_state.shape[1] != D or conv_state.shape[2] < W - 1:
+        raise ValueError(f"conv_state: expected [S, {D}, L] with L >= {W - 1}, got {list(conv_state.shape)}")
+    L = conv_state.shape[2]
     state = conv_state[rows]
-    full = torch.cat([state.to(x.dtype), xs.transpose(1, 2)], dim=2)  # [N, D, W - 1 + T]
-    y = F.conv1d(full, weight[:, None, :].to(x.dtype), bias.to(x.dtype) if bias is not None else None, groups=D)
-    conv_state[rows] = full[:, :, full.shape[2] - (W - 1) :].to(conv_state.dtype)
+    full = torch.cat([state.to(x.dtype), xs.transpose(1, 2)], dim=2)  # [N, D, L + T]
+    y = F.conv1d(full[:, :, L - (W - 1) :], weight[:, None, :].to(x.dtype),
+                 bias.to(x.dtype) if bias is not None else None, groups=D)
+    conv_state[rows] = full[:, :, full.shape[2] - L :].to(conv_state.dtype)
     y = _activate(y.transpose(1, 2), activation)
     return y[:, 0] if single else y

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "GatedMLP", "BiasedRouter", "activation", "attention", "dispatch_experts", "stacked_experts", "rotate_half_rope"]
+__all__ = [
+    "RMSNorm", "GatedMLP", "BiasedRouter", "activation", "attention", "dispatch_experts", "gated_rms_norm",
+    "stacked_experts", "rotate_half_rope",
+]
 
 
 def activation(name: str):
@@ -45,6 +48,28 @@ class RMSNorm(nn.Module):
         if self.zero_centered:
             return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
+
+
+def gated_rms_norm(
+    y: torch.Tensor,
+    z: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    group_size: int,
+    norm_before_gate: bool = False,
+) -> torch.Tensor:
+    """RMSNorm over groups of ``group_size`` channels with a ``silu(z)`` gate, in fp32:
+    ``rms(y · silu(z)) · w`` (Mamba-2's order) or, with ``norm_before_gate``,
+    ``rms(y) · w · silu(z)``. Returns ``y``'s dtype."""
+    h = y.float()
+    gate = None if z is None else F.silu(z.float())
+    if gate is not None and not norm_before_gate:
+        h = h * gate
+    groups = h.unflatten(-1, (-1, group_size))
+    h = weight.float() * (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
+    if gate is not None and norm_before_gate:
+        h = h * gate
+    return h.to(y.dtype)
 
 
 class GatedMLP(nn.Module):

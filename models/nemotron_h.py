@@ -40,7 +40,7 @@ from linattn.specs import NEMOTRON_MAMBA2
 from .cache import Cache, attend, run_conv, run_recurrence
 from .checkpoint import config_dtype
 from .generation import CausalLM
-from .layers import BiasedRouter, activation, dispatch_experts
+from .layers import BiasedRouter, activation, dispatch_experts, gated_rms_norm
 
 __all__ = ["NemotronHConfig", "NemotronHForCausalLM"]
 
@@ -297,10 +297,7 @@ class NemotronHGatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h = y.float() * F.silu(z.float())
-        groups = h.unflatten(-1, (-1, self.group_size))
-        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * groups.flatten(-2)).to(y.dtype)
+        return gated_rms_norm(y, z, self.weight, self.eps, self.group_size)
 
 
 @functools.lru_cache(maxsize=None)

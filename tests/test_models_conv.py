@@ -58,5 +58,19 @@ def test_errors():
         causal_conv1d(x, w, activation="gelu")
     with pytest.raises(ValueError, match=r"initial_state: expected shape \[1, 4, 2\]"):
         causal_conv1d(x, w, initial_state=torch.zeros(1, 4, 3))
-    with pytest.raises(ValueError, match=r"conv_state: expected \[S, 4, 2\]"):
-        causal_conv1d_update(x[:, 0], torch.zeros(1, 4, 3), w)
+    with pytest.raises(ValueError, match=r"conv_state: expected \[S, 4, L\] with L >= 2"):
+        causal_conv1d_update(x[:, 0], torch.zeros(1, 4, 1), w)
+
+
+def test_update_keeps_a_longer_state():
+    """A state of L > W - 1 columns (transformers keeps W) gives the same outputs and keeps
+    the last L inputs."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 3, 4), torch.randn(4, 3), torch.randn(4)
+    long = torch.randn(2, 4, 5)
+    long_state, short = long.clone(), long[:, :, -2:].clone()
+    y_long = causal_conv1d_update(x, long_state, w, b, "silu")
+    y_short = causal_conv1d_update(x, short, w, b, "silu")
+    torch.testing.assert_close(y_long, y_short, rtol=1e-6, atol=1e-6)
+    expected = torch.cat([long, x.transpose(1, 2)], 2)[:, :, -5:]
+    torch.testing.assert_close(long_state, expected, rtol=0, atol=0)
