@@ -1,4 +1,5 @@
-"""The demo: the built-in specs, the two reference forms agreeing, a compiled KDA, a model.
+"""The demo: the built-in specs, the two reference forms agreeing, a compiled KDA, a model,
+and transformers' own model on linattn's kernels (when transformers is installed).
 
 :func:`sections` lists the demo's parts in order, each with a one-line description said
 before it runs and a function returning its report lines; :func:`report` runs them and
@@ -139,6 +140,43 @@ def _model(folder: str | None, new_tokens: int) -> Iterator[str]:
                f"{spec.accepted}/{spec.proposed} drafts accepted")
 
 
+def _transformers_model(new_tokens: int) -> Iterator[str]:
+    """transformers' own Qwen3-Next model, switched onto linattn's kernels."""
+    try:
+        import linattn.integrations.transformers as lt
+
+        names = lt.enable()
+    except ImportError as err:
+        yield f"skipped: {err} (pip install 'linattn[transformers]')"
+        return
+    try:
+        import transformers
+
+        config = {k: v for k, v in TINY_QWEN3_NEXT.items() if k not in ("model_type", "mtp_num_hidden_layers")}
+        torch.manual_seed(0)
+        model = transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(**config)).eval()
+        yield f"switched {len(names)} of transformers' kernel functions: {', '.join(names)}"
+        prompt = torch.randint(0, config["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            greedy = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=None,
+                                    eos_token_id=None)
+        ms = (time.perf_counter() - t0) * 1e3
+        yield f"  transformers.Qwen3NextForCausalLM.generate on linattn's kernels, {ms:.0f} ms:"
+        yield from (f"    {row[24:].tolist()}" for row in greedy)
+        pieces = [prompt[0, :9], prompt[1]]
+        batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True)(
+            [{"input_ids": p.tolist()} for p in pieces])
+        batch.pop("labels")
+        with torch.no_grad():
+            packed = model(**batch, use_cache=False).logits[0]
+            alone = torch.cat([model(p[None], use_cache=False).logits[0] for p in pieces])
+        yield (f"  two sequences packed by DataCollatorWithFlattening vs run alone: max |logit difference| "
+               f"{(packed - alone).abs().max():.2e}")
+    finally:
+        lt.disable()
+
+
 def check_arguments(model: str | None = None, new_tokens: int = 8) -> None:
     """Raise ValueError (one line) unless ``new_tokens`` is positive and ``model`` is None or
     a checkpoint folder the models load: a directory with config.json, safetensors weights
@@ -161,6 +199,8 @@ def sections(model: str | None = None, new_tokens: int = 8) -> list[Section]:
         Section("checking the chunkwise reference form (fp32) against the token-by-token oracle (fp64)", _references),
         Section(f"compiling {specs.KIMI_KDA.name} and checking it {where} against the oracle", _compiled_kda),
         Section(f"generating with {what} ({new_tokens} new tokens)", lambda: _model(model, new_tokens)),
+        Section("running transformers' own Qwen3-Next on linattn (linattn.integrations.transformers)",
+                lambda: _transformers_model(new_tokens)),
     ]
 
 

@@ -1010,7 +1010,8 @@ def selective_state_update(
         dt: ``[b, h, p]``, the same for every ``p`` of a head (mamba passes ``[b, h]``
             expanded); any floating dtype.
         A: ``[h, p, n]``, the same for every ``p`` and ``n`` of a head.
-        B: ``[b, g, n]``; C: ``[b, g, n]``.
+        B: ``[b, g, n]``, what ``x`` is written along.
+        C: ``[b, g, n]``, what the state is read along.
         D: ``[h, p]`` or ``[h]``. Default ``None``: no skip.
         z: ``[b, h, p]``: ``y *= silu(z)``. Default ``None``.
         dt_bias: ``[h, p]`` (the same along ``p``) or ``[h]``. Default ``None``.

@@ -1,6 +1,7 @@
 """``python -m linattn demo``: arguments checked before any work, sections printed as they finish."""
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -70,9 +71,10 @@ def test_bad_new_tokens(capsys, no_sections):
 
 def test_sections_in_order():
     titles = [s.title for s in demo.sections()]
-    assert len(titles) == 4
+    assert len(titles) == 5
     for title, words in zip(titles, ["built-in specs", "token-by-token oracle", "compiling KIMI_KDA",
-                                     "generating with a tiny random Qwen3-Next (8 new tokens)"]):
+                                     "generating with a tiny random Qwen3-Next (8 new tokens)",
+                                     "transformers' own Qwen3-Next on linattn"]):
         assert words in title, (title, words)
     assert "the checkpoint /some/folder" in demo.sections("/some/folder", 3)[3].title
     # the first section runs alone (at once): every built-in spec, one repr each
@@ -100,3 +102,17 @@ def test_each_section_is_printed_as_it_finishes(monkeypatch, capsys):
     # the same report as a list of lines
     lines = demo.run()
     assert [line for line in lines if line.startswith("[")][::2] == ["[1/3] part 1 ...", "[2/3] part 2 ...", "[3/3] part 3 ..."]
+
+
+def test_transformers_section_runs_transformers_model_on_linattn():
+    pytest.importorskip("transformers")
+    lines = list(demo.sections(new_tokens=3)[4].lines())
+    print("\n".join(lines))
+    assert lines[0].startswith("switched 9 of transformers' kernel functions: ")
+    greedy = [ast.literal_eval(line.strip()) for line in lines[2:4]]  # the token ids of each prompt
+    assert all(len(row) == 3 for row in greedy)
+    packed = float(lines[-1].rsplit(" ", 1)[1])
+    assert "packed by DataCollatorWithFlattening" in lines[-1] and packed <= 1e-4, lines[-1]
+    import linattn.integrations.transformers as lt
+
+    assert not lt.enabled()

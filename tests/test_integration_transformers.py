@@ -271,3 +271,19 @@ def test_packed_states_follow_the_cache(hub):
         o_i, state_i = run(s, e, h0 if i == 0 else None)
         torch.testing.assert_close(o[:, s:e], o_i, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state, state_i, rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_bounds_from_any_of_transformers_keywords():
+    """cu_seqlens, cu_seq_lens_q or seq_idx alone give the same packed convolution; a
+    packed batch wider than 1 is refused, naming the argument."""
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 6, 20), torch.randn(6, 4)
+    cu = torch.tensor([0, 3, 11, 20], dtype=torch.int32)
+    seq_idx = torch.repeat_interleave(torch.arange(3, dtype=torch.int32), torch.tensor([3, 8, 9]))[None]
+    ref = torch.cat([lt.conv_fn(x[:, :, s:e], w, None, "silu") for s, e in ((0, 3), (3, 11), (11, 20))], -1)
+    for kw in ({"cu_seqlens": cu}, {"cu_seq_lens_q": cu}, {"seq_idx": seq_idx}):
+        torch.testing.assert_close(lt.conv_fn(x, w, None, "silu", **kw), ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="cu_seqlens: packed sequences need batch 1, got 2"):
+        lt.conv_fn(x.expand(2, -1, -1), w, None, "silu", cu_seq_lens_q=cu)
+    with pytest.raises(ValueError, match=r"seq_idx: expected a \[1, 20\] tensor"):
+        lt.conv_fn(x, w, None, "silu", seq_idx=seq_idx[:, :5])

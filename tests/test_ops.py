@@ -178,6 +178,54 @@ def test_mamba_varlen_states():
     assert_close("final state", final, parts[1][1], TOL)
 
 
+@pytest.mark.parametrize("variant", ["broadcast", "pool_z_Dchannel"])
+def test_selective_state_update(variant):
+    """mamba_ssm's decode step, as transformers calls it (dt, A, D, dt_bias broadcast along
+    the head and state sizes) or with a state pool, a gate and a skip per channel: three
+    steps against the float64 recurrence from the same state."""
+    b, h, p, g, n, steps = 3, 4, 16, 2, 16, 3
+    x, B, C = _rand(b, steps, h, p, seed=1), _rand(b, steps, g, n, seed=2) / 4, _rand(b, steps, g, n, seed=3)
+    dt, bias, A = _rand(b, steps, h, seed=4), _rand(h, seed=5), -torch.rand(h) * 2 - 0.5
+    h0 = _rand(b, h, p, n, seed=6)
+    pooled = variant != "broadcast"
+    D = _rand(h, p, seed=7) if pooled else _rand(h, seed=7)[:, None].expand(h, p)
+    z = _rand(b, steps, h, p, seed=8) if pooled else None
+    rows = torch.tensor([4, 0, 2]) if pooled else None
+    state = torch.zeros(6 if pooled else b, h, p, n)
+    state[rows if pooled else slice(None)] = h0
+    untouched = state[[1, 3, 5]].clone() if pooled else None
+    ys = []
+    for t in range(steps):
+        ys.append(ops.selective_state_update(
+            state, x[:, t], dt[:, t, :, None].expand(b, h, p), A[:, None, None].expand(h, p, n), B[:, t], C[:, t],
+            D=D, z=None if z is None else z[:, t], dt_bias=bias[:, None].expand(h, p), dt_softplus=True,
+            state_batch_indices=rows,
+        ))
+    y_ref, s_ref = _ssd_naive(*_d(x, F.softplus(dt + bias), A, B, C, D.contiguous(), z, h0))
+    assert_close("y", torch.stack(ys, 1), y_ref, TOL)
+    assert_close("state", state[rows] if pooled else state, s_ref, TOL)
+    if pooled:
+        assert torch.equal(state[[1, 3, 5]], untouched)
+
+
+def test_selective_state_update_errors():
+    state, x, B, C = torch.zeros(2, 2, 16, 8), _rand(2, 2, 16), _rand(2, 1, 8), _rand(2, 1, 8)
+    dt, A = torch.rand(2, 2, 1).expand(2, 2, 16), -torch.rand(2, 1, 1).expand(2, 16, 8)
+    with pytest.raises(ValueError, match="dt: must be the same along headdim"):
+        ops.selective_state_update(state, x, torch.rand(2, 2, 16), A, B, C)
+    with pytest.raises(ValueError, match="A: must be the same along headdim and dstate"):
+        ops.selective_state_update(state, x, dt, -torch.rand(2, 16, 8), B, C)
+    with pytest.raises(ValueError, match=r"state: expected a 4-D tensor"):
+        ops.selective_state_update(state[:, 0], x[:, 0], dt[:, 0], A[0], B[:, 0], C[:, 0])
+    with pytest.raises(ValueError, match=r"state: expected shape \[S, 2, 16, 8\]"):
+        ops.selective_state_update(torch.zeros(2, 2, 8, 8), x, dt, A, B, C)
+    with pytest.raises(ValueError, match=r"B: expected shape \[2, ngroups, 8\]"):
+        ops.selective_state_update(state, x, dt, A, B[..., :4], C)
+    with pytest.raises(ValueError, match="state: 2 rows for 3 sequences"):
+        ops.selective_state_update(state, _rand(3, 2, 16), dt[:1].expand(3, 2, 16), A, B[:1].expand(3, 1, 8),
+                                   C[:1].expand(3, 1, 8))
+
+
 def test_gradients_through_a_drop_in_op():
     q, k, v = (t.requires_grad_() for t in _inputs(T=30))
     a, b = _rand(1, 30, 4, seed=5).requires_grad_(), _rand(1, 30, 4, seed=6).requires_grad_()
@@ -225,6 +273,8 @@ def _op_args(name):
         "fused_recurrent_kda": (q, k, v, gk, b),
         "chunk_simple_gla": (q, k, v, g),
         "mamba_chunk_scan_combined": (x, torch.rand(1, 10, 2), -torch.rand(2), B, C, 64),
+        "selective_state_update": (torch.zeros(1, 2, 16, 16), x[:, 0], torch.rand(1, 2, 16), -torch.rand(2, 16, 16),
+                                   B[:, 0], C[:, 0]),
     }[name]
 
 
