@@ -287,6 +287,9 @@ def beta_computed(spec: Spec) -> bool:
 
 def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
     """Lower ``spec`` for inputs of ``dtype`` and head sizes ``K``, ``V``."""
+    if spec.correction.value not in ("none", "delta") or spec.householder != 1:
+        raise ValueError(f"spec: the generated stages cover the corrections 'none' and 'delta' with one step per "
+                         f"token; got {spec.correction.value!r} with householder={spec.householder}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
     if not (1 <= K <= 256):

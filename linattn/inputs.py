@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,8 @@ class Call:
     scale: float
     initial_state: torch.Tensor | None
     cu_seqlens: torch.Tensor | None
+    #: the correction's key-shaped inputs by name (``p``; ``a``, ``b``), ``[B, T, H, K]``
+    vectors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def B(self) -> int:
@@ -169,9 +172,14 @@ def check_call(
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     B, T, H, K = q.shape
-    _shape("k", k, (B, T, H, K), "like q: [B, T, H, K]")
-    if tuple(v.shape[:2]) != (B, T):
-        raise ValueError(f"v: expected batch and length {[B, T]} like q, got shape {list(v.shape)}")
+    n = spec.householder  # DeltaProduct: n rows of k, v (and β) per token
+    if n == 1:
+        _shape("k", k, (B, T, H, K), "like q: [B, T, H, K]")
+    else:
+        _shape("k", k, (B, T * n, H, K), f"[B, T * householder, H, K] with householder = {n}")
+    if tuple(v.shape[:2]) != (B, T * n):
+        what = "like q" if n == 1 else f"[B, T * householder] with householder = {n}"
+        raise ValueError(f"v: expected batch and length {[B, T * n]} ({what}), got shape {list(v.shape)}")
     HV, V = v.shape[2], v.shape[3]
     if H == 0 or HV % H != 0:
         raise ValueError(f"v: its {HV} heads must be a multiple of q/k's {H} heads (each q/k head serves a group)")
@@ -180,22 +188,33 @@ def check_call(
 
     # ---- the spec's operands
     expected = {o.name: o for o in spec.operands}
-    unknown = sorted(set(operands) - set(expected))
+    inputs = spec.correction_inputs
+    unknown = sorted(set(operands) - set(expected) - set(inputs))
     if unknown:
-        wanted = ", ".join(expected) or "none"
+        wanted = ", ".join([*expected, *inputs]) or "none"
         raise ValueError(f"unexpected argument(s) {unknown} for spec {spec.name or spec}; its operands: {wanted}")
-    missing = sorted(set(expected) - set(operands))
+    missing = sorted((set(expected) | set(inputs)) - set(operands))
     if missing:
         raise ValueError(f"missing argument(s) {missing} required by spec {spec.name or spec}")
     shapes = {Role.TOKEN: (B, T, HV), Role.TOKEN_CHANNEL: (B, T, HV, K), Role.HEAD: (HV,), Role.HEAD_CHANNEL: (HV, K)}
-    values = {name: _check_operand(name, op.role, operands[name], shapes, device) for name, op in expected.items()}
+    steps = {**shapes, Role.TOKEN: (B, T * n, HV), Role.TOKEN_CHANNEL: (B, T * n, HV, K)}  # β's with householder
+    per_step = {o.name for o in spec.beta.operands} if spec.beta is not None and n > 1 else set()
+    values = {name: _check_operand(name, op.role, operands[name], steps if name in per_step else shapes, device)
+              for name, op in expected.items()}
+    vectors = {}
+    for name in inputs:
+        x = _float_tensor(name, operands[name], device)
+        _shape(name, x, (B, T, H, K), f"like q: [B, T, H, K], the {spec.correction.value} correction's input")
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name}: expected q's dtype {q.dtype}, got {x.dtype}")
+        vectors[name] = x
 
     # ---- layer-side terms
     if spec.output_gate is OutputGate.SILU:
         if z is None:
             raise ValueError("z: required by the spec's silu(z) output gate")
         z = _float_tensor("z", z, device)
-        _shape("z", z, tuple(v.shape), "like v: [B, T, HV, V]")
+        _shape("z", z, (B, T, HV, V), "like v: [B, T, HV, V]" if n == 1 else "[B, T, HV, V], one row per token")
     elif z is not None:
         raise ValueError("z: given, but the spec has no output gate")
     if spec.skip is not Skip.NONE:
@@ -229,4 +248,4 @@ def check_call(
         initial_state = _float_tensor("initial_state", initial_state, device)
         _shape("initial_state", initial_state, (N, HV, K, V), "[N, HV, K, V], N sequences")
 
-    return Call(spec, q, k, v, values, z, D, float(scale), initial_state, cu_seqlens)
+    return Call(spec, q, k, v, values, z, D, float(scale), initial_state, cu_seqlens, vectors)

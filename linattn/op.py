@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,7 +20,10 @@ from linattn.codegen.plan import Options, Plan
 
 from . import custom_ops, runtime
 from .inputs import check_call
-from .spec import OutputGate, Role, Skip, Spec
+from .spec import Correction, OutputGate, Role, Skip, Spec
+
+if TYPE_CHECKING:
+    from .steps import StepsOp
 
 __all__ = ["compile", "CompiledOp"]
 
@@ -539,7 +543,7 @@ def _add(grads: dict, name: str, d: torch.Tensor) -> None:
     grads[name] = grads[name] + d if name in grads else d
 
 
-def compile(spec: Spec, **options) -> CompiledOp:  # noqa: A001 (the name users expect)
+def compile(spec: Spec, **options) -> "CompiledOp | StepsOp":  # noqa: A001 (the name users expect)
     """Compile ``spec`` to chunkwise kernels.
 
     Options (all compile-time): ``chunk_size`` (64), ``subchunk_size`` (16), ``block_v``, ``product_block_v``,
@@ -554,4 +558,13 @@ def compile(spec: Spec, **options) -> CompiledOp:  # noqa: A001 (the name users 
         hints = [f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(u, valid, 1)) else "" for u in unknown]
         named = ", ".join(f"{u!r}{h}" for u, h in zip(unknown, hints))
         raise ValueError(f"compile: unknown option(s) {named}; valid options: {', '.join(valid)}")
+    if spec.correction in (Correction.COMBA, Correction.DPLR):
+        raise NotImplementedError(
+            f"compile: no kernels are generated for correction {spec.correction.value!r} yet; "
+            "linattn.reference.recurrent and linattn.reference.chunkwise compute it"
+        )
+    if spec.householder > 1:
+        from .steps import StepsOp, core_of
+
+        return StepsOp(spec, CompiledOp(core_of(spec)[0], Options(**options), frozenset(options)))
     return CompiledOp(spec, Options(**options), frozenset(options))

@@ -33,6 +33,7 @@ from .spec import Spec, term
 __all__ = [
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
+    "chunk_gated_delta_product",
     "chunk_kda",
     "fused_recurrent_kda",
     "chunk_simple_gla",
@@ -54,7 +55,7 @@ class _OpKey:
     term (``None``: the input ``g`` itself, or no gate without decay); ``beta`` the text of
     the β term, ``True`` (the input ``beta``) or ``False`` (no β); ``roles`` the role of each
     operand that ``gate`` and ``beta`` name, as sorted ``(name, role)`` pairs (see
-    :func:`_roles`); ``chunk_size`` the compile option.
+    :func:`_roles`); ``chunk_size`` the compile option; ``householder`` DeltaProduct's steps.
     """
 
     decay: str = "none"
@@ -67,6 +68,7 @@ class _OpKey:
     skip: str = "none"
     output_gate: str = "none"
     default_scale: float | None = None
+    householder: int = 1
     name: str = ""
 
     def _term(self, text: str):
@@ -80,7 +82,7 @@ class _OpKey:
             gate=None if self.gate is None else self._term(self.gate),
             beta=self.beta if isinstance(self.beta, bool) else self._term(self.beta),
             qk_l2norm=self.qk_l2norm, skip=self.skip, output_gate=self.output_gate,
-            default_scale=self.default_scale, name=self.name,
+            default_scale=self.default_scale, householder=self.householder, name=self.name,
         )
 
 
@@ -111,8 +113,16 @@ def _key(**fields) -> str:
 
 
 def _compiled(key: _OpKey) -> CompiledOp:
-    """The compiled op of an option set."""
-    return custom_ops.lookup(_key(**{name: getattr(key, name) for name in _OP_KEY_FIELDS}))
+    """The compiled op of an option set (DeltaProduct's: its steps over the compiled core)."""
+    op = custom_ops.lookup(_key(**{name: getattr(key, name) for name in _OP_KEY_FIELDS}))
+    return op if key.householder == 1 else _steps_op(key, op)
+
+
+@functools.cache
+def _steps_op(key: _OpKey, core: CompiledOp):
+    from .steps import StepsOp
+
+    return StepsOp(key.spec(), core)
 
 
 def _unexpected(fn: str, kwargs: dict) -> None:
@@ -325,6 +335,76 @@ def _run(key, q, k, v, scale, initial_state, output_final_state, state_v_first, 
     if ht is not None and state_v_first:
         ht = ht.transpose(-1, -2)
     return o, ht
+
+
+# ----------------------------------------------------------------------------- fla: DeltaProduct
+def chunk_gated_delta_product(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    num_householder: int,
+    scale: float = None,
+    initial_state: torch.Tensor = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    cp_context: object | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated DeltaProduct (fla's ``chunk_gated_delta_product``): per token one decay, then
+    ``num_householder`` delta-rule steps, each with its own key, value and β::
+
+        S <- exp(g_t) · S
+        S <- (I - beta_tj k_tj k_tjᵀ) · S + beta_tj k_tj v_tjᵀ      for j = 0 .. n - 1
+        o_t = scale · Sᵀ q_t
+
+    Runs on the delta rule's generated kernels over ``T · n`` rows (:mod:`linattn.steps`),
+    forward and backward. Sizes: ``B`` batch, ``T`` tokens, ``n`` = ``num_householder``,
+    ``H`` query/key heads, ``HV`` value heads (a multiple of ``H``), ``N`` sequences.
+
+    Args:
+        q: Queries ``[B, T, H, K]``, bf16, fp16 or fp32 (fp64 only for CPU tensors, which
+            run through Triton's interpreter). ``k`` and ``v`` have the same dtype.
+        k: Keys ``[B, T · n, H, K]``: step ``j`` of token ``t`` at row ``t · n + j``.
+        v: Values ``[B, T · n, HV, V]``, rows as ``k``.
+        g: Log-space decay per head and token ``[B, T, HV]`` (expected ``<= 0``), any
+            floating dtype, or ``None`` for no decay.
+        beta: Write strengths ``[B, T · n, HV]``, one per step, any floating dtype.
+        num_householder: ``n``, a positive int.
+        scale: Positive multiplier of the outputs. Default ``None``: ``K ** -0.5``.
+        initial_state: States before the first token ``[N, HV, K, V]``, any floating dtype;
+            read, never written. Default ``None``: zeros.
+        output_final_state: Also return each sequence's final state. Default ``False``.
+        use_qk_l2norm_in_kernel: L2-normalise ``q`` and ``k`` over ``K`` inside the kernel.
+            Default ``False``.
+        cu_seqlens: Packed sequences (``B = 1``): int32 or int64 ``[N + 1]`` token offsets
+            (the steps' rows are ``n`` times these), starting at 0, strictly increasing,
+            ending at ``T``. Default ``None``.
+        cu_seqlens_cpu: fla's host copy of ``cu_seqlens``; only its shape is checked.
+        cp_context: fla's context-parallel state. Only ``None`` (the default) is accepted;
+            the compiled op (``linattn.compile``) takes ``cp_group=``.
+
+    Returns:
+        ``(o, final_state)``: ``o`` ``[B, T, HV, V]`` in ``q``'s dtype; ``final_state``
+        ``[N, HV, K, V]`` fp32 (fp64 for fp64 inputs) if ``output_final_state``, else ``None``.
+
+    Raises:
+        ValueError: ``num_householder`` not a positive int; a ``cp_context``; a tensor of
+            the wrong shape, dtype or device (the message names it). An unknown keyword is
+            a TypeError, as in fla (the signature is fla's).
+    """
+    if cp_context is not None:
+        raise ValueError("cp_context: fla's context object is not taken; compile the spec and pass cp_group=")
+    n = num_householder
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_householder: expected a positive int, got {n!r}")
+    decayed = g is not None
+    key = _OpKey(decay="scalar" if decayed else "none", correction="delta", beta=True,
+                 qk_l2norm=use_qk_l2norm_in_kernel, householder=n, name="GATED_DELTA_PRODUCT")
+    operands = {"beta": beta, **({"g": g} if decayed else {})}
+    return _run(key, q, k, v, scale, initial_state, output_final_state, False, cu_seqlens, cu_seqlens_cpu, operands)
 
 
 # ----------------------------------------------------------------------------- fla: KDA

@@ -31,6 +31,7 @@ from . import expr as _expr
 __all__ = [
     "Decay",
     "Correction",
+    "CORRECTION_INPUTS",
     "Skip",
     "OutputGate",
     "Role",
@@ -69,10 +70,22 @@ class Decay(_Choice):
 
 
 class Correction(_Choice):
-    """Whether the write first removes what the state already associates with ``k_t``."""
+    """How the transition changes the state beyond its decay, before the write.
+
+    ``none``; ``delta``: ``(I - β_t k_t k_tᵀ)`` (the delta rule: the write first removes
+    what the state associates with ``k_t``); ``comba``: ``(I - β_t k_t p_tᵀ)``, reading the
+    state along a separate key ``p_t``; ``dplr``: a diagonal-plus-low-rank transition
+    ``(D_t + b_t a_tᵀ)`` with per-token vectors ``a_t`` and ``b_t`` (IPLR without decay).
+    """
 
     NONE = "none"
     DELTA = "delta"
+    COMBA = "comba"
+    DPLR = "dplr"
+
+
+#: The key-shaped inputs ``[B, T, H, K]`` each correction reads besides q and k.
+CORRECTION_INPUTS = {Correction.NONE: (), Correction.DELTA: (), Correction.COMBA: ("p",), Correction.DPLR: ("a", "b")}
 
 
 class Skip(_Choice):
@@ -299,7 +312,11 @@ class Spec:
 
     Arguments:
         decay: ``"none" | "scalar" | "channel"``.
-        correction: ``"none" | "delta"``.
+        correction: ``"none" | "delta" | "comba" | "dplr"`` (see :class:`Correction`); the
+            last two read key-shaped inputs ``p``, or ``a`` and ``b``, given by name at call time.
+        householder: with the delta rule, the number ``n`` of delta-rule steps per token
+            (DeltaProduct): the decay, then ``n`` writes with their own ``k``, ``v`` and ``β``
+            (``T·n`` rows of them), then the output. Default 1.
         gate: the log-decay ``g <= 0``; default (for a decaying spec) the input ``g`` itself.
             A term that can only be ``>= 0`` (``softplus(a)``, ``exp(x)``) is a ValueError.
         beta: ``False`` (no write strength), ``True`` (the input ``beta``) or a term.
@@ -318,6 +335,7 @@ class Spec:
     skip: Skip = Skip.NONE
     output_gate: OutputGate = OutputGate.NONE
     default_scale: float | None = None
+    householder: int = 1
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -364,6 +382,28 @@ class Spec:
             chan = [o.name for o in self.beta.operands if o.role.per_channel]
             raise ValueError(f"beta is one number per head and token; it cannot read per-channel operand(s) {chan}")
 
+        # the correction's inputs and steps
+        if self.correction is Correction.DPLR and self.beta is not None:
+            raise ValueError("beta: the dplr transition (D + b aᵀ) writes k vᵀ as given; fold a write strength into "
+                             "k or v (or b)")
+        h = self.householder
+        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+            raise ValueError(f"householder must be a positive int; got {h!r}")
+        if h > 1 and self.skip is not Skip.NONE:
+            raise ValueError(f"skip: the D skip adds D ⊙ v_t, but with householder={h} a token has {h} values")
+        if h > 1 and self.correction is not Correction.DELTA:
+            raise ValueError(f"householder={h} needs correction='delta' (DeltaProduct's steps are delta-rule steps)")
+        for t in (self.gate, self.beta):
+            for o in t.operands if t is not None else ():
+                if o.name in self.correction_inputs:
+                    raise ValueError(f"operand {o.name!r} of {t} is the {self.correction.value} correction's "
+                                     f"[B, T, H, K] input; name the term's operand otherwise")
+        if h > 1 and self.gate is not None and self.beta is not None:
+            shared = sorted({o.name for o in self.gate.operands} & {o.name for o in self.beta.operands})
+            if shared:
+                raise ValueError(f"operand(s) {shared} in both gate and beta: with householder={h} the gate reads one "
+                                 f"row per token and beta one per step ({h} per token)")
+
         # operands shared by gate and beta must agree on their role
         seen: dict[str, Role] = {}
         for t in (self.gate, self.beta):
@@ -389,6 +429,11 @@ class Spec:
         return self.correction is Correction.DELTA
 
     @property
+    def correction_inputs(self) -> tuple[str, ...]:
+        """The key-shaped inputs ``[B, T, H, K]`` the correction reads (``p``; ``a``, ``b``)."""
+        return CORRECTION_INPUTS[self.correction]
+
+    @property
     def operands(self) -> tuple[Operand, ...]:
         """Every runtime operand the terms read, each once, sorted by name."""
         out: dict[str, Operand] = {}
@@ -409,9 +454,19 @@ class Spec:
         """The recurrence as one line of mathematics."""
         b = "β_t " if self.beta is not None else ""
         decay = {Decay.NONE: "", Decay.SCALAR: "exp(g_t)·", Decay.CHANNEL: "Diag(exp(g_t))·"}[self.decay]
-        corr = f"(I - {b}k_t k_tᵀ)·" if self.has_delta else ""
+        corr = {Correction.NONE: "", Correction.DELTA: f"(I - {b}k_t k_tᵀ)·", Correction.COMBA: f"(I - {b}k_t p_tᵀ)·",
+                Correction.DPLR: ""}[self.correction]
         scale = "scale·" if self.default_scale != 1.0 else ""
-        out = f"S_t = {corr}{decay}S_(t-1) + {b}k_t v_tᵀ; o_t = {scale}S_tᵀ q_t"
+        if self.correction is Correction.DPLR:
+            diag = {Decay.NONE: "I", Decay.SCALAR: "exp(g_t)·I", Decay.CHANNEL: "Diag(exp(g_t))"}[self.decay]
+            transition = f"({diag} + b_t a_tᵀ)·S_(t-1) + k_t v_tᵀ"
+        elif self.householder > 1:
+            b = "β_tj " if self.beta is not None else ""
+            transition = (f"P_t({decay}S_(t-1)), P_t = {self.householder} steps S <- (I - {b}k_tj k_tjᵀ)·S + "
+                          f"{b}k_tj v_tjᵀ")
+        else:
+            transition = f"{corr}{decay}S_(t-1) + {b}k_t v_tᵀ"
+        out = f"S_t = {transition}; o_t = {scale}S_tᵀ q_t"
         if self.skip is not Skip.NONE:
             out += " + D ⊙ v_t"
         if self.output_gate is OutputGate.SILU:

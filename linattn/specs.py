@@ -7,7 +7,7 @@ model actually calls, with its gate parameterization, β and normalisation fused
 from __future__ import annotations
 
 from . import gates
-from .spec import Spec
+from .spec import Spec, term
 
 __all__ = [
     "LINEAR",
@@ -20,6 +20,13 @@ __all__ = [
     "QWEN3_NEXT_GDN",
     "KIMI_KDA",
     "NEMOTRON_MAMBA2",
+    "DPLR",
+    "IPLR",
+    "RWKV7",
+    "COMBA",
+    "DELTA_PRODUCT",
+    "delta_product",
+    "DELTA_FAMILY",
     "BUILTIN",
     "by_name",
 ]
@@ -73,6 +80,32 @@ NEMOTRON_MAMBA2 = Spec(
     name="NEMOTRON_MAMBA2",
 )
 
+#: The wider delta-rule family: transitions other than ``(I - β k kᵀ)``. The reference oracles
+#: compute all of them; DeltaProduct compiles onto the delta rule's kernels (see
+#: :mod:`linattn.steps`); the generated stages do not cover Comba's and DPLR's corrections
+#: yet (``linattn.compile`` says so), so these are not in :data:`BUILTIN`.
+#: DPLR: ``S_t = (Diag(exp(gk_t)) + b_t a_tᵀ) S_(t-1) + k_t v_tᵀ`` (fla's ``chunk_dplr_delta_rule``).
+DPLR = Spec(decay="channel", correction="dplr", gate=term("gk", gk="token_channel"), name="DPLR")
+#: IPLR: ``S_t = (I + b_t a_tᵀ) S_(t-1) + k_t v_tᵀ``, DPLR without decay.
+IPLR = Spec(correction="dplr", name="IPLR")
+#: RWKV-7: DPLR with the receptance ``r`` as q, log-decay ``w``, no default scaling (fla's
+#: ``chunk_rwkv7``: ``a = -κ̂``, ``b = κ̂ ⊙ a-gate``).
+RWKV7 = Spec(decay="channel", correction="dplr", gate=term("w", w="token_channel"), default_scale=1.0, name="RWKV7")
+#: Comba: ``S_t = (I - β_t k_t p_tᵀ) exp(g_t) S_(t-1) + β_t k_t v_tᵀ``, reading along ``p``.
+COMBA = Spec(decay="scalar", correction="comba", beta=True, name="COMBA")
+
+
+def delta_product(householder: int) -> Spec:
+    """Gated DeltaProduct with ``householder`` delta-rule steps per token (one decay per token)."""
+    return Spec(decay="scalar", correction="delta", beta=True, householder=householder,
+                name=f"DELTA_PRODUCT_{householder}")
+
+
+#: Gated DeltaProduct with two steps per token (:func:`delta_product` gives any number).
+DELTA_PRODUCT = delta_product(2).replace(name="DELTA_PRODUCT")
+#: The wider family by name.
+DELTA_FAMILY: dict[str, Spec] = {s.name: s for s in (DPLR, IPLR, RWKV7, COMBA, DELTA_PRODUCT)}
+
 BUILTIN: dict[str, Spec] = {
     s.name: s
     for s in (LINEAR, DELTANET, GLA, SIMPLE_GLA, GDN, KDA, MAMBA2, QWEN3_NEXT_GDN, KIMI_KDA, NEMOTRON_MAMBA2)
@@ -82,6 +115,6 @@ BUILTIN: dict[str, Spec] = {
 def by_name(name: str) -> Spec:
     """A built-in spec by (case-insensitive) name."""
     try:
-        return BUILTIN[name.upper()]
+        return {**BUILTIN, **DELTA_FAMILY}[name.upper()]
     except KeyError:
-        raise ValueError(f"unknown spec {name!r}; built-in specs: {', '.join(BUILTIN)}") from None
+        raise ValueError(f"unknown spec {name!r}; built-in specs: {', '.join([*BUILTIN, *DELTA_FAMILY])}") from None

@@ -22,6 +22,7 @@ __all__ = [
     "evaluate_expr",
     "l2norm",
     "prepare",
+    "prepare_vectors",
     "finish",
     "finish_vjp",
     "L2NORM_EPS",
@@ -113,7 +114,7 @@ def prepare(call: Call, dtype: torch.dtype):
 
     ``g`` is ``None`` without decay, ``β`` is ``None`` without a write strength. Shapes:
     q, k ``[B, T, HV, K]``, v ``[B, T, HV, V]``, g ``[B, T, HV]`` or ``[B, T, HV, K]``,
-    β ``[B, T, HV]``.
+    β ``[B, T, HV]`` (k, v and β with ``T · householder`` rows with DeltaProduct's steps).
     """
     spec: Spec = call.spec
     q, k, v = call.q.to(dtype), call.k.to(dtype), call.v.to(dtype)
@@ -127,9 +128,22 @@ def prepare(call: Call, dtype: torch.dtype):
     if spec.gate is not None:
         shape = (B, T, HV, K) if spec.decay is Decay.CHANNEL else (B, T, HV)
         g = evaluate_term(spec.gate, call.operands, shape, dtype)
-    if spec.beta is not None:
-        beta = evaluate_term(spec.beta, call.operands, (B, T, HV), dtype)
+    if spec.beta is not None:  # one per write: T · householder rows
+        beta = evaluate_term(spec.beta, call.operands, (B, v.shape[1], HV), dtype)
     return q, k, v, g, beta
+
+
+def prepare_vectors(call: Call, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The correction's key-shaped inputs (``p``; ``a``, ``b``) in ``dtype``, expanded to the
+    value heads ``[B, T, HV, K]``. ``qk_l2norm`` normalises Comba's read key ``p`` as it does
+    ``k`` (as fla does); DPLR's ``a`` and ``b`` are taken as given."""
+    out = {}
+    for name, x in call.vectors.items():
+        x = x.to(dtype)
+        if call.spec.qk_l2norm and name == "p":
+            x = l2norm(x)
+        out[name] = x.repeat_interleave(call.group, dim=2) if call.group > 1 else x
+    return out
 
 
 def finish(call: Call, o: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from linattn.inputs import check_call
-from linattn.spec import Decay, Spec
-from linattn.torch_terms import finish, prepare
+from linattn.spec import Correction, Decay, Spec
+from linattn.torch_terms import finish, prepare, prepare_vectors
 
 __all__ = [
     "chunkwise",
@@ -28,6 +28,8 @@ __all__ = [
     "wy_representation",
     "state_pass",
     "chunk_output",
+    "dplr_stages",
+    "interleave_steps",
 ]
 
 
@@ -48,9 +50,12 @@ def decayed_products(
     *,
     strict: bool,
     subchunk: int,
+    G_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``M[r, s] = Σ_c a_rc b_sc exp(G_rc - G_sc)`` for ``s <= r`` (``s < r`` if strict), else 0.
 
+    ``G_rows``: the rows' log-decays if not ``G`` (DPLR reads the state before a token's
+    decay: the exclusive cumsum ``G - g``, with ``strict``; every exponent stays <= 0).
     Channel decay: rows of sub-chunk ``I`` against all earlier columns factor around the
     reference point ``G_ref = G`` at the last token before ``I``, so both factors
     ``exp(G_r - G_ref)`` and ``exp(G_ref - G_s)`` are at most 1; diagonal sub-blocks are
@@ -60,22 +65,23 @@ def decayed_products(
     mask = torch.ones(C, C, dtype=torch.bool, device=a.device).tril(-1 if strict else 0)
     if decay is Decay.NONE:
         return (a @ b.transpose(-1, -2)) * mask
+    R = G if G_rows is None else G_rows
     if decay is Decay.SCALAR:
-        diff = G[..., :, None] - G[..., None, :]
+        diff = R[..., :, None] - G[..., None, :]
         return (a @ b.transpose(-1, -2)) * torch.exp(torch.where(mask, diff, -torch.inf))
     if C % subchunk:
         raise ValueError(f"subchunk size {subchunk} must divide the chunk size {C}")
     rows = []
     for start in range(0, C, subchunk):
         blk = slice(start, start + subchunk)
-        a_i, b_i, G_i = a[..., blk, :], b[..., blk, :], G[..., blk, :]
-        diff = G_i[..., :, None, :] - G_i[..., None, :, :]  # [.., r, s, K]
+        a_i, b_i, G_i, R_i = a[..., blk, :], b[..., blk, :], G[..., blk, :], R[..., blk, :]
+        diff = R_i[..., :, None, :] - G_i[..., None, :, :]  # [.., r, s, K]
         m = mask[blk, blk]
         diag = torch.einsum("...rc,...sc,...rsc->...rs", a_i, b_i, torch.exp(torch.where(m[..., None], diff, -torch.inf)))
         parts = []
         if start > 0:
             ref = G[..., start - 1 : start, :]
-            a_ref = a_i * torch.exp(G_i - ref)
+            a_ref = a_i * torch.exp(R_i - ref)
             b_ref = b[..., :start, :] * torch.exp(ref - G[..., :start, :])
             parts.append(a_ref @ b_ref.transpose(-1, -2))
         parts.append(diag)
@@ -107,8 +113,10 @@ def intra_chunk(
     delta: bool,
     scale: float,
     subchunk: int,
+    read: torch.Tensor | None = None,
 ) -> Intra:
-    """Stage 1: everything about a chunk that does not depend on the state."""
+    """Stage 1: everything about a chunk that does not depend on the state. ``read``: the
+    key the correction reads the state along (Comba's ``p``; default ``k``)."""
     if decay is Decay.NONE:
         Qg, Kg, Kb, decay_last = scale * q, k, k, None
     else:
@@ -121,7 +129,7 @@ def intra_chunk(
     Aqk = scale * decayed_products(q, k, G, decay, strict=False, subchunk=subchunk)
     Akk = None
     if delta:
-        Akk = decayed_products(k, k, G, decay, strict=True, subchunk=subchunk)
+        Akk = decayed_products(k if read is None else read, k, G, decay, strict=True, subchunk=subchunk)
         if beta is not None:
             Akk = beta[..., :, None] * Akk
     return Intra(Qg, Kg, Kb, Aqk, Akk, decay_last)
@@ -175,6 +183,84 @@ def chunk_output(Qg: torch.Tensor, S: torch.Tensor, Aqk: torch.Tensor, delta: to
     return Qg @ S + Aqk @ delta
 
 
+# ----------------------------------------------------------------------------- DPLR
+def dplr_stages(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    g: torch.Tensor | None,
+    state: torch.Tensor,
+    *,
+    decay: Decay,
+    scale: float,
+    chunk_size: int,
+    subchunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S_t = (D_t + b_t a_tᵀ) S_(t-1) + k_t v_tᵀ`` chunk by chunk, on ``[N, L, HV, *]``.
+
+    Per chunk, with ``G`` the inclusive and ``G⁻ = G - g`` the exclusive cumulative
+    log-decay, the state reads ``u_t = a_tᵀ S_(t-1)`` solve one unit lower triangular
+    system, ``u = (I - Aab)⁻¹ (Â S_0 + Aak V) = W S_0 + U`` with ``Â = a ⊙ exp(G⁻)``,
+    ``Aab[t, r] = Σ_c a_tc b_rc exp(G⁻_tc - G_rc)`` and ``Aak`` likewise with ``k``
+    (``r < t``); then ``O = Qg S_0 + Aqb u + Aqk V`` and
+    ``S_C = exp(G_C) S_0 + Bbᵀ u + Kbᵀ V``. Every exponent is <= 0; ``(I - Aab)`` is unit
+    triangular, so the solve always exists (its size is what docs/algorithms.md bounds).
+    Returns the outputs ``[N, L, HV, V]`` and the final state.
+    """
+    L, C = q.shape[1], chunk_size
+    qc, kc, vc, ac, bc = (_to_chunks(x, C) for x in (q, k, v, a, b))
+    G = Gex = None
+    if g is not None:
+        gc = _to_chunks(g, C)
+        G = gate_cumsum(gc)
+        Gex = G - gc
+    kw = dict(subchunk=subchunk_size)
+    Aab = decayed_products(ac, bc, G, decay, strict=True, G_rows=Gex, **kw)
+    Aak = decayed_products(ac, kc, G, decay, strict=True, G_rows=Gex, **kw)
+    Aqb = scale * decayed_products(qc, bc, G, decay, strict=False, **kw)
+    Aqk = scale * decayed_products(qc, kc, G, decay, strict=False, **kw)
+
+    def e(x):  # the decay factor broadcast over K
+        return 1.0 if x is None else torch.exp(x[..., None] if decay is Decay.SCALAR else x)
+
+    last = None if G is None else G[..., -1:] if decay is Decay.SCALAR else G[..., -1:, :]
+    Qg, Ahat = scale * qc * e(G), ac * e(Gex)
+    Bb, Kb = bc * e(None if G is None else last - G), kc * e(None if G is None else last - G)
+    T = solve_unit_lower(-Aab)
+    W, U = T @ Ahat, T @ (Aak @ vc)
+    outs = []
+    for c in range(qc.shape[2]):
+        u = U[:, :, c] + W[:, :, c] @ state
+        outs.append(Qg[:, :, c] @ state + Aqb[:, :, c] @ u + Aqk[:, :, c] @ vc[:, :, c])
+        if decay is Decay.SCALAR:
+            state = torch.exp(G[:, :, c, -1])[..., None, None] * state
+        elif decay is Decay.CHANNEL:
+            state = torch.exp(G[:, :, c, -1])[..., :, None] * state
+        state = state + Bb[:, :, c].transpose(-1, -2) @ u + Kb[:, :, c].transpose(-1, -2) @ vc[:, :, c]
+    if not outs:
+        return v.new_zeros(*q.shape[:3], v.shape[-1]), state
+    oc = torch.stack(outs, dim=2)
+    return oc.movedim(1, 3).reshape(q.shape[0], -1, q.shape[2], v.shape[-1])[:, :L], state
+
+
+def interleave_steps(q: torch.Tensor, g: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DeltaProduct's ``n`` steps per token as ``n`` delta-rule tokens: the token's decay on
+    its first step, its query on its last (zeros elsewhere). ``q`` ``[B, T, H, K]`` and
+    ``g`` ``[B, T, HV(, K)]`` become ``T · n`` rows; the outputs are every ``n``-th row from
+    ``n - 1``."""
+    B, T = q.shape[:2]
+    qi = q.new_zeros(B, T, n, *q.shape[2:])
+    qi[:, :, n - 1] = q
+    gi = None
+    if g is not None:
+        gi = g.new_zeros(B, T, n, *g.shape[2:])
+        gi[:, :, 0] = g
+        gi = gi.flatten(1, 2)
+    return qi.flatten(1, 2), gi
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -217,21 +303,27 @@ def chunk_stages(
     scale: float,
     chunk_size: int,
     subchunk_size: int,
+    read: torch.Tensor | None = None,
 ) -> ChunkStages:
     """Run all stages on ``[N, L, HV, *]`` inputs (one length for all N sequences).
 
     Padding tokens have k = v = q = 0 and g = 0: they neither write nor decay the state.
+    ``read``: Comba's read key ``p`` (the delta rule's W and Akk read along it).
     """
     L = q.shape[1]
     C = chunk_size
     qc, kc, vc = _to_chunks(q, C), _to_chunks(k, C), _to_chunks(v, C)
+    rc = None if read is None else _to_chunks(read, C)
     bc = None if beta is None else _to_chunks(beta, C)
     G = None if g is None else gate_cumsum(_to_chunks(g, C))
-    intra = intra_chunk(qc, kc, G, bc, decay=decay, delta=delta, scale=scale, subchunk=subchunk_size)
+    intra = intra_chunk(qc, kc, G, bc, decay=decay, delta=delta, scale=scale, subchunk=subchunk_size, read=rc)
     T = W = None
     if delta:
         T = solve_unit_lower(intra.Akk)
-        W, U = wy_representation(T, intra.Kg, vc, bc)
+        Rg = intra.Kg
+        if rc is not None:
+            Rg = rc if G is None else rc * torch.exp(G[..., None] if decay is Decay.SCALAR else G)
+        W, U = wy_representation(T, Rg, vc, bc)
     else:
         U = vc if bc is None else bc[..., None] * vc
     starts, d, final = state_pass(W, U, intra.Kb, intra.decay_last, state, decay)
@@ -270,28 +362,38 @@ def chunkwise(
     )
     dtype = torch.promote_types(q.dtype, torch.float32)
     q, k, v, g, beta = prepare(call, dtype)
-    kw = dict(
-        decay=spec.decay, delta=spec.has_delta, scale=call.scale, chunk_size=chunk_size, subchunk_size=subchunk_size
-    )
+    vectors = prepare_vectors(call, dtype)
+    steps = spec.householder
+    kw = dict(decay=spec.decay, scale=call.scale, chunk_size=chunk_size, subchunk_size=subchunk_size)
 
     def initial(n0: int, n1: int) -> torch.Tensor:
         if call.initial_state is None:
             return q.new_zeros(n1 - n0, call.HV, call.K, call.V)
         return call.initial_state[n0:n1].to(dtype)
 
+    def run(tok: tuple, rows: tuple, s0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One group of equal-length sequences: ``tok`` slices per-token inputs, ``rows``
+        the per-step ones (k, v, β: the same unless DeltaProduct)."""
+        gg = None if g is None else g[tok]
+        if spec.correction is Correction.DPLR:
+            return dplr_stages(q[tok], k[tok], v[tok], vectors["a"][tok], vectors["b"][tok], gg, s0, **kw)
+        read = vectors["p"][tok] if spec.correction is Correction.COMBA else None
+        qq = q[tok]
+        if steps > 1:
+            qq, gg = interleave_steps(qq, gg, steps)
+        st = chunk_stages(qq, k[rows], v[rows], gg, None if beta is None else beta[rows], s0,
+                          delta=spec.correction is not Correction.NONE, read=read, **kw)
+        return st.o[:, steps - 1 :: steps], st.final_state
+
     if call.cu_seqlens is None:  # equal lengths: all sequences at once
-        st = chunk_stages(q, k, v, g, beta, initial(0, call.B), **kw)
-        o, final = st.o, st.final_state
+        o, final = run((slice(None),), (slice(None),), initial(0, call.B))
     else:
         outs, finals = [], []
         for n, (_, start, end) in enumerate(call.segments()):
-            sl = (slice(0, 1), slice(start, end))
-            st = chunk_stages(
-                q[sl], k[sl], v[sl], None if g is None else g[sl], None if beta is None else beta[sl],
-                initial(n, n + 1), **kw,
-            )
-            outs.append(st.o)
-            finals.append(st.final_state)
+            o_n, s_n = run((slice(0, 1), slice(start, end)), (slice(0, 1), slice(start * steps, end * steps)),
+                           initial(n, n + 1))
+            outs.append(o_n)
+            finals.append(s_n)
         o, final = torch.cat(outs, dim=1), torch.cat(finals, dim=0)
     o = finish(call, o).to(call.q.dtype)
     return o, (final if output_final_state else None)

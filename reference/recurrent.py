@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from linattn.inputs import check_call
-from linattn.spec import Decay, Spec
-from linattn.torch_terms import finish, prepare
+from linattn.spec import Correction, Decay, Spec
+from linattn.torch_terms import finish, prepare, prepare_vectors
 
 __all__ = ["recurrent", "recurrent_scan"]
 
@@ -23,28 +23,42 @@ def recurrent_scan(
     state: torch.Tensor,
     *,
     decay: Decay,
-    delta: bool,
+    correction: Correction,
     scale: float,
+    vectors: dict[str, torch.Tensor] | None = None,
+    householder: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the recurrence over ``[N, L, HV, *]`` inputs from ``state`` ``[N, HV, K, V]``.
 
+    ``vectors``: the correction's inputs ``[N, L, HV, K]`` (``p``; ``a``, ``b``). With
+    ``householder = n`` (the delta rule's steps per token) ``k``, ``v`` and ``beta`` hold
+    ``L · n`` rows, step ``j`` of token ``t`` at row ``t · n + j``.
     Returns the outputs ``[N, L, HV, V]`` (before layer-side terms) and the final state.
     """
+    vectors = vectors or {}
+    n = householder
     outs = []
     for t in range(q.shape[1]):
+        if correction is Correction.DPLR:  # the rank-1 term reads the state before the decay
+            low = torch.einsum("nhkv,nhk->nhv", state, vectors["a"][:, t])
         if decay is Decay.SCALAR:
             state = state * torch.exp(g[:, t])[..., None, None]
         elif decay is Decay.CHANNEL:
             state = state * torch.exp(g[:, t])[..., :, None]
-        k_t, v_t = k[:, t], v[:, t]
-        if delta:  # S - β k kᵀ S + β k vᵀ = S + k (β (v - Sᵀ k))ᵀ
-            v_t = v_t - torch.einsum("nhkv,nhk->nhv", state, k_t)
-        if beta is not None:
-            v_t = beta[:, t, :, None] * v_t
-        state = state + k_t[..., :, None] * v_t[..., None, :]
+        if correction is Correction.DPLR:  # (D + b aᵀ) S + k vᵀ
+            state = state + vectors["b"][:, t, :, :, None] * low[:, :, None, :]
+        for row in range(t * n, (t + 1) * n):
+            k_t, v_t = k[:, row], v[:, row]
+            if correction is Correction.DELTA:  # S - β k kᵀ S + β k vᵀ = S + k (β (v - Sᵀ k))ᵀ
+                v_t = v_t - torch.einsum("nhkv,nhk->nhv", state, k_t)
+            elif correction is Correction.COMBA:  # S - β k pᵀ S + β k vᵀ: read along p, write along k
+                v_t = v_t - torch.einsum("nhkv,nhk->nhv", state, vectors["p"][:, t])
+            if beta is not None:
+                v_t = beta[:, row, :, None] * v_t
+            state = state + k_t[..., :, None] * v_t[..., None, :]
         outs.append(scale * torch.einsum("nhkv,nhk->nhv", state, q[:, t]))
     if not outs:
-        return v.new_zeros(v.shape), state
+        return v.new_zeros(*q.shape[:3], v.shape[-1]), state
     return torch.stack(outs, dim=1), state
 
 
@@ -65,7 +79,9 @@ def recurrent(
     """The recurrence of ``spec``, token by token, computed in the inputs' dtype (at least fp32).
 
     ``q, k``: ``[B, T, H, K]``; ``v``: ``[B, T, HV, V]`` with ``HV`` a multiple of ``H``;
-    the spec's operands by name (``g``, ``beta``, ``A_log``, ...). With ``cu_seqlens``
+    the spec's operands by name (``g``, ``beta``, ``A_log``, ..., and the correction's ``p`` or ``a``,
+    ``b`` ``[B, T, H, K]``; with DeltaProduct's steps ``k``, ``v``, ``beta`` have ``T · householder``
+    rows). With ``cu_seqlens``
     (int32 ``[N + 1]``, B = 1) the sequences are independent, each with its own state.
     Returns ``(o, final_state)``: ``o`` in q's dtype, ``final_state`` ``[N, HV, K, V]``
     (or None unless ``output_final_state``).
@@ -75,23 +91,28 @@ def recurrent(
     )
     dtype = torch.promote_types(q.dtype, torch.float32)
     q, k, v, g, beta = prepare(call, dtype)
+    vectors = prepare_vectors(call, dtype)
+    steps = spec.householder
     outs, finals = [], []
     for n, (b, start, end) in enumerate(call.segments()):
         sl = (slice(b, b + 1), slice(start, end))
+        rows = (slice(b, b + 1), slice(start * steps, end * steps))  # k, v, β: householder rows per token
         if call.initial_state is not None:
             s0 = call.initial_state[n : n + 1].to(dtype)
         else:
             s0 = q.new_zeros(1, call.HV, call.K, call.V)
         o, s = recurrent_scan(
             q[sl],
-            k[sl],
-            v[sl],
+            k[rows],
+            v[rows],
             None if g is None else g[sl],
-            None if beta is None else beta[sl],
+            None if beta is None else beta[rows],
             s0,
             decay=spec.decay,
-            delta=spec.has_delta,
+            correction=spec.correction,
             scale=call.scale,
+            vectors={name: x[sl] for name, x in vectors.items()},
+            householder=steps,
         )
         outs.append(o)
         finals.append(s)

@@ -209,7 +209,7 @@ def test_packed_batch_equals_separate_runs(family, switch):
     seq_idx) gives each sequence's logits and the summed gradients of running the sequences
     one by one on the torch path: no recurrence or convolution leaks across a boundary."""
     model = _model(family, seed=4)
-    lengths = (7, 29, 3, 18)
+    lengths = (6, 17, 3)  # a sequence shorter than the conv width too
     ids = token_ids(1, sum(lengths), 5, VOCAB, low=3)[0]
     pieces = ids.split(lengths)
     collate = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True)
@@ -224,12 +224,7 @@ def test_packed_batch_equals_separate_runs(family, switch):
             ref_grads[n] = ref_grads.get(n, 0) + g
     ref = torch.cat(ref_logits)
     lt.enable()
-    model.eval()
-    with torch.no_grad():
-        # (no cache: transformers' sdpa/eager attention keeps packed sequences apart only without one)
-        inference = model(**batch, use_cache=False).logits[0]
-    assert max_rel(inference, ref) <= 1e-4
-    model.train()
+    # (no cache: transformers' sdpa/eager attention keeps packed sequences apart only without one)
     labels = torch.cat([torch.cat([torch.tensor([-100]), p[1:]]) for p in pieces])[None]
     got, got_grads = _loss_and_grads(model, labels, **batch)
     assert max_rel(got[0], ref) <= 1e-4

@@ -1,0 +1,125 @@
+"""DeltaProduct (``Spec(householder=n)``) on the delta rule's generated kernels.
+
+A token of DeltaProduct decays the state once and then takes ``n`` delta-rule steps, each
+with its own key, value and β, before its output is read. That is the delta rule over
+``T · n`` rows in which a token's decay sits on its first row, its query on its last and
+zeros elsewhere: a zero log-decay keeps the state, a zero query reads nothing. So the op
+compiles the plain delta-rule spec once and feeds it interleaved rows, taking every
+``n``-th output. The gate term runs in torch first (its value, not its operands, is
+interleaved); everything else, β's term included, is the core op's. The core computes
+outputs at the ``n - 1`` rows per token whose query is zero: ``n`` times the output work
+of one step, the state passes being the ones the recurrence needs anyway.
+"""
+from __future__ import annotations
+
+import torch
+
+from .inputs import check_call
+from .spec import Decay, Role, Spec, Term
+from .torch_terms import evaluate_term
+
+__all__ = ["StepsOp", "core_of", "interleave"]
+
+
+def core_of(spec: Spec) -> tuple[Spec, str | None]:
+    """The one-step delta-rule spec that runs ``spec``'s rows, and the name of its gate input."""
+    taken = {o.name for o in spec.beta.operands} if spec.beta is not None else set()
+    gate = None
+    if spec.decay is not Decay.NONE:
+        gate = next(n for n in ("g", "log_decay", "step_log_decay") if n not in taken)
+    role = Role.TOKEN_CHANNEL if spec.decay is Decay.CHANNEL else Role.TOKEN
+    core = Spec(
+        decay=spec.decay, correction="delta", gate=None if gate is None else Term.identity(gate, role),
+        beta=spec.beta, qk_l2norm=spec.qk_l2norm, output_gate=spec.output_gate, default_scale=spec.default_scale,
+        name=f"{spec.name or 'spec'}_steps",
+    )
+    return core, gate
+
+
+def interleave(x: torch.Tensor, n: int, at: int) -> torch.Tensor:
+    """``x`` ``[B, T, ...]`` as ``[B, T · n, ...]``: token ``t`` at row ``t · n + at``, zeros elsewhere."""
+    out = x.new_zeros(x.shape[0], x.shape[1], n, *x.shape[2:])
+    out = out.index_copy(2, torch.tensor([at], device=x.device), x.unsqueeze(2))
+    return out.flatten(1, 2)
+
+
+class StepsOp:
+    """A DeltaProduct spec compiled onto its one-step delta-rule core (see the module doc).
+
+    Called like :class:`linattn.CompiledOp`, with ``k``, ``v`` and β's operands holding
+    ``T · householder`` rows (step ``j`` of token ``t`` at row ``t · householder + j``).
+    """
+
+    def __init__(self, spec: Spec, core) -> None:
+        self.spec = spec
+        self.core = core
+        self.key = core.key  # the compiled core's registry key
+        self.steps = spec.householder
+        self._gate_name = core_of(spec)[1]
+
+    def __repr__(self) -> str:
+        return f"StepsOp({self.spec!r}, core={self.core!r})"
+
+    @property
+    def source(self) -> str:
+        """The generated source of the core's last call."""
+        return self.core.source
+
+    def _rows(self, call, z: torch.Tensor | None) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        """The interleaved query, the core's operands (its gate input included) and gate z."""
+        n, spec = self.steps, self.spec
+        operands = {o.name: call.operands[o.name] for o in spec.beta.operands} if spec.beta is not None else {}
+        if self._gate_name is not None:
+            shape = (call.B, call.T, call.HV) + ((call.K,) if spec.decay is Decay.CHANNEL else ())
+            g = evaluate_term(spec.gate, call.operands, shape, torch.float32)
+            operands[self._gate_name] = interleave(g, n, 0)
+        return interleave(call.q, n, n - 1), operands, None if z is None else interleave(z, n, n - 1)
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        initial_state: torch.Tensor | None = None,
+        output_final_state: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
+        D: torch.Tensor | None = None,
+        cp_group: object | None = None,
+        **operands: torch.Tensor | float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the recurrence; returns ``(o [B, T, HV, V], final_state [N, HV, K, V] fp32 or None)``."""
+        on_cpu = isinstance(q, torch.Tensor) and q.device.type == "cpu" and cp_group is None
+        call = check_call(self.spec, q, k, v, operands, z=z, D=D, scale=scale, initial_state=initial_state,
+                          cu_seqlens=cu_seqlens, check_values=on_cpu)
+        qi, inner, zi = self._rows(call, call.z)
+        cu = None if call.cu_seqlens is None else call.cu_seqlens * self.steps
+        o, ht = self.core(qi, call.k, call.v, scale=call.scale, initial_state=call.initial_state,
+                          output_final_state=output_final_state, cu_seqlens=cu, z=zi, cp_group=cp_group, **inner)
+        return o[:, self.steps - 1 :: self.steps].contiguous(), ht
+
+    def step(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        state: torch.Tensor,
+        *,
+        state_indices: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        scale: float | None = None,
+        z: torch.Tensor | None = None,
+        D: torch.Tensor | None = None,
+        **operands: torch.Tensor | float,
+    ) -> torch.Tensor:
+        """Decode: the core's step kernel over the interleaved rows, updating ``state`` in place."""
+        on_cpu = isinstance(q, torch.Tensor) and q.device.type == "cpu"
+        call = check_call(self.spec, q, k, v, operands, z=z, D=D, scale=scale, cu_seqlens=cu_seqlens,
+                          check_values=on_cpu)
+        qi, inner, zi = self._rows(call, call.z)
+        cu = None if call.cu_seqlens is None else call.cu_seqlens * self.steps
+        o = self.core.step(qi, call.k, call.v, state, state_indices=state_indices, cu_seqlens=cu, scale=call.scale,
+                           z=zi, **inner)
+        return o[:, self.steps - 1 :: self.steps].contiguous()
