@@ -159,7 +159,7 @@ def test_dplr_chunk_form_is_stable_over_long_sequences_in_rwkv7_range(spec):
     f32 = {n: t.float() for n, t in kw.items()}
     o2, s2 = chunkwise(spec, q.float(), k.float(), v.float(), output_final_state=True, **f32)
     assert torch.isfinite(o2).all() and torch.isfinite(s2).all()
-    assert s.abs().max() <= 16 * (k.shape[1]) ** 0.5  # bounded: no growth along the sequence
+    assert s.abs().max() <= 16 * k.shape[1] ** 0.5  # no faster than a random walk of the writes
     err_o = ((o2.double() - o).abs().max() / o.abs().max()).item()
     err_s = ((s2.double() - s).abs().max() / s.abs().max()).item()
     print(f"{spec.name}: fp32 chunk form vs float64 oracle over 2048 tokens: o {err_o:.1e}, state {err_s:.1e}")
