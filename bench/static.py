@@ -48,6 +48,7 @@ OPS = {
     "kda": ("KDA core", specs.KDA, ("fla", "kda")),
     "kda_fused": ("Kimi KDA (fused)", specs.KIMI_KDA, ("fla", "kda_fused")),
     "mamba2": ("Mamba-2 (Nemotron-H)", specs.NEMOTRON_MAMBA2, ("mamba_ssm", "mamba2")),
+    "delta_product": ("Gated DeltaProduct (2 steps per token)", specs.DELTA_PRODUCT, ("fla", "delta_product")),
 }
 
 _FREE = frozenset({
@@ -148,6 +149,8 @@ def ours(spec, *, B: int, T: int, H: int, K: int, V: int, backward: bool, dtype:
     captured_launches(spec, dtype, K, V, **args)  # steady state: an equal-length batch's chunk table is cached
     with _TorchOps(side):
         launches = captured_launches(spec, dtype, K, V, backward=backward, **args)
+    if spec.householder > 1:  # DeltaProduct's rows interleaved in torch before the core's kernels
+        _interleave_side(spec, side, B, T, H, K, backward, dtype)
     for launch in launches:
         report = _compile(launch.fn, launch.args, launch.num_warps, launch.num_stages, launch.kernel.name)
         row = Row(report.name, math.prod(launch.grid), report, launch.num_stages, 0, 0)
@@ -155,6 +158,26 @@ def ours(spec, *, B: int, T: int, H: int, K: int, V: int, backward: bool, dtype:
         row.hbm_read = launch_bytes(launch.kernel, launch.sizes, launch.args, max(row.blocks_per_sm, 1) * SMS)[0]
         side.rows.append(row)
     return side
+
+
+def _interleave_side(spec, side: Side, B: int, T: int, H: int, K: int, backward: bool, dtype: str) -> None:
+    """The torch ops :mod:`linattn.steps` runs around the core: the query and the gate spread
+    over the rows (forward), or the rows' gradients gathered back (backward)."""
+    from linattn.steps import interleave
+
+    n = spec.householder
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    q, g = torch.empty(B, T, H, K, dtype=dt, device="meta"), torch.empty(B, T, H, dtype=torch.float32, device="meta")
+    with _TorchOps(side):
+        if not backward:
+            interleave(q, n, n - 1)
+            interleave(g, n, 0)
+            torch.empty(B, T * n, H, K, dtype=dt, device="meta").unflatten(1, (T, n))[:, :, n - 1].contiguous()  # o
+        else:  # autograd's: dO spread over the rows, the rows' dq and dg gathered back
+            interleave(q, n, n - 1)
+            dq, dg = torch.empty(B, T * n, H, K, dtype=dt, device="meta"), torch.empty(B, T * n, H, device="meta")
+            dq.unflatten(1, (T, n))[:, :, n - 1].contiguous()
+            dg.unflatten(1, (T, n))[:, :, 0].contiguous()
 
 
 def peer(library: str, op: str, *, B: int, T: int, H: int, K: int, V: int, backward: bool,

@@ -153,6 +153,7 @@ def _transformers_model(new_tokens: int) -> Iterator[str]:
         import transformers
 
         config = {k: v for k, v in TINY_QWEN3_NEXT.items() if k not in ("model_type", "mtp_num_hidden_layers")}
+        config.update(num_hidden_layers=2, full_attention_interval=2, linear_num_value_heads=2)  # small: interpreted
         torch.manual_seed(0)
         model = transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(**config)).eval()
         yield f"switched {len(names)} of transformers' kernel functions: {', '.join(names)}"

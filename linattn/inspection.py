@@ -47,7 +47,13 @@ def captured_launches(
     """The launches of one call of ``spec`` at these sizes (Qwen3-Next's heads by default):
     ``packed`` sequences packed into the T tokens of batch 1 (``cu_seqlens``), or with
     ``packed=0`` B sequences of T tokens. The forward and (with ``step``) a decode step, or
-    with ``backward`` the backward (recomputation included)."""
+    with ``backward`` the backward (recomputation included). DeltaProduct (``householder``
+    = n) launches its one-step core over ``T · n`` rows (:mod:`linattn.steps`)."""
+    if spec.householder > 1:
+        from .steps import core_of
+
+        return captured_launches(core_of(spec)[0], dtype, K, V, T=T * spec.householder, H=H, HV=HV, B=B,
+                                 packed=packed, step=step, backward=backward, **options)
     op = compile_spec(spec, **options)
     if packed and B != 1:
         raise ValueError(f"B: packed sequences are batch 1, got B={B}")

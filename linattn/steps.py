@@ -39,7 +39,7 @@ def core_of(spec: Spec) -> tuple[Spec, str | None]:
 def interleave(x: torch.Tensor, n: int, at: int) -> torch.Tensor:
     """``x`` ``[B, T, ...]`` as ``[B, T · n, ...]``: token ``t`` at row ``t · n + at``, zeros elsewhere."""
     out = x.new_zeros(x.shape[0], x.shape[1], n, *x.shape[2:])
-    out = out.index_copy(2, torch.tensor([at], device=x.device), x.unsqueeze(2))
+    out[:, :, at] = x  # in place: the zeros are written once, x copied into its rows
     return out.flatten(1, 2)
 
 

@@ -3,6 +3,7 @@ the variant a launch compiles (captured from a call on meta tensors, with the la
 specialization of pointer alignment and integer divisibility)."""
 import pytest
 
+import linattn.steps
 from linattn import specs
 from linattn.codegen.aot import format_reports
 from linattn.inspection import inspect_spec
@@ -104,3 +105,15 @@ def test_interpreter_leaves_triton_language_as_it_was():
                    and not (n not in attrs and inspect.ismodule(vars(o)[n]))]
         assert not changed, f"{o}: {sorted(changed)[:5]}"
     assert inspect_spec(specs.GDN, "bf16", 64, 64, arch=90)
+
+
+def test_delta_product_kernels_compile_for_sm90_without_spills():
+    """DeltaProduct's launches (its one-step core over T · n rows) at K = V = 128 in bf16,
+    forward and backward: no spills. (Without the L2 norm its core is GDN's, checked above.)"""
+    spec = specs.delta_product(3).replace(qk_l2norm=True)
+    assert linattn.steps.core_of(specs.DELTA_PRODUCT)[0] == specs.GDN
+    reports = inspect_spec(spec, "bf16", 128, 128, arch=90) + inspect_spec(spec, "bf16", 128, 128, arch=90, backward=True)
+    table = "\n".join(format_reports(reports))
+    assert any(r.stage.endswith("_bwd") for r in reports), table
+    for r in reports:
+        assert 0 < r.registers <= 255 and not r.spills, f"{spec.name}: {r.name} spills\n{table}"

@@ -27,7 +27,7 @@ CASES = {
     "deltanet-P3": ("DELTANET", [80], [10, 60, 10]),
     "simple-gla-P2": ("SIMPLE_GLA", [25, 25, 25], [40, 35]),
     "mamba2-P2": ("MAMBA2", [64, 16], [70, 10]),
-    "kimi-P2": ("KIMI_KDA", [45, 30], [20, 55]),
+    "kimi-P2": ("KIMI_KDA", [30, 14], [12, 32]),
 }
 
 #: cases whose group leaves rank 0 of the world out
