@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from linattn.inputs import check_call
 from linattn.spec import Correction, Decay, Spec
+from linattn.steps import interleave
 from linattn.torch_terms import finish, prepare, prepare_vectors
 
 __all__ = [
@@ -250,15 +251,7 @@ def interleave_steps(q: torch.Tensor, g: torch.Tensor | None, n: int) -> tuple[t
     its first step, its query on its last (zeros elsewhere). ``q`` ``[B, T, H, K]`` and
     ``g`` ``[B, T, HV(, K)]`` become ``T · n`` rows; the outputs are every ``n``-th row from
     ``n - 1``."""
-    B, T = q.shape[:2]
-    qi = q.new_zeros(B, T, n, *q.shape[2:])
-    qi[:, :, n - 1] = q
-    gi = None
-    if g is not None:
-        gi = g.new_zeros(B, T, n, *g.shape[2:])
-        gi[:, :, 0] = g
-        gi = gi.flatten(1, 2)
-    return qi.flatten(1, 2), gi
+    return interleave(q, n, n - 1), None if g is None else interleave(g, n, 0)
 
 
 # ----------------------------------------------------------------------------- driver
