@@ -48,11 +48,11 @@ class _B(Emitter):
         if not raw:
             s(f"{var} = {var}.to(tl.float32)")
 
-    def norms(self, s: Source, rows: str, ok: str, names: tuple[str, ...] = ("q", "k")) -> None:
-        """Where the spec L2-normalises q and k, ``b_rn{name}_{rows}`` = 1/|row| of ``rows``:
-        the backward reads q and k as given and normalises them on load (:meth:`qk`)."""
+    def norms(self, s: Source, rows: str, ok: str, names: tuple[str, ...] | None = None) -> None:
+        """Where the spec L2-normalises q and k (and Comba's p), ``b_rn{name}_{rows}`` = 1/|row|
+        of ``rows``: the backward reads them as given and normalises them on load (:meth:`qk`)."""
         if self.p.spec.qk_l2norm:
-            for name in names:
+            for name in names or ("q", "k", *(["p"] if self.p.comba else [])):
                 self.rnorm(s, f"b_rn{name}_{rows}", name, rows, ok)
 
     def qk(self, s: Source, var: str, name: str, rows: str, ok: str, b, norm_rows: str | None = None) -> None:
@@ -270,11 +270,11 @@ def _emit_dqk(plan: Plan) -> Kernel:
     sub-chunk products (dAqk, dAkk to q, k, G) follow in ``dprod``."""
     e = _B(plan, plan.KBB)
     delta, beta = plan.delta, plan.delta and plan.beta
-    params = ["q", "k", "G", *_delta_param(plan), "hs", "dh", "dO"]
+    params = ["q", "k", *(["p"] if plan.comba else []), "G", *_delta_param(plan), "hs", "dh", "dO"]
     if delta:
         params += ["v", "Tm", *(["beta"] if beta else []), "dvn", out("dv"), *_skip_params(plan)]
         params += [out("dbeta")] if beta else []
-        params.append(out("dAkk"))
+        params += [out("dAkk"), *([out("dp")] if plan.comba else [])]
     params += [out("dq"), out("dk"), out("dG"), out("dAqk"), "scale", *_CHUNK, "MMA"]
     s = Source()
     causal = "r[:, None] >= r[None, :]"
@@ -343,13 +343,20 @@ def _emit_dqk(plan: Plan) -> Kernel:
             # G_C feeds exp(G_C) S and every Kb row: its gradient lands on the chunk's last row
             s(f"b_dGC = b_dGC * tl.exp(b_Glast{b}) + tl.sum(b_k * b_dk, 0)")
             s("b_dG = b_q * b_dq - b_k * b_dk + tl.where(r[:, None] == L - 1, b_dGC[None, :], 0.0)")
-            if delta:  # the WY form: d(βKg) = Tᵀ dW
-                s(f"b_kg = {e.gated('b_k', 'b_Gb', b)}")
+            if delta:  # the WY form: d(βKg) = Tᵀ dW (Comba's W reads along p: d(βPg))
+                rd = plan.read
+                if plan.comba:
+                    e.qk(s, "b_p", "p", "r", "row_ok", b)
+                s(f"b_{rd}g = {e.gated(f'b_{rd}', 'b_Gb', b)}")
                 s(f"b_dbk = {e.dot('tl.trans(b_T)', 'b_dw')}")
                 if beta:
-                    s("b_db += tl.sum(b_dbk * b_kg, 1)")
+                    s(f"b_db += tl.sum(b_dbk * b_{rd}g, 1)")
                 s(f"b_dkg = b_dbk{bcol}")
-                s(f"b_dk += {e.gated('b_dkg', 'b_Gb', b)}", "b_dG += b_dkg * b_kg")
+                if plan.comba:
+                    e.store(s, "dp", e.gated("b_dkg", "b_Gb", b), "r", "row_ok", b)
+                else:
+                    s(f"b_dk += {e.gated('b_dkg', 'b_Gb', b)}")
+                s(f"b_dG += b_dkg * b_{rd}g")
             e.store(s, "dk", "b_dk", "r", "row_ok", b)
             e.store(s, "dG", "b_dG", "r", "row_ok", b)
         if delta:
@@ -378,10 +385,14 @@ def _emit_dprod(plan: Plan) -> Kernel:
     if plan.delta:
         params.append("dAkk")
     params += ["dq", "dk", out("dqo"), out("dko"), inout("dG"), "scale", *_CHUNK, "MMA"]
+    if plan.comba:
+        params[2:2] = ["p"]
+        params += ["dp", out("dpo")]
+    rd = plan.read  # Akk's row operand
     # the products: (weights, row operand, column operand, gradient of rows, gradient of columns)
     prods = [("dAqk", "q", "k", "dq", "dk", ">=")]
     if plan.delta:
-        prods.append(("dAkk", "k", "k", "dk", "dk", ">"))
+        prods.append(("dAkk", rd, "k", f"d{rd}", "dk", ">"))
     s = Source()
     params = declare(plan, params)
     with s.block(signature("dprod_bwd", params)):
@@ -454,6 +465,8 @@ def _emit_dprod(plan: Plan) -> Kernel:
                 # the diagonal block, pairwise: one column c at a time
                 e.qk(s, "b_qi", "q", f"ri{i}", f"ok{i}", b)
                 e.qk(s, "b_ki", "k", f"ri{i}", f"ok{i}", b)
+                if plan.comba:
+                    e.qk(s, "b_pi", "p", f"ri{i}", f"ok{i}", b)
                 if plan.delta and plan.beta:
                     e.load(s, "b_bi", "beta", f"ri{i}", f"ok{i}")
                 with s.block("for c in range(BC):"):
@@ -468,7 +481,7 @@ def _emit_dprod(plan: Plan) -> Kernel:
                             f"b_wc = tl.load(p_{wname} + ri{i} * (HV * C) + rc, "
                             f"mask=ok{i} & (ri {m} c), other=0.0)  # column c of the block"
                         )
-                        a = "b_qi" if a_name == "q" else "b_ki"
+                        a = f"b_{a_name}i"
                         if wname == "dAqk":
                             s("b_dqi += b_wc[:, None] * b_kc[None, :] * b_e")
                             dc = f"tl.sum(b_wc[:, None] * {a} * b_e, 0)"
@@ -485,9 +498,12 @@ def _emit_dprod(plan: Plan) -> Kernel:
                 if plan.delta:
                     if plan.beta:
                         # dβ_s = Σ_c k_sc · (the row gradient without β); summed over key blocks
-                        s(f"b_db{i} += tl.sum(b_ki * b_dkri, 1)", "b_dkri = b_dkri * b_bi[:, None]")
-                    dG += " + b_ki * b_dkri - b_ki * b_dkcq"
-                    dk += " + b_dkcq + b_dkri"
+                        s(f"b_db{i} += tl.sum(b_{rd}i * b_dkri, 1)", "b_dkri = b_dkri * b_bi[:, None]")
+                    dG += f" + b_{rd}i * b_dkri - b_ki * b_dkcq"
+                    dk += " + b_dkcq" + ("" if plan.comba else " + b_dkri")
+                if plan.comba:  # the rows' gradient is p's
+                    e.load(s, "b_x", "dp", f"ri{i}", f"ok{i}", b)
+                    e.store(s, "dpo", "b_x + b_dkri", f"ri{i}", f"ok{i}", b)
                 e.load(s, "b_x", "dq", f"ri{i}", f"ok{i}", b)
                 e.store(s, "dqo", "b_x + b_dqi", f"ri{i}", f"ok{i}", b)
                 e.load(s, "b_x", "dk", f"ri{i}", f"ok{i}", b)
@@ -511,13 +527,14 @@ def _emit_dchunk(plan: Plan) -> Kernel:
     block, with dW recomputed from the chunk's (L2-resident) S and dΔ."""
     e = _B(plan, plan.KBD)  # see Plan.KBD
     delta, beta, scalar = plan.delta, plan.delta and plan.beta, plan.scalar
-    params = ["q", "k"]
+    comba, rd = plan.comba, plan.read
+    params = ["q", "k", *(["p"] if comba else [])]
     if scalar:
         params.append("G")
     params += _delta_param(plan)
     if delta:
         params += ["v", "Tm"] + (["beta"] if plan.beta else [])
-    params += ["hs", "dh", "dO", "dvn", out("dqo"), out("dko"), out("dv"), *_skip_params(plan)]
+    params += ["hs", "dh", "dO", "dvn", out("dqo"), out("dko"), *([out("dpo")] if comba else []), out("dv"), *_skip_params(plan)]
     if plan.beta:
         params.append(out("dbeta"))
     if scalar:
@@ -570,7 +587,7 @@ def _emit_dchunk(plan: Plan) -> Kernel:
             if delta:
                 _wy_dv_tile(e, s, bcol)
         _skip_end(e, s)
-        kg = "b_kg" if scalar else "b_k"  # k ⊙ exp(G)
+        kg = f"b_{rd}g" if scalar else f"b_{rd}"  # the read key ⊙ exp(G)
         if delta:
             # dT = dW (βKg)ᵀ + dΔ (βV)ᵀ = dΔ (βV - βKg S)ᵀ = dΔ (T⁻¹Δ)ᵀ, so dAkk = -Tᵀ dT Tᵀ = -Tᵀ dΔ Δᵀ
             s(f"b_N = -{e.dot('tl.trans(b_T)', 'b_dT')}")
@@ -634,19 +651,21 @@ def _emit_dchunk(plan: Plan) -> Kernel:
                     s("b_dGS += tl.sum(tl.sum(b_S * b_dS, 1), 0)")
             e.qk(s, "b_q", "q", "r", "row_ok", b)
             e.qk(s, "b_k", "k", "r", "row_ok", b)
+            if comba:
+                e.qk(s, "b_p", "p", "r", "row_ok", b)
             if e.kb_factor("b_G", b):
                 s(f"b_dk = b_dk{e.kb_factor('b_G', b)}")
             if scalar:
                 s("b_dGr -= tl.sum(b_k * b_dk, 1)")
                 s("b_dGK += tl.sum(tl.sum(b_k * b_dk, 1), 0)")
-            if delta:  # the WY form: d(βKg) = Tᵀ dW
+            if delta:  # the WY form: d(βKg) = Tᵀ dW (Comba's W reads along p: d(βPg), p's gradient)
                 if scalar:
-                    s(f"b_kg = {e.gated('b_k', 'b_G', b)}")
+                    s(f"{kg} = {e.gated(f'b_{rd}', 'b_G', b)}")
                 s(f"b_dbk = {e.dot('tl.trans(b_T)', 'b_dw')}")
                 if beta:
                     s(f"b_db += tl.sum(b_dbk * {kg}, 1)")
                 s(f"b_dkg = b_dbk{bcol}")
-                s(f"b_dk += {e.gated('b_dkg', 'b_G', b)}")
+                s(f"b_d{rd} {'=' if comba else '+='} {e.gated('b_dkg', 'b_G', b)}")
                 if scalar:
                     s(f"b_dGr += tl.sum(b_dkg * {kg}, 1)")
             s(f"b_dka = {e.dot('tl.trans(b_M)', 'b_q')}")
@@ -656,17 +675,24 @@ def _emit_dchunk(plan: Plan) -> Kernel:
                 s("b_dGr -= tl.sum(b_km * b_dka, 1)")
                 s("b_dka += b_Md[:, None] * b_q")
             s("b_dk += b_dka")
-            if delta:
+            if delta:  # Akk[r, j] = β_r x_r·k_j, x the read key (k, or Comba's p)
                 s(f"b_dkr = {e.dot_split('b_N', 'b_k')}  # Σ_j N[r, j] k_j")
-                s(f"b_dkc = {e.dot_split('b_NB' if beta else 'b_N', 'b_k', trans=True)}  # Σ_s β_s N[s, r] k_s")
+                s(f"b_dkc = {e.dot_split('b_NB' if beta else 'b_N', f'b_{rd}', trans=True)}  # Σ_s β_s N[s, r] x_s")
+                if comba and (beta or scalar):
+                    s(f"b_pm = b_p.to({e.dt}).to(tl.float32)")
                 if beta or scalar:
-                    s("b_kr = tl.sum(b_km * b_dkr, 1)  # Σ_j N[r, j] k_r·k_j")
+                    s(f"b_kr = tl.sum(b_{rd}m * b_dkr, 1)  # Σ_j N[r, j] x_r·k_j")
                 if beta:
                     s("b_db += b_kr")
                 if scalar:
                     s(f"b_dGr += {'b_b * ' if beta else ''}b_kr - tl.sum(b_km * b_dkc, 1)")
-                s(f"b_dk += b_dkr{bcol} + b_dkc")
+                if comba:
+                    s("b_dk += b_dkc", f"b_dp += b_dkr{bcol}")
+                else:
+                    s(f"b_dk += b_dkr{bcol} + b_dkc")
             e.store(s, "dko", "b_dk", "r", "row_ok", b)
+            if comba:
+                e.store(s, "dpo", "b_dp", "r", "row_ok", b)
         if plan.beta:
             e.store(s, "dbeta", "b_db", "r", "row_ok")
         if scalar:

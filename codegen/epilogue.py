@@ -74,7 +74,8 @@ def _row_block(s: Source) -> None:
 
 
 def _emit_qknorm_bwd(plan: Plan) -> Kernel:
-    params = ["q", "k", "dq", "dk", out("dq_out"), out("dk_out"), "TT", "H", "HV", "GROUP"]
+    names = ("q", "k", "p") if plan.comba else ("q", "k")  # Comba's read key is normalised too
+    params = [*names, *(f"d{x}" for x in names), *(out(f"d{x}_out") for x in names), "TT", "H", "HV", "GROUP"]
     s = Source()
     params = declare(plan, params)
     with s.block(signature("qknorm_bwd", params)):
@@ -82,7 +83,7 @@ def _emit_qknorm_bwd(plan: Plan) -> Kernel:
           ' then back through the norm."""')
         _row_block(s)
         s("drows = r.to(tl.int64) * (HV * K) + i_h * GROUP * K  # the head's first value head")
-        for x in ("q", "k"):
+        for x in names:
             s(f"b_dy = tl.zeros([{NORM_ROWS}, BK], dtype=tl.float32)")
             with s.block("for g in range(GROUP):"):
                 s(f"b_dy += tl.load(d{x} + drows[:, None] + g * K + ck[None, :], mask=m, other=0.0).to(tl.float32)")

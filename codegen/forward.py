@@ -115,7 +115,8 @@ def _norms_stored(plan: Plan) -> bool:
 def _emit_intra(plan: Plan) -> Kernel:
     e = Emitter(plan, plan.KBI)
     NS, BC, l2 = plan.NS, plan.BC, plan.spec.qk_l2norm
-    params = ["k"]
+    rd = plan.read  # Akk's rows: the key the correction reads along (Comba's p)
+    params = ["k", *(["p"] if plan.comba else [])]
     if plan.aqk_stored:
         params.append("q")
     if plan.spec.has_decay:
@@ -153,6 +154,8 @@ def _emit_intra(plan: Plan) -> Kernel:
             s(f"r{i} = {plus(i * BC, 'ri')}", f"ok{i} = r{i} < L")
             if l2:
                 e.rnorm(s, f"rk{i}", "k", f"r{i}", f"ok{i}")
+                if plan.comba:
+                    e.rnorm(s, f"rp{i}", "p", f"r{i}", f"ok{i}")
                 if plan.aqk_stored:
                     e.rnorm(s, f"rq{i}", "q", f"r{i}", f"ok{i}")
                 if _norms_stored(plan):
@@ -169,6 +172,8 @@ def _emit_intra(plan: Plan) -> Kernel:
                 s(f"ref_ok = {i * BC - 1} < L  # reference point: the last token before sub-chunk {i}")
             with e.key_loop(s) as b:
                 e.load(s, "b_ki", "k", f"r{i}", f"ok{i}", b)
+                if plan.comba and plan.delta:
+                    e.load(s, "b_pi", "p", f"r{i}", f"ok{i}", b)
                 if plan.aqk_stored:
                     e.load(s, "b_qi", "q", f"r{i}", f"ok{i}", b)
                 if plan.channel:
@@ -177,7 +182,7 @@ def _emit_intra(plan: Plan) -> Kernel:
                         # G_ref >= G of this sub-chunk's rows, <= G of every earlier row: factors <= 1
                         e.load_G_row(s, "b_Gref", f"{i * BC - 1}", "ref_ok", b)
                         if plan.delta:
-                            s("b_ka = b_ki * tl.exp(b_Gi - b_Gref[None, :])")
+                            s(f"b_ka = b_{rd}i * tl.exp(b_Gi - b_Gref[None, :])")
                         if plan.aqk_stored:
                             s("b_qa = b_qi * tl.exp(b_Gi - b_Gref[None, :])")
                 for j in range(i):
@@ -192,7 +197,7 @@ def _emit_intra(plan: Plan) -> Kernel:
                             s(f"b_Q{i}{j} += {e.dot('b_qa', 'tl.trans(b_kb)')}")
                     else:
                         if plan.delta:
-                            s(f"b_A{i}{j} += {e.dot('b_ki', 'tl.trans(b_kj)')}")
+                            s(f"b_A{i}{j} += {e.dot(f'b_{rd}i', 'tl.trans(b_kj)')}")
                         if plan.aqk_stored:
                             s(f"b_Q{i}{j} += {e.dot('b_qi', 'tl.trans(b_kj)')}")
                 # diagonal block
@@ -204,14 +209,14 @@ def _emit_intra(plan: Plan) -> Kernel:
                         e.load_G_row(s, "b_Gc", "rc", "ok_c", b)
                         s("b_e = tl.exp(tl.where(ri[:, None] >= c, b_Gi - b_Gc[None, :], 0.0))")
                         if plan.delta:
-                            s("col = tl.sum(tl.where(ri[:, None] > c, b_ki * b_kc[None, :] * b_e, 0.0), 1)")
+                            s(f"col = tl.sum(tl.where(ri[:, None] > c, b_{rd}i * b_kc[None, :] * b_e, 0.0), 1)")
                             s(f"b_A{i}{i} += tl.where(ri[None, :] == c, col[:, None], 0.0)")
                         if plan.aqk_stored:
                             s("col = tl.sum(tl.where(ri[:, None] >= c, b_qi * b_kc[None, :] * b_e, 0.0), 1)")
                             s(f"b_Q{i}{i} += tl.where(ri[None, :] == c, col[:, None], 0.0)")
                 else:
                     if plan.delta:
-                        s(f"b_A{i}{i} += {e.dot('b_ki', 'tl.trans(b_ki)')}")
+                        s(f"b_A{i}{i} += {e.dot(f'b_{rd}i', 'tl.trans(b_ki)')}")
                     if plan.aqk_stored:
                         s(f"b_Q{i}{i} += {e.dot('b_qi', 'tl.trans(b_ki)')}")
 
@@ -227,7 +232,7 @@ def _emit_intra(plan: Plan) -> Kernel:
                         else:
                             s(f"{f} = {f} * tl.exp(tl.where({strict}, b_G{i}[:, None] - b_G{i}[None, :], 0.0))")
                     if l2:
-                        s(f"{f} = {f} * rk{i}[:, None] * rk{j}[None, :]")
+                        s(f"{f} = {f} * r{rd}{i}[:, None] * rk{j}[None, :]")
                     if plan.beta:
                         if j == 0:
                             e.load(s, f"b_b{i}", "beta", f"r{i}", f"ok{i}")
@@ -275,8 +280,8 @@ def _emit_intra(plan: Plan) -> Kernel:
 
 # ============================================================================ wu
 def _emit_wu(plan: Plan) -> Kernel:
-    e, l2 = Emitter(plan), plan.spec.qk_l2norm
-    params = ["k", "v"]
+    e, l2, rd = Emitter(plan), plan.spec.qk_l2norm, plan.read
+    params = [rd, "v"]
     if plan.spec.has_decay:
         params.append("G")
     if plan.beta:
@@ -287,7 +292,8 @@ def _emit_wu(plan: Plan) -> Kernel:
     s = Source()
     params = declare(plan, params)
     with s.block(signature("wu_fwd", params)):
-        s('"""Per chunk: W = T (β ⊙ Kg), U = T (β ⊙ V), so that the state pass needs Δ = U - W S only."""')
+        what = "Pg" if plan.comba else "Kg"
+        s(f'"""Per chunk: W = T (β ⊙ {what}), U = T (β ⊙ V), so that the state pass needs Δ = U - W S only."""')
         e.chunk_prologue(s)
         e.bases(s, params)
         if plan.spec.has_decay:
@@ -305,11 +311,11 @@ def _emit_wu(plan: Plan) -> Kernel:
         if plan.scalar:
             rows.append("tl.exp(b_G)")
         if l2:
-            e.rnorm(s, "b_rk", "k", "r", "row_ok")
+            e.rnorm(s, "b_rk", rd, "r", "row_ok")
             rows.append("b_rk")
         scale = f" * ({' * '.join(rows)})[:, None]" if rows else ""
         for b in e.blocks:
-            e.load(s, "b_k", "k", "r", "row_ok", b)
+            e.load(s, "b_k", rd, "r", "row_ok", b)
             kg = "b_k"
             if plan.channel:
                 e.load_G(s, "b_Gb", "r", "row_ok", b)

@@ -114,6 +114,7 @@ def buffers(plan: Plan) -> dict[str, tuple[str, tuple[Dim, ...]]]:
     t: dict[str, tuple[str, tuple[Dim, ...]]] = {
         # inputs, outputs, states
         "q": (io, ("TT", "H", K)), "k": (io, ("TT", "H", K)), "v": (io, ("TT", "HV", V)),
+        "p": (io, ("TT", "H", K)),  # Comba's read key
         "o": (io, ("TT", "HV", V)), "z": (io, ("TT", "HV", V)),
         "h0": (acc, ("N", "HV", K, V)), "ht": (acc, ("N", "HV", K, V)),
         "state": (acc, ("NSLOT", "HV", K, V)), "state_idx": ("index", ("N",)), "pool_err": ("int32", (1,)),
@@ -131,13 +132,15 @@ def buffers(plan: Plan) -> dict[str, tuple[str, tuple[Dim, ...]]]:
         "dO": (io, ("TT", "HV", V)), "dht": (acc, ("N", "HV", K, V)), "dh0": (acc, ("N", "HV", K, V)),
         "dh": (mma, ("NCH", "HV", K, V)),
         "dvl": (mma if plan.delta else acc, ("TT", "HV", V)), "dvn": (mma if plan.delta else acc, ("TT", "HV", V)), "dv": (io, ("TT", "HV", V)),  # v's gradient, written once (delta rule), in its dtype
-        "dq": (acc, ("TT", "HV", K)), "dk": (acc, ("TT", "HV", K)),
+        "dq": (acc, ("TT", "HV", K)), "dk": (acc, ("TT", "HV", K)), "dp": (acc, ("TT", "HV", K)),
         # dq, dk complete (the last kernel's): the op's gradients as they are where each q/k head
         # serves one value head and no norm follows; the launcher gives fp32 ones otherwise
-        "dqo": (io, ("TT", "HV", K)), "dko": (io, ("TT", "HV", K)), "dW": (mma, ("TT", "HV", K)),
+        "dqo": (io, ("TT", "HV", K)), "dko": (io, ("TT", "HV", K)), "dpo": (io, ("TT", "HV", K)),
+        "dW": (mma, ("TT", "HV", K)),
         "dAqk": (acc, ("TT", "HV", C)), "dAkk": (acc, ("TT", "HV", C)),
         "dbeta": (acc, ("TT", "HV")), "dG": (acc, g), "dg": (acc, g),
         "dq_out": (io, ("TT", "H", K)), "dk_out": (io, ("TT", "H", K)),  # the op's gradients, in the inputs' dtype
+        "dp_out": (io, ("TT", "H", K)),
     }  # fmt: skip
     if spec.skip is not Skip.NONE:
         t["D"] = (io, ("HV", V) if spec.skip is Skip.CHANNEL else ("HV",))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, fields
 
-from linattn.spec import Decay, Role, Skip, Spec
+from linattn.spec import Correction, Decay, Role, Skip, Spec
 
 __all__ = ["Options", "Plan", "make_plan", "core_spec", "skip_in_core", "DTYPES", "STORE_DTYPE", "MMA_DTYPE", "GATE_FLOOR", "CODEGEN_VERSION"]
 
@@ -137,7 +137,18 @@ class Plan:
 
     @property
     def delta(self) -> bool:
-        return self.spec.has_delta
+        """A correction in WY form: the delta rule's, or Comba's (the same stages, read along ``p``)."""
+        return wy_correction(self.spec)
+
+    @property
+    def comba(self) -> bool:
+        """Comba: the correction reads the state along ``p`` (Akk's rows, W), writes along ``k``."""
+        return self.spec.correction is Correction.COMBA
+
+    @property
+    def read(self) -> str:
+        """The buffer the correction reads the state along: ``p`` (Comba) or ``k``."""
+        return "p" if self.comba else "k"
 
     @property
     def beta(self) -> bool:
@@ -255,12 +266,17 @@ def spec_key(spec: Spec) -> str:
     )
 
 
+def wy_correction(spec: Spec) -> bool:
+    """Whether ``spec``'s correction runs in WY form (the delta rule, Comba; one step per token)."""
+    return spec.correction in (Correction.DELTA, Correction.COMBA)
+
+
 def skip_in_core(spec: Spec) -> bool:
     """Whether the core backward takes ``spec``'s D skip: the kernel that writes dv (the WY
     form's, or the one-pass chunk kernel's) holds dO and v tiles anyway, so dv += D ⊙ dO and
     the per-chunk partial sums of dD = Σ dO ⊙ v cost no extra pass. Channel decay without the
     delta rule writes no dv in a kernel; there the skip stays a layer-side term."""
-    return spec.skip is not Skip.NONE and (spec.decay is not Decay.CHANNEL or spec.has_delta)
+    return spec.skip is not Skip.NONE and (spec.decay is not Decay.CHANNEL or wy_correction(spec))
 
 
 def core_spec(spec: Spec) -> Spec:
@@ -287,8 +303,8 @@ def beta_computed(spec: Spec) -> bool:
 
 def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
     """Lower ``spec`` for inputs of ``dtype`` and head sizes ``K``, ``V``."""
-    if spec.correction.value not in ("none", "delta") or spec.householder != 1:
-        raise ValueError(f"spec: the generated stages cover the corrections 'none' and 'delta' with one step per "
+    if spec.correction is Correction.DPLR or spec.householder != 1:
+        raise ValueError(f"spec: the generated stages cover the corrections 'none', 'delta' and 'comba' with one step per "
                          f"token; got {spec.correction.value!r} with householder={spec.householder}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
@@ -327,7 +343,7 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         # bytes in some launch variants; 16 columns on 8 warps took N = 8-32). The delta rule
         # keeps three [C, C] weights live: 8 columns on 8 warps (16 spilled 60 bytes, 32
         # spilled 224; a [K, C] orientation, M = K on 8 warps and N = 64, spilled 452-1,152).
-        KBD=min(BK, 8 if spec.has_delta else 32),
+        KBD=min(BK, 8 if wy_correction(spec) else 32),
         RB=min(options.chunk_size, 32),
         BV=BV,
         BVS=BVS,
@@ -357,5 +373,5 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
         # 36 bytes; 178 registers on 8). Channel decay's takes 254 on 4 (252 on 8).
         warps_dstate=nw or (8 if BK > 128 and spec.qk_l2norm and spec.decay is not Decay.CHANNEL else 4),
         warps_scan=nw or ((8 if BK > 128 else 2) if spec.decay is Decay.CHANNEL else 4),
-        warps_dchunk=nw or (8 if spec.has_delta else 4),
+        warps_dchunk=nw or (8 if wy_correction(spec) else 4),
     )

@@ -22,7 +22,7 @@ __all__ = ["step_kernel"]
 
 def step_kernel(plan: Plan) -> Kernel:
     e, spec = Emitter(plan), plan.spec
-    params = ["q", "k", "v", *operand_params(plan)]
+    params = ["q", "k", *(["p"] if plan.comba else []), "v", *operand_params(plan)]
     if spec.skip is not Skip.NONE:
         params.append("D")
     if spec.output_gate is OutputGate.SILU:
@@ -65,8 +65,10 @@ def step_kernel(plan: Plan) -> Kernel:
             for b in e.blocks:
                 s(f"b_q{b} = tl.load(q + p_qk + ck{b}, mask=ck_ok{b}, other=0.0).to(tl.float32)")
                 s(f"b_k{b} = tl.load(k + p_qk + ck{b}, mask=ck_ok{b}, other=0.0).to(tl.float32)")
+                if plan.comba:
+                    s(f"b_p{b} = tl.load(p + p_qk + ck{b}, mask=ck_ok{b}, other=0.0).to(tl.float32)")
             if spec.qk_l2norm:
-                for x in ("q", "k"):
+                for x in ("q", "k", *(["p"] if plan.comba else [])):
                     total = " + ".join(f"tl.sum(b_{x}{b} * b_{x}{b}, 0)" for b in e.blocks)
                     s(f"r{x} = tl.rsqrt({total} + {L2NORM_EPS})")
                     for b in e.blocks:
@@ -105,10 +107,10 @@ def step_kernel(plan: Plan) -> Kernel:
                 for b in e.blocks:
                     s(*assign([(f"b_g{b}", spec.gate.expr)], name(b), f"t{b}_"))
                     s(f"b_S{b} = b_S{b} * tl.exp(b_g{b})[:, None]")
-            # correction and write: S += k (β (v - Sᵀ k))ᵀ
+            # correction and write: S += k (β (v - Sᵀ k))ᵀ (Comba reads along p: Sᵀ p)
             u = "b_v"
             if plan.delta:
-                u = "(b_v - (" + " + ".join(f"tl.sum(b_k{b}[:, None] * b_S{b}, 0)" for b in e.blocks) + "))"
+                u = "(b_v - (" + " + ".join(f"tl.sum(b_{plan.read}{b}[:, None] * b_S{b}, 0)" for b in e.blocks) + "))"
             if plan.beta:
                 s(f"b_u = {u} * b_beta")
             elif plan.delta:

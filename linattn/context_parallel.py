@@ -163,11 +163,12 @@ def _tokens(call, a: int, b: int) -> dict:
     for o in call.spec.operands:
         x = call.operands[o.name]
         cut[o.name] = x[:, a:b] if o.role in (Role.TOKEN, Role.TOKEN_CHANNEL) else x
+    cut.update((name, x[:, a:b]) for name, x in call.vectors.items())  # Comba's p
     return cut
 
 
 def _tensors(call) -> list[torch.Tensor]:
-    named = [call.q, call.k, call.v, call.z, call.D, call.initial_state, *call.operands.values()]
+    named = [call.q, call.k, call.v, call.z, call.D, call.initial_state, *call.operands.values(), *call.vectors.values()]
     return [t for t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
@@ -234,7 +235,7 @@ def forward(op, call, output_final_state: bool, group) -> tuple[torch.Tensor, to
                 inits.append(h)
             else:
                 inits.append(start_state(n))
-        kw = dict(scale=call.scale, z=call.z, D=call.D, **call.operands)
+        kw = dict(scale=call.scale, z=call.z, D=call.D, **call.operands, **call.vectors)
         cu_local = torch.tensor(share.local_cu(), device=call.cu_seqlens.device, dtype=call.cu_seqlens.dtype)
         o, finals = op(call.q, call.k, call.v, initial_state=torch.stack(inits), output_final_state=True,
                        cu_seqlens=cu_local, **kw)

@@ -39,9 +39,14 @@ def lookup(key: str):
     return _REGISTRY[key]
 
 
+def tensor_names(spec) -> list[str]:
+    """The names of the custom op's ``operands`` list: the terms' tensor operands, then the
+    correction's key-shaped inputs (Comba's ``p``)."""
+    return [o.name for o in spec.operands if o.role is not Role.SCALAR] + list(spec.correction_inputs)
+
+
 def _call(op, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale):
-    names = iter(o.name for o in op.spec.operands if o.role is not Role.SCALAR)
-    values = dict(zip(names, operands))
+    values = dict(zip(tensor_names(op.spec), operands))
     values.update(zip((o.name for o in op.spec.operands if o.role is Role.SCALAR), scalars))
     return check_call(
         op.spec, q, k, v, values, z=z, D=D, scale=scale, initial_state=h0, cu_seqlens=cu_seqlens, check_values=False
@@ -166,9 +171,9 @@ def finish_grads(op, call, grads: dict, others=()) -> list[torch.Tensor]:
     where it has none), each in its input's dtype. A custom op's outputs may alias neither
     each other nor its inputs (``others``: its other tensor arguments), so a gradient is
     copied only where it would."""
-    names = [o.name for o in op.spec.operands if o.role is not Role.SCALAR]
     q = call.q
-    order = [("q", q), ("k", call.k), ("v", call.v), *((n, call.operands[n]) for n in names), ("z", call.z),
+    given = {**call.operands, **call.vectors}
+    order = [("q", q), ("k", call.k), ("v", call.v), *((n, given[n]) for n in tensor_names(op.spec)), ("z", call.z),
              ("D", call.D), ("initial_state", call.initial_state)]
     real = q.device.type != "meta"  # meta tensors have no storage to alias (the static report runs on them)
     taken = {t.untyped_storage().data_ptr() for _, t in order if t is not None and t.numel() and real}
@@ -190,7 +195,8 @@ def finish_grads(op, call, grads: dict, others=()) -> list[torch.Tensor]:
 def forward(op, call, output_final_state: bool):
     """Run ``op`` on a validated call through the custom op (what torch.compile sees)."""
     key = op.key
-    tensors = [call.operands[o.name] for o in op.spec.operands if o.role is not Role.SCALAR]
+    given = {**call.operands, **call.vectors}
+    tensors = [given[n] for n in tensor_names(op.spec)]
     scalars = [float(call.operands[o.name]) for o in op.spec.operands if o.role is Role.SCALAR]
     o, ht, *_ = _forward(
         key, call.q, call.k, call.v, tensors, scalars, call.z, call.D, call.initial_state, call.cu_seqlens,

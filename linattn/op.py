@@ -236,6 +236,7 @@ class CompiledOp:
             "q": q.reshape(TT, H, K).contiguous(),
             "k": k.reshape(TT, H, K).contiguous(),
             "v": v.reshape(TT, HV, V).contiguous(),
+            **{name: x.reshape(TT, H, K).contiguous() for name, x in call.vectors.items()},  # Comba's p
             "cu_seqlens": cu,
             "chunk_t0": chunk_t0,
             "chunk_len": chunk_len,
@@ -449,7 +450,7 @@ class CompiledOp:
         plan = gen.plan
         f32 = _acc(q.dtype)
 
-        core_call = type(call)(plan.spec, q, k, v, {}, None, None, call.scale, call.initial_state, call.cu_seqlens)
+        core_call = dataclasses.replace(call, spec=plan.spec, operands={}, z=None, D=None)
         env = self._geometry(core_call, gen, mod)
         TT = env["TT"]
         if spec.has_decay:
@@ -484,8 +485,9 @@ class CompiledOp:
         env["dht"] = None if dht is None else dht.to(f32).contiguous()
         env["HAS_DHT"] = dht is not None
         env["STORE_DH0"] = call.initial_state is not None
+        keys = ("q", "k", *call.vectors)  # the key-shaped inputs: q, k and Comba's p
         if spec.qk_l2norm or HV != H:  # the final dq, dk feed the norm or a sum over a group: fp32
-            env["dqo"], env["dko"] = _alloc((TT, HV, K), f32, device), _alloc((TT, HV, K), f32, device)
+            env.update((f"d{x}o", _alloc((TT, HV, K), f32, device)) for x in keys)
         names = [k.name for k in gen.kernels if k.name.endswith("_bwd")]
         if any(buf == "dG" for buf, _ in codegen.epilogue.derivative_terms(fgen.plan)):
             names.remove("dgate_bwd")  # the gate's derivative kernel takes dG's reverse cumsum itself
@@ -497,7 +499,7 @@ class CompiledOp:
             g_in = call.operands[spec.gate.operands[0].name]
             env["dg"] = _alloc((TT, HV, K) if plan.channel else (TT, HV), g_in.dtype, device)
         self._launch(gen, mod, names, env, device)
-        env["dq"], env["dk"] = env["dqo"], env["dko"]  # complete
+        env.update((f"d{x}", env[f"d{x}o"]) for x in keys)  # complete
         if stages is not None:
             stages.update(env)
 
@@ -508,14 +510,13 @@ class CompiledOp:
             dv = env["dvn"] * env["beta"][..., None] if plan.beta else env["dvn"]
             if plan.beta:
                 env["dbeta"] = (env["dvn"] * env["v"].to(f32)).sum(-1)
-        if spec.qk_l2norm:  # the core kernels gave the gradients of the normalised q, k
+        if spec.qk_l2norm:  # the core kernels gave the gradients of the normalised q, k (p)
             self._launch(fgen, fmod, ["qknorm_bwd"], env, device)
-            grads["q"], grads["k"] = env["dq_out"].reshape(B, T, H, K), env["dk_out"].reshape(B, T, H, K)
+            grads.update((x, env[f"d{x}_out"].reshape(B, T, H, K)) for x in keys)
         elif HV == H:  # one value head per q/k head: the gradients as they are
-            grads["q"], grads["k"] = env["dq"].reshape(B, T, H, K), env["dk"].reshape(B, T, H, K)
+            grads.update((x, env[f"d{x}"].reshape(B, T, H, K)) for x in keys)
         else:  # summed over the value heads each q/k head serves
-            grads["q"] = env["dq"].reshape(B, T, H, HV // H, K).sum(3)
-            grads["k"] = env["dk"].reshape(B, T, H, HV // H, K).sum(3)
+            grads.update((x, env[f"d{x}"].reshape(B, T, H, HV // H, K).sum(3)) for x in keys)
         grads.update(self._term_grads(call, fgen, fmod, env))
         dv = dv.reshape(B, T, HV, V)
         grads["v"] = dv.add_(grads["v"]) if "v" in grads else dv  # dv is this call's own buffer
@@ -558,7 +559,7 @@ def compile(spec: Spec, **options) -> "CompiledOp | StepsOp":  # noqa: A001 (the
         hints = [f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(u, valid, 1)) else "" for u in unknown]
         named = ", ".join(f"{u!r}{h}" for u, h in zip(unknown, hints))
         raise ValueError(f"compile: unknown option(s) {named}; valid options: {', '.join(valid)}")
-    if spec.correction in (Correction.COMBA, Correction.DPLR):
+    if spec.correction is Correction.DPLR:
         raise NotImplementedError(
             f"compile: no kernels are generated for correction {spec.correction.value!r} yet; "
             "linattn.reference.recurrent and linattn.reference.chunkwise compute it"
