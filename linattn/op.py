@@ -382,6 +382,7 @@ class CompiledOp:
         env = {
             "q": q.reshape(TT, call.H, K).contiguous(), "k": k.reshape(TT, call.H, K).contiguous(),
             "v": v.reshape(TT, HV, V).contiguous(), "state": state, "state_idx": state_indices,
+            **{name: x.reshape(TT, call.H, K).contiguous() for name, x in call.vectors.items()},  # Comba's p
             # written only for a slot outside the pool; read only on CUDA (the CPU checked on the host)
             "pool_err": torch.zeros(1, dtype=torch.int32, device=q.device) if pooled_cuda else _alloc((1,), torch.int32, q.device),
             "HAS_IDX": state_indices is not None, "cu_seqlens": cu, "scale": call.scale, "NSLOT": S, "TT": TT,

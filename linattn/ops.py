@@ -34,6 +34,8 @@ __all__ = [
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
     "chunk_gated_delta_product",
+    "chunk_comba",
+    "fused_recurrent_comba",
     "chunk_kda",
     "fused_recurrent_kda",
     "chunk_simple_gla",
@@ -405,6 +407,98 @@ def chunk_gated_delta_product(
                  qk_l2norm=use_qk_l2norm_in_kernel, householder=n, name="GATED_DELTA_PRODUCT")
     operands = {"beta": beta, **({"g": g} if decayed else {})}
     return _run(key, q, k, v, scale, initial_state, output_final_state, False, cu_seqlens, cu_seqlens_cpu, operands)
+
+
+# ----------------------------------------------------------------------------- fla: Comba
+_COMBA_DOC = """
+
+        S_t = (I - beta_t k_t p_tᵀ) · exp(g_t) · S_(t-1) + beta_t k_t v_tᵀ
+        o_t = scale · S_tᵀ q_t
+
+    The correction reads the state along ``p`` and writes along ``k`` (with ``p = k`` it is
+    the gated delta rule). Sizes: ``B`` batch, ``T`` tokens, ``H`` query/key heads, ``HV``
+    value heads (a multiple of ``H``), ``N`` sequences (``B``, or ``len(cu_seqlens) - 1``).
+
+    Args:
+        q: Queries ``[B, T, H, K]``, bf16, fp16 or fp32 (fp64 only for CPU tensors, which
+            run through Triton's interpreter). ``k``, ``p`` and ``v`` have the same dtype.
+        k: Keys ``[B, T, H, K]`` (written along).
+        p: Read keys ``[B, T, H, K]``. ``None`` (``chunk_comba`` only, as in fla): ``k``.
+        v: Values ``[B, T, HV, V]``.
+        g: Log-space decay per head and token ``[B, T, HV]`` (expected ``<= 0``), any
+            floating dtype, or ``None`` for no decay.
+        beta: Write strengths ``[B, T, HV]``, any floating dtype. Default ``None``: 1.
+        scale: Positive multiplier of the outputs. Default ``None``: ``K ** -0.5``.
+        initial_state: States before the first token ``[N, HV, K, V]``, any floating dtype;
+            read, never written. Default ``None``: zeros.
+        output_final_state: Also return each sequence's final state. Default ``False``.
+        use_qk_l2norm_in_kernel: L2-normalise ``q``, ``k`` and ``p`` over ``K`` inside the
+            kernels. Default ``False``.
+        cu_seqlens: Packed sequences (``B = 1``): int32 or int64 ``[N + 1]`` token offsets,
+            starting at 0, strictly increasing, ending at ``T``. Default ``None``.
+{extra}
+    Returns:
+        ``(o, final_state)``: ``o`` ``[B, T, HV, V]`` in ``q``'s dtype; ``final_state``
+        ``[N, HV, K, V]`` fp32 (fp64 for fp64 inputs) if ``output_final_state``, else ``None``.
+
+    Raises:
+        ValueError: a tensor of the wrong shape, dtype or device (the message names it). An
+            unknown keyword is a TypeError, as in fla (the signature is fla's).
+    """
+
+
+def _comba(p, k, g, beta, l2norm):
+    key = _OpKey(decay="none" if g is None else "scalar", correction="comba", beta=beta is not None,
+                 qk_l2norm=l2norm, name="COMBA")
+    operands = {"p": k if p is None else p, **({"g": g} if g is not None else {}),
+                **({"beta": beta} if beta is not None else {})}
+    return key, operands
+
+
+def chunk_comba(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    p: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor = None,
+    scale: float = None,
+    initial_state: torch.Tensor = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    key, operands = _comba(p, k, g, beta, use_qk_l2norm_in_kernel)
+    return _run(key, q, k, v, scale, initial_state, output_final_state, False, cu_seqlens, cu_seqlens_cpu, operands)
+
+
+def fused_recurrent_comba(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    p: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor = None,
+    scale: float = None,
+    initial_state: torch.Tensor = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if p is None:
+        raise ValueError("p: required (fused_recurrent_comba reads the state along p)")
+    key, operands = _comba(p, k, g, beta, use_qk_l2norm_in_kernel)
+    return _run_recurrent(key, q, k, v, scale, initial_state, output_final_state, False, cu_seqlens, operands)
+
+
+chunk_comba.__doc__ = "Comba (fla's ``chunk_comba``), by the chunk kernels; per token::" + _COMBA_DOC.format(
+    extra="        cu_seqlens_cpu: fla's host copy of ``cu_seqlens``; only its shape is checked.\n")
+fused_recurrent_comba.__doc__ = (
+    "Comba token by token (fla's ``fused_recurrent_comba``; note its argument order ``q, k, p, v``).\n\n"
+    "    Without autograd the decode step kernel runs through the tokens; under autograd the chunk\n"
+    "    kernels compute the same recurrence, so unlike fla's this op can be trained. Per token::"
+    + _COMBA_DOC.format(extra=""))
 
 
 # ----------------------------------------------------------------------------- fla: KDA

@@ -167,7 +167,7 @@ def test_dplr_chunk_form_is_stable_over_long_sequences_in_rwkv7_range(spec):
 
 
 def test_compile_refuses_what_it_cannot_generate():
-    for spec in (specs.COMBA, specs.DPLR, specs.IPLR, specs.RWKV7):
+    for spec in (specs.DPLR, specs.IPLR, specs.RWKV7):
         with pytest.raises(NotImplementedError, match=f"correction '{spec.correction.value}'"):
             linattn.compile(spec)
 
@@ -241,3 +241,85 @@ def test_chunk_gated_delta_product_drop_in():
         ops.chunk_gated_delta_product(q, k, v, kw["g"], kw["beta"], 0)
     with pytest.raises(TypeError):
         ops.chunk_gated_delta_product(q, k, v, kw["g"], kw["beta"], 2, head_first=False)
+
+
+def _check_compiled(spec, leaves, kw_names, T, HV, V, cu, z=None, tol=2e-5, gtol=1e-4):
+    """The compiled op (fp32, Triton's interpreter) against the float64 oracle: outputs, final
+    states and every input's gradient under a random loss; then the decode step from the same
+    initial states. ``leaves``: float64 tensors by name (q, k, v, the spec's inputs, h0[, z])."""
+    mine = {n: t.float().requires_grad_() for n, t in leaves.items()}
+    ref = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+    w_o = _rand(*leaves["q"].shape[:2], HV, V, seed=10)
+    outs = []
+    for fn, ts in ((linattn.compile(spec), mine), (lambda *a, **kw: recurrent(spec, *a, **kw), ref)):
+        o, s = fn(ts["q"], ts["k"], ts["v"], initial_state=ts["h0"], output_final_state=True, cu_seqlens=cu,
+                  z=ts.get("z"), **{n: ts[n] for n in kw_names})
+        ((o * w_o.to(o.dtype)).sum() + (s * s).sum()).backward()
+        outs.append((o, s))
+    (o, s), (o_ref, s_ref) = outs
+    assert ((o.double() - o_ref).abs().max() / o_ref.abs().max()).item() <= tol
+    assert ((s.double() - s_ref).abs().max() / s_ref.abs().max()).item() <= tol
+    for n in leaves:
+        err = ((mine[n].grad.double() - ref[n].grad).abs().max() / ref[n].grad.abs().max()).item()
+        assert err <= gtol, (n, err)
+    state = leaves["h0"].float().clone()
+    with torch.no_grad():
+        y = linattn.compile(spec).step(*(leaves[n].float() for n in "qkv"), state, cu_seqlens=cu,
+                                       z=None if z is None else z.float(), **{n: leaves[n].float() for n in kw_names})
+    assert ((y.double() - o_ref).abs().max() / o_ref.abs().max()).item() <= tol
+    assert ((state.double() - s_ref).abs().max() / s_ref.abs().max()).item() <= tol
+
+
+@pytest.mark.parametrize("variant", ["scalar-gva-l2-varlen", "channel-gated", "none-nobeta"])
+def test_comba_compiled_forward_gradients_and_decode(variant):
+    """Comba on the generated kernels (its read key p in Akk's rows and W), every decay."""
+    T, K, V, H = 37, 16, 16, 1
+    HV = 2 if variant.startswith("scalar") else 1
+    if variant == "channel-gated":
+        spec = Spec(decay="channel", correction="comba", beta=term("sigmoid(b)", b="token"),
+                    gate=term("-exp(A_log) * softplus(a)", a="token_channel", A_log="head"), output_gate="silu")
+        kw = {"b": _rand(1, T, HV, seed=4), "a": _rand(1, T, HV, K, seed=5), "A_log": _rand(HV, seed=6) / 2}
+    elif variant == "none-nobeta":
+        spec = Spec(correction="comba")
+        kw = {}
+    else:
+        spec = Spec(decay="scalar", correction="comba", beta=True, qk_l2norm=True)
+        kw = {"g": -torch.rand(1, T, HV, dtype=F64), "beta": torch.rand(1, T, HV, dtype=F64)}
+    kw["p"] = _rand(1, T, H, K, seed=9) / 3
+    z = _rand(1, T, HV, V, seed=7) if spec.output_gate.value == "silu" else None
+    leaves = {"q": _rand(1, T, H, K, seed=1), "k": _rand(1, T, H, K, seed=2) / 3, "v": _rand(1, T, HV, V, seed=3),
+              **kw, "h0": _rand(2, HV, K, V, seed=8), **({"z": z} if z is not None else {})}
+    _check_compiled(spec, leaves, list(kw), T, HV, V, torch.tensor([0, 15, 37], dtype=torch.int32), z=z)
+
+
+def test_comba_drop_ins():
+    """fla's signatures exactly (``fused_recurrent_comba`` takes ``q, k, p, v``); against fla's
+    naive recurrence, chunk and recurrent modes, with and without decay; p = None is k."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fla_comba = pytest.importorskip("fla.ops.comba")
+        naive = pytest.importorskip("fla.ops.comba.naive")
+    for name in ("chunk_comba", "fused_recurrent_comba"):
+        ours = inspect.signature(getattr(ops, name)).parameters
+        theirs = inspect.signature(getattr(fla_comba, name)).parameters
+        assert [(p.name, p.kind, p.default) for p in ours.values()] == \
+            [(p.name, p.kind, p.default) for p in theirs.values()], name
+    q, k, v, kw = _family_inputs(specs.COMBA, T=30, dtype=torch.float32)
+    p, beta, g = kw["p"], kw["beta"], kw["g"]
+    h0 = _rand(2, 2, 16, 16, seed=5, dtype=torch.float32)
+    for gg in (g, None):
+        o_ref, s_ref = naive.naive_recurrent_comba(q, k, v, p, beta, torch.zeros_like(beta) if gg is None else gg,
+                                                   initial_state=h0.clone(), output_final_state=True)
+        for o, s in (ops.chunk_comba(q, k, v, p, gg, beta, initial_state=h0, output_final_state=True),
+                     ops.fused_recurrent_comba(q, k, p, v, gg, beta, initial_state=h0, output_final_state=True)):
+            assert ((o - o_ref).abs().max() / o_ref.abs().max()).item() <= 1e-5
+            assert ((s - s_ref).abs().max() / s_ref.abs().max()).item() <= 1e-5
+    o_k, _ = ops.chunk_comba(q, k, v, None, g, beta)
+    o_gdn, _ = ops.chunk_gated_delta_rule(q, k, v, g, beta)
+    assert ((o_k - o_gdn).abs().max() / o_gdn.abs().max()).item() <= 1e-5
+    with pytest.raises(ValueError, match="p: required"):
+        ops.fused_recurrent_comba(q, k, None, v, g, beta)
+    with pytest.raises(ValueError, match=r"p: expected shape"):
+        ops.chunk_comba(q, k, v, p[:, :4], g, beta)
+    with pytest.raises(TypeError):
+        ops.chunk_comba(q, k, v, p, g, beta, head_first=False)
