@@ -587,7 +587,6 @@ def _emit_dchunk(plan: Plan) -> Kernel:
             if delta:
                 _wy_dv_tile(e, s, bcol)
         _skip_end(e, s)
-        kg = f"b_{rd}g" if scalar else f"b_{rd}"  # the read key ⊙ exp(G)
         if delta:
             # dT = dW (βKg)ᵀ + dΔ (βV)ᵀ = dΔ (βV - βKg S)ᵀ = dΔ (T⁻¹Δ)ᵀ, so dAkk = -Tᵀ dT Tᵀ = -Tᵀ dΔ Δᵀ
             s(f"b_N = -{e.dot('tl.trans(b_T)', 'b_dT')}")
@@ -630,24 +629,24 @@ def _emit_dchunk(plan: Plan) -> Kernel:
                 s("b_dqa += b_Md[:, None] * b_k")
             e.store(s, "dqo", "b_dq + b_dqa", "r", "row_ok", b)
 
-        s("", "# ---- over the key blocks: dk = Δ dS'ᵀ (gated)" + (" + the WY form's Tᵀ dW" if delta else "") + " + dAqkᵀ q" + (" + dAkk's" if delta else ""))
+        # The delta rule's WY form and Akk's rows (both along k) join the dk walk; Comba's (along
+        # p) take a walk of their own for dp, which keeps the live weights of each walk fewer.
+        wy = delta and not comba
+        s("", "# ---- over the key blocks: dk = Δ dS'ᵀ (gated)" + (" + the WY form's Tᵀ dW" if wy else "") + " + dAqkᵀ q" + (" + dAkk's" if delta else ""))
         with e.key_loop(s) as b:
             s(f"b_dk = tl.zeros([C, {e.kb}], dtype=tl.float32)")
-            if delta:
+            if wy:
                 s(f"b_dw = tl.zeros([C, {e.kb}], dtype=tl.float32)")
             with s.block("for i_v in range(NVN):"):
                 s("cv = i_v * BVN + cvb", "cv_ok = cv < V")
-                if delta:
+                if wy or scalar:
                     e.load_state(s, "b_S", "hs", "i_c", b)
                 e.load_state(s, "b_dS", "dh", "i_c", b)
                 _load_delta(e, s, "b_d", "r", "row_ok")
                 s(f"b_dk += {e.dot('b_d', 'tl.trans(b_dS)')}")
-                if delta:
-                    e.load(s, "b_dd", "dvn", "r", "row_ok")
-                    s(f"b_dw -= {e.dot('b_dd', 'tl.trans(b_S)')}")
+                if wy:
+                    _dw_tile(e, s)
                 if scalar:
-                    if not delta:
-                        e.load_state(s, "b_S", "hs", "i_c", b)
                     s("b_dGS += tl.sum(tl.sum(b_S * b_dS, 1), 0)")
             e.qk(s, "b_q", "q", "r", "row_ok", b)
             e.qk(s, "b_k", "k", "r", "row_ok", b)
@@ -658,16 +657,8 @@ def _emit_dchunk(plan: Plan) -> Kernel:
             if scalar:
                 s("b_dGr -= tl.sum(b_k * b_dk, 1)")
                 s("b_dGK += tl.sum(tl.sum(b_k * b_dk, 1), 0)")
-            if delta:  # the WY form: d(βKg) = Tᵀ dW (Comba's W reads along p: d(βPg), p's gradient)
-                if scalar:
-                    s(f"{kg} = {e.gated(f'b_{rd}', 'b_G', b)}")
-                s(f"b_dbk = {e.dot('tl.trans(b_T)', 'b_dw')}")
-                if beta:
-                    s(f"b_db += tl.sum(b_dbk * {kg}, 1)")
-                s(f"b_dkg = b_dbk{bcol}")
-                s(f"b_d{rd} {'=' if comba else '+='} {e.gated('b_dkg', 'b_G', b)}")
-                if scalar:
-                    s(f"b_dGr += tl.sum(b_dkg * {kg}, 1)")
+            if wy:
+                _dchunk_wy(e, s, "b_k", "b_dk", b)
             s(f"b_dka = {e.dot('tl.trans(b_M)', 'b_q')}")
             if scalar or beta:
                 s(f"b_km = b_k.to({e.dt}).to(tl.float32)")
@@ -675,23 +666,27 @@ def _emit_dchunk(plan: Plan) -> Kernel:
                 s("b_dGr -= tl.sum(b_km * b_dka, 1)")
                 s("b_dka += b_Md[:, None] * b_q")
             s("b_dk += b_dka")
-            if delta:  # Akk[r, j] = β_r x_r·k_j, x the read key (k, or Comba's p)
-                s(f"b_dkr = {e.dot_split('b_N', 'b_k')}  # Σ_j N[r, j] k_j")
+            if delta:  # Akk[s, r] = β_s x_s·k_r (x the read key: k, or Comba's p): r's column
                 s(f"b_dkc = {e.dot_split('b_NB' if beta else 'b_N', f'b_{rd}', trans=True)}  # Σ_s β_s N[s, r] x_s")
-                if comba and (beta or scalar):
-                    s(f"b_pm = b_p.to({e.dt}).to(tl.float32)")
-                if beta or scalar:
-                    s(f"b_kr = tl.sum(b_{rd}m * b_dkr, 1)  # Σ_j N[r, j] x_r·k_j")
-                if beta:
-                    s("b_db += b_kr")
                 if scalar:
-                    s(f"b_dGr += {'b_b * ' if beta else ''}b_kr - tl.sum(b_km * b_dkc, 1)")
-                if comba:
-                    s("b_dk += b_dkc", f"b_dp += b_dkr{bcol}")
-                else:
-                    s(f"b_dk += b_dkr{bcol} + b_dkc")
+                    s("b_dGr -= tl.sum(b_km * b_dkc, 1)")
+                s("b_dk += b_dkc")
+            if wy:
+                _dchunk_rows(e, s, "b_k", "b_dk", b)
             e.store(s, "dko", "b_dk", "r", "row_ok", b)
-            if comba:
+        if comba:
+            s("", "# ---- over the key blocks: dp = the WY form's Tᵀ dW (gated) + dAkk's rows")
+            with e.key_loop(s) as b:
+                s(f"b_dw = tl.zeros([C, {e.kb}], dtype=tl.float32)")
+                with s.block("for i_v in range(NVN):"):
+                    s("cv = i_v * BVN + cvb", "cv_ok = cv < V")
+                    e.load_state(s, "b_S", "hs", "i_c", b)
+                    _dw_tile(e, s)
+                e.qk(s, "b_k", "k", "r", "row_ok", b)
+                e.qk(s, "b_p", "p", "r", "row_ok", b)
+                s(f"b_dp = tl.zeros([C, {e.kb}], dtype=tl.float32)")
+                _dchunk_wy(e, s, "b_p", "b_dp", b)
+                _dchunk_rows(e, s, "b_p", "b_dp", b)
                 e.store(s, "dpo", "b_dp", "r", "row_ok", b)
         if plan.beta:
             e.store(s, "dbeta", "b_db", "r", "row_ok")
@@ -699,6 +694,42 @@ def _emit_dchunk(plan: Plan) -> Kernel:
             s("b_dGr += tl.where(r == L - 1, b_dGS * tl.exp(b_Glast) + b_dGK, 0.0)")
             e.store(s, "dG", "b_dGr", "r", "row_ok")
     return Kernel("dchunk_bwd", params, ("NCH", "HV"), s.text(), plan.warps_dchunk, num_stages=1)
+
+
+def _dw_tile(e: _B, s: Source) -> None:
+    """In a walk over V with ``b_S`` loaded: dW -= dΔ Sᵀ (dW = -dΔ Sᵀ never leaves the chip)."""
+    e.load(s, "b_dd", "dvn", "r", "row_ok")
+    s(f"b_dw -= {e.dot('b_dd', 'tl.trans(b_S)')}")
+
+
+def _dchunk_wy(e: _B, s: Source, x: str, dx: str, b) -> None:
+    """dchunk's WY form for read key tile ``x``: d(β Xg) = Tᵀ dW into ``dx`` (gated), dβ and G's share."""
+    p, bcol = e.p, " * b_b[:, None]" if e.p.beta else ""
+    xg = f"{x}g" if p.scalar else x  # the read key ⊙ exp(G)
+    if p.scalar:
+        s(f"{xg} = {e.gated(x, 'b_G', b)}")
+    s(f"b_dbk = {e.dot('tl.trans(b_T)', 'b_dw')}")
+    if p.beta:
+        s(f"b_db += tl.sum(b_dbk * {xg}, 1)")
+    s(f"b_dkg = b_dbk{bcol}")
+    s(f"{dx} += {e.gated('b_dkg', 'b_G', b)}")
+    if p.scalar:
+        s(f"b_dGr += tl.sum(b_dkg * {xg}, 1)")
+
+
+def _dchunk_rows(e: _B, s: Source, x: str, dx: str, b) -> None:
+    """Akk's rows, Akk[r, j] = β_r x_r·k_j (``x`` the read key tile, ``b_k`` the keys): into ``dx``,
+    dβ and G's share."""
+    p, bcol = e.p, " * b_b[:, None]" if e.p.beta else ""
+    s(f"b_dkr = {e.dot_split('b_N', 'b_k')}  # Σ_j N[r, j] k_j")
+    if p.beta or p.scalar:
+        xm = "b_km" if x == "b_k" else f"{x}.to({e.dt}).to(tl.float32)"  # x as the products round it
+        s(f"b_kr = tl.sum({xm} * b_dkr, 1)  # Σ_j N[r, j] x_r·k_j")
+    if p.beta:
+        s("b_db += b_kr")
+    if p.scalar:
+        s(f"b_dGr += {'b_b * ' if p.beta else ''}b_kr")
+    s(f"{dx} += b_dkr{bcol}")
 
 
 # ============================================================================ 5. dgate

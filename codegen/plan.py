@@ -15,7 +15,7 @@ from linattn.spec import Correction, Decay, Role, Skip, Spec
 __all__ = ["Options", "Plan", "make_plan", "core_spec", "skip_in_core", "DTYPES", "STORE_DTYPE", "MMA_DTYPE", "GATE_FLOOR", "CODEGEN_VERSION"]
 
 #: Bump when the emitted source changes for the same plan (invalidates the disk cache).
-CODEGEN_VERSION = 8
+CODEGEN_VERSION = 9
 
 #: Input dtypes the kernels take, by short name.
 #: (fp64 runs everything in float64 and exists for gradient checks through the interpreter.)

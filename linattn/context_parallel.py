@@ -235,7 +235,7 @@ def forward(op, call, output_final_state: bool, group) -> tuple[torch.Tensor, to
                 inits.append(h)
             else:
                 inits.append(start_state(n))
-        kw = dict(scale=call.scale, z=call.z, D=call.D, **call.operands, **call.vectors)
+        kw = dict(scale=call.scale, z=call.z, D=call.D, **call.named)
         cu_local = torch.tensor(share.local_cu(), device=call.cu_seqlens.device, dtype=call.cu_seqlens.dtype)
         o, finals = op(call.q, call.k, call.v, initial_state=torch.stack(inits), output_final_state=True,
                        cu_seqlens=cu_local, **kw)

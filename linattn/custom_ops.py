@@ -172,7 +172,7 @@ def finish_grads(op, call, grads: dict, others=()) -> list[torch.Tensor]:
     each other nor its inputs (``others``: its other tensor arguments), so a gradient is
     copied only where it would."""
     q = call.q
-    given = {**call.operands, **call.vectors}
+    given = call.named
     order = [("q", q), ("k", call.k), ("v", call.v), *((n, given[n]) for n in tensor_names(op.spec)), ("z", call.z),
              ("D", call.D), ("initial_state", call.initial_state)]
     real = q.device.type != "meta"  # meta tensors have no storage to alias (the static report runs on them)
@@ -195,7 +195,7 @@ def finish_grads(op, call, grads: dict, others=()) -> list[torch.Tensor]:
 def forward(op, call, output_final_state: bool):
     """Run ``op`` on a validated call through the custom op (what torch.compile sees)."""
     key = op.key
-    given = {**call.operands, **call.vectors}
+    given = call.named
     tensors = [given[n] for n in tensor_names(op.spec)]
     scalars = [float(call.operands[o.name]) for o in op.spec.operands if o.role is Role.SCALAR]
     o, ht, *_ = _forward(

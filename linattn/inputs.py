@@ -38,6 +38,12 @@ class Call:
     vectors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
+    def named(self) -> dict[str, torch.Tensor | float]:
+        """The spec's named arguments as a call takes them: the terms' operands and the
+        correction's inputs."""
+        return {**self.operands, **self.vectors}
+
+    @property
     def B(self) -> int:
         return self.q.shape[0]
 

@@ -33,6 +33,7 @@ def _meta_call(spec: Spec, dtype: torch.dtype, B: int, T: int, H: int, HV: int, 
 
     shapes = {Role.TOKEN: (B, T, HV), Role.TOKEN_CHANNEL: (B, T, HV, K), Role.HEAD: (HV,), Role.HEAD_CHANNEL: (HV, K)}
     operands = {o.name: (1.0 if o.role is Role.SCALAR else t(*shapes[o.role])) for o in spec.operands}
+    operands.update((name, t(B, T, H, K)) for name in spec.correction_inputs)  # Comba's p
     z = t(B, T, HV, V) if spec.output_gate is OutputGate.SILU else None
     D = {Skip.NONE: None, Skip.HEAD: t(HV), Skip.CHANNEL: t(HV, V)}[spec.skip]
     cu = torch.empty(N + 1, dtype=torch.int32, device="meta") if N else None
@@ -74,7 +75,7 @@ def captured_launches(
                 return launches
             one = _meta_call(spec, _DTYPES[dtype], 64, 1, H, HV, K, V)  # a token for each of 64 sequences
             state = torch.empty(64, HV, K, V, dtype=torch.float32, device="meta")
-            op.step(one.q, one.k, one.v, state, z=one.z, D=one.D, **one.operands)
+            op.step(one.q, one.k, one.v, state, z=one.z, D=one.D, **one.named)
         return launches
 
 

@@ -117,3 +117,14 @@ def test_delta_product_kernels_compile_for_sm90_without_spills():
     assert any(r.stage.endswith("_bwd") for r in reports), table
     for r in reports:
         assert 0 < r.registers <= 255 and not r.spills, f"{spec.name}: {r.name} spills\n{table}"
+
+
+@pytest.mark.parametrize("spec", [specs.COMBA, specs.COMBA.replace(qk_l2norm=True, name="COMBA_L2")], ids=lambda s: s.name)
+def test_comba_kernels_compile_for_sm90_without_spills(spec):
+    """Comba (fla's: scalar decay) at K = V = 128 in bf16, forward, decode step and backward:
+    its read key p adds operand tiles to intra, wu, dchunk and the step; no spills."""
+    reports = inspect_spec(spec, "bf16", 128, 128, arch=90) + inspect_spec(spec, "bf16", 128, 128, arch=90, backward=True)
+    table = "\n".join(format_reports(reports))
+    assert {"intra_fwd", "wu_fwd", "step_fwd", "dchunk_bwd"} <= {r.stage for r in reports}, table
+    for r in reports:
+        assert 0 < r.registers <= 255 and not r.spills, f"{spec.name}: {r.name} spills\n{table}"

@@ -270,6 +270,8 @@ def _op_args(name):
         "chunk_gated_delta_rule": (q, k, v, g, b),
         "chunk_gated_delta_product": (q, torch.cat([k, k], 1), torch.cat([v, v], 1), g, torch.cat([b, b], 1), 2),
         "fused_recurrent_gated_delta_rule": (q, k, v, g),
+        "chunk_comba": (q, k, v, k, g, b),
+        "fused_recurrent_comba": (q, k, k, v, g, b),
         "chunk_kda": (q, k, v, gk, b),
         "fused_recurrent_kda": (q, k, v, gk, b),
         "chunk_simple_gla": (q, k, v, g),
