@@ -49,6 +49,7 @@ OPS = {
     "kda_fused": ("Kimi KDA (fused)", specs.KIMI_KDA, ("fla", "kda_fused")),
     "mamba2": ("Mamba-2 (Nemotron-H)", specs.NEMOTRON_MAMBA2, ("mamba_ssm", "mamba2")),
     "delta_product": ("Gated DeltaProduct (2 steps per token)", specs.DELTA_PRODUCT, ("fla", "delta_product")),
+    "comba": ("Comba (scalar decay, read key p)", specs.COMBA, ("fla", "comba")),
 }
 
 _FREE = frozenset({
