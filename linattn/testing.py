@@ -84,7 +84,8 @@ def random_inputs(
     lengths: list[int] | None = None,
     h0: bool = False,
 ) -> Inputs:
-    """Fresh random arguments for ``spec``: q, k, v and every operand the spec reads.
+    """Fresh random arguments for ``spec``: q, k, v, every operand the spec reads and its
+    correction's inputs (Comba's ``p``; DPLR's ``a``, ``b``).
 
     Gates are drawn in ``(-strength, 0)`` per token, β in ``(0, 1)``, Mamba's ``dt`` in
     ``(0.01, 1)`` and ``A`` in ``(-4, -0.5)``; other operands are standard normal.
@@ -111,6 +112,11 @@ def random_inputs(
     }
     for op in spec.operands:
         kwargs[op.name] = _operand_value(op.name, op.role, shapes[op.role], gen, dtype, strength)
+    if "p" in spec.correction_inputs:  # Comba's read key, drawn like k
+        kwargs["p"] = randn(B, T, H, K) / math.sqrt(K)
+    if "a" in spec.correction_inputs:  # DPLR in RWKV-7's range: a = -κ̂, b = κ̂ ⊙ (a gate in (0, 1))
+        kappa = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1)
+        kwargs["a"], kwargs["b"] = -kappa, kappa * torch.rand(B, T, H, K, generator=gen, dtype=torch.float64).to(dtype)
     if spec.skip is Skip.HEAD:
         kwargs["D"] = randn(HV)
     elif spec.skip is Skip.CHANNEL:

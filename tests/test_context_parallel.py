@@ -28,6 +28,7 @@ CASES = {
     "simple-gla-P2": ("SIMPLE_GLA", [25, 25, 25], [40, 35]),
     "mamba2-P2": ("MAMBA2", [64, 16], [70, 10]),
     "kimi-P2": ("KIMI_KDA", [30, 14], [12, 32]),
+    "comba-P3-transition": ("COMBA", [70, 13], [20, 30, 33]),
 }
 
 #: cases whose group leaves rank 0 of the world out
@@ -208,7 +209,7 @@ def _worker(rank: int, world: int, init: str, case: str) -> None:
     spec = getattr(specs, name)
     op = linattn.compile(spec)
     x = _inputs(spec, lengths)
-    token = {o.name for o in spec.operands if o.role in (Role.TOKEN, Role.TOKEN_CHANNEL)} | {"z"}
+    token = {o.name for o in spec.operands if o.role in (Role.TOKEN, Role.TOKEN_CHANNEL)} | {"z", *spec.correction_inputs}
     gen = torch.Generator().manual_seed(7)
     T, N = sum(lengths), len(lengths)
     w_o = torch.randn(1, T, x.v.shape[2], x.v.shape[3], generator=gen)
