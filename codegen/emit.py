@@ -233,21 +233,21 @@ class Emitter:
         else:
             s("b_Glast = tl.load(p_G + (L - 1) * HV, mask=L > 0, other=0.0)")
 
-    def load_G(self, s: Source, var: str, rows: str, ok: str, b: int = 0) -> None:
-        """Rows of ``G`` (key block ``b`` if channel); padding rows repeat the last valid row,
-        so every exp factor stays <= 1."""
+    def load_G(self, s: Source, var: str, rows: str, ok: str, b: int = 0, buf: str = "G") -> None:
+        """Rows of ``G`` (or ``buf``: ``Gx``, what a read before the decay sees; key block ``b``
+        if channel); padding rows repeat the last valid row of G, so every exp factor stays <= 1."""
         if self.p.channel:
             s(
-                f"{var} = tl.load(p_G + {rows}[:, None] * (HV * K) + ck{b}[None, :], "
+                f"{var} = tl.load(p_{buf} + {rows}[:, None] * (HV * K) + ck{b}[None, :], "
                 f"mask={ok}[:, None] & ck_ok{b}[None, :], other=0.0)"
             )
             s(f"{var} = tl.where({ok}[:, None], {var}, b_Glast{b}[None, :])")
         else:
-            s(f"{var} = tl.load(p_G + {rows} * HV, mask={ok}, other=0.0)")
+            s(f"{var} = tl.load(p_{buf} + {rows} * HV, mask={ok}, other=0.0)")
             s(f"{var} = tl.where({ok}, {var}, b_Glast)")
 
-    def load_G_row(self, s: Source, var: str, row: str, ok: str, b: int) -> None:
-        s(f"{var} = tl.load(p_G + {row} * (HV * K) + ck{b}, mask=ck{b} < tl.where({ok}, K, 0), other=0.0)")
+    def load_G_row(self, s: Source, var: str, row: str, ok: str, b: int, buf: str = "G") -> None:
+        s(f"{var} = tl.load(p_{buf} + {row} * (HV * K) + ck{b}, mask=ck{b} < tl.where({ok}, K, 0), other=0.0)")
         s(f"{var} = tl.where({ok}, {var}, b_Glast{b})")
 
 

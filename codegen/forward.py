@@ -35,6 +35,8 @@ def _emit_gates(plan: Plan) -> Kernel:
     params = [n for n in operand_params(plan) if n[2:] in used]
     if spec.has_decay:
         params.append(out("G"))
+    if plan.read_before:
+        params.append(out("Gx"))
     if plan.beta_computed:
         params.append(out("beta"))
     params += ["chunk_t0", "chunk_len", "HV"]
@@ -93,10 +95,12 @@ def _emit_gates(plan: Plan) -> Kernel:
             s(f"b_g = tl.where(b_g < {GATE_FLOOR}, {GATE_FLOOR}, b_g)  # exp(g) = 0 below: an exact reset, finite G")
             s(f"b_g = tl.where({mask}, b_g, 0.0)")
             s("b_G = tl.cumsum(b_g, 0)")
-            if plan.channel:
-                s("tl.store(G + base * K + r[:, None] * (HV * K) + ck[None, :], b_G, mask=row_ok[:, None] & ck_ok[None, :])")
-            else:
-                s("tl.store(G + base + r * HV, b_G, mask=row_ok)")
+            stores = [("G", "b_G")] + ([("Gx", "b_G - b_g")] if plan.read_before else [])  # Gx: before the decay
+            for buf, val in stores:
+                if plan.channel:
+                    s(f"tl.store({buf} + base * K + r[:, None] * (HV * K) + ck[None, :], {val}, mask=row_ok[:, None] & ck_ok[None, :])")
+                else:
+                    s(f"tl.store({buf} + base + r * HV, {val}, mask=row_ok)")
         if plan.beta_computed:
             s("tl.store(beta + base + r * HV, b_beta, mask=r < tl.where(i_k == 0, L, 0))  # once per chunk")
     grid = ("NCH", "HV", "NKB") if plan.channel else ("NCH", "HV")
@@ -116,11 +120,14 @@ def _emit_intra(plan: Plan) -> Kernel:
     e = Emitter(plan, plan.KBI)
     NS, BC, l2 = plan.NS, plan.BC, plan.spec.qk_l2norm
     rd = plan.read  # Akk's rows: the key the correction reads along (Comba's p)
+    gr = "b_Gxi" if plan.read_before else "b_Gi"  # the G Akk's rows see (channel decay's key block)
     params = ["k", *(["p"] if plan.comba else [])]
     if plan.aqk_stored:
         params.append("q")
     if plan.spec.has_decay:
         params.append("G")
+    if plan.read_before and plan.delta:
+        params.append("Gx")
     if plan.delta and plan.beta:
         params.append("beta")
     if plan.delta:
@@ -163,6 +170,8 @@ def _emit_intra(plan: Plan) -> Kernel:
                     e.store(s, "rk", f"rk{i}", f"r{i}", f"ok{i}")
             if plan.scalar:
                 e.load_G(s, f"b_G{i}", f"r{i}", f"ok{i}")
+                if plan.read_before and plan.delta:  # Akk's rows read before their token's decay
+                    e.load_G(s, f"b_Gx{i}", f"r{i}", f"ok{i}", buf="Gx")
             for j in range(i + 1):
                 if plan.delta:
                     s(f"b_A{i}{j} = {zero}")
@@ -178,11 +187,13 @@ def _emit_intra(plan: Plan) -> Kernel:
                     e.load(s, "b_qi", "q", f"r{i}", f"ok{i}", b)
                 if plan.channel:
                     e.load_G(s, "b_Gi", f"r{i}", f"ok{i}", b)
+                    if plan.read_before and plan.delta:
+                        e.load_G(s, "b_Gxi", f"r{i}", f"ok{i}", b, buf="Gx")
                     if i > 0:
                         # G_ref >= G of this sub-chunk's rows, <= G of every earlier row: factors <= 1
                         e.load_G_row(s, "b_Gref", f"{i * BC - 1}", "ref_ok", b)
                         if plan.delta:
-                            s(f"b_ka = b_{rd}i * tl.exp(b_Gi - b_Gref[None, :])")
+                            s(f"b_ka = b_{rd}i * tl.exp({gr} - b_Gref[None, :])")
                         if plan.aqk_stored:
                             s("b_qa = b_qi * tl.exp(b_Gi - b_Gref[None, :])")
                 for j in range(i):
@@ -209,7 +220,11 @@ def _emit_intra(plan: Plan) -> Kernel:
                         e.load_G_row(s, "b_Gc", "rc", "ok_c", b)
                         s("b_e = tl.exp(tl.where(ri[:, None] >= c, b_Gi - b_Gc[None, :], 0.0))")
                         if plan.delta:
-                            s(f"col = tl.sum(tl.where(ri[:, None] > c, b_{rd}i * b_kc[None, :] * b_e, 0.0), 1)")
+                            ea = "b_e"
+                            if plan.read_before:
+                                s("b_ex = tl.exp(tl.where(ri[:, None] > c, b_Gxi - b_Gc[None, :], 0.0))")
+                                ea = "b_ex"
+                            s(f"col = tl.sum(tl.where(ri[:, None] > c, b_{rd}i * b_kc[None, :] * {ea}, 0.0), 1)")
                             s(f"b_A{i}{i} += tl.where(ri[None, :] == c, col[:, None], 0.0)")
                         if plan.aqk_stored:
                             s("col = tl.sum(tl.where(ri[:, None] >= c, b_qi * b_kc[None, :] * b_e, 0.0), 1)")
@@ -225,12 +240,13 @@ def _emit_intra(plan: Plan) -> Kernel:
                 if plan.delta:
                     f = f"b_A{i}{j}"
                     if plan.scalar:
+                        gi = f"b_Gx{i}" if plan.read_before else f"b_G{i}"  # Akk's rows
                         if j < i:
                             s(f"rj = {plus(j * BC, 'ri')}", "okj = rj < L")
                             e.load_G(s, "b_Gj", "rj", "okj")
-                            s(f"{f} = {f} * tl.exp(b_G{i}[:, None] - b_Gj[None, :])")
+                            s(f"{f} = {f} * tl.exp({gi}[:, None] - b_Gj[None, :])")
                         else:
-                            s(f"{f} = {f} * tl.exp(tl.where({strict}, b_G{i}[:, None] - b_G{i}[None, :], 0.0))")
+                            s(f"{f} = {f} * tl.exp(tl.where({strict}, {gi}[:, None] - b_G{i}[None, :], 0.0))")
                     if l2:
                         s(f"{f} = {f} * r{rd}{i}[:, None] * rk{j}[None, :]")
                     if plan.beta:
@@ -284,6 +300,8 @@ def _emit_wu(plan: Plan) -> Kernel:
     params = [rd, "v"]
     if plan.spec.has_decay:
         params.append("G")
+    if plan.read_before:
+        params.append("Gx")
     if plan.beta:
         params.append("beta")
     params += ["Tm", out("W"), out("U")]
@@ -296,10 +314,11 @@ def _emit_wu(plan: Plan) -> Kernel:
         s(f'"""Per chunk: W = T (β ⊙ {what}), U = T (β ⊙ V), so that the state pass needs Δ = U - W S only."""')
         e.chunk_prologue(s)
         e.bases(s, params)
+        gbuf = "Gx" if plan.read_before else "G"  # W's rows: where the read sees the state
         if plan.spec.has_decay:
             e.load_glast(s)
             if plan.scalar:
-                e.load_G(s, "b_G", "r", "row_ok")
+                e.load_G(s, "b_G", "r", "row_ok", buf=gbuf)
         s(
             "b_T = tl.load(p_Tm + r[:, None] * (HV * C) + r[None, :], "
             "mask=row_ok[:, None] & (r[:, None] >= r[None, :]), other=0.0)"
@@ -318,7 +337,7 @@ def _emit_wu(plan: Plan) -> Kernel:
             e.load(s, "b_k", rd, "r", "row_ok", b)
             kg = "b_k"
             if plan.channel:
-                e.load_G(s, "b_Gb", "r", "row_ok", b)
+                e.load_G(s, "b_Gb", "r", "row_ok", b, buf=gbuf)
                 kg = "b_k * tl.exp(b_Gb)"
             e.causal_dot(s, "b_w", "b_T", kg + scale)
             s(

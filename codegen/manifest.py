@@ -123,6 +123,7 @@ def buffers(plan: Plan) -> dict[str, tuple[str, tuple[Dim, ...]]]:
         "chunk_off": ("int32", ("N+1",)), "cu_ok": ("int32", (1,)),
         # forward intermediates
         "G": (acc, g), "beta": (acc if plan.beta_computed else io, ("TT", "HV")),
+        "Gx": (acc, g),  # G - g: what a read before the decay sees
         "Tm": (st, ("TT", "HV", C)), "Aqk": (st, ("TT", "HV", C)),
         "W": (st, ("TT", "HV", K)), "U": (st, ("TT", "HV", V)), "vnew": (st, ("TT", "HV", V)),
         "rq": (acc, ("TT", "HV")), "rk": (acc, ("TT", "HV")),  # 1/|row| of q and k (the L2 norm), from intra for the scan
@@ -138,7 +139,7 @@ def buffers(plan: Plan) -> dict[str, tuple[str, tuple[Dim, ...]]]:
         "dqo": (io, ("TT", "HV", K)), "dko": (io, ("TT", "HV", K)), "dpo": (io, ("TT", "HV", K)),
         "dW": (mma, ("TT", "HV", K)),
         "dAqk": (acc, ("TT", "HV", C)), "dAkk": (acc, ("TT", "HV", C)),
-        "dbeta": (acc, ("TT", "HV")), "dG": (acc, g), "dg": (acc, g),
+        "dbeta": (acc, ("TT", "HV")), "dG": (acc, g), "dg": (acc, g), "dGx": (acc, g),
         "dq_out": (io, ("TT", "H", K)), "dk_out": (io, ("TT", "H", K)),  # the op's gradients, in the inputs' dtype
         "dp_out": (io, ("TT", "H", K)),
     }  # fmt: skip

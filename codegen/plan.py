@@ -146,6 +146,12 @@ class Plan:
         return self.spec.correction is Correction.COMBA
 
     @property
+    def read_before(self) -> bool:
+        """The correction reads the state before the token's decay: its rows (Akk's, W's) sit at
+        ``Gx = G - g``, the exclusive cumulative log-decay, which the gates stage stores."""
+        return self.spec.read_before_decay and self.spec.has_decay
+
+    @property
     def read(self) -> str:
         """The buffer the correction reads the state along: ``p`` (Comba) or ``k``."""
         return "p" if self.comba else "k"
@@ -262,6 +268,7 @@ def spec_key(spec: Spec) -> str:
             spec.skip.value,
             spec.output_gate.value,
             repr(spec.default_scale),
+            *(["read_before_decay"] if spec.read_before_decay else []),
         ]
     )
 
@@ -292,6 +299,7 @@ def core_spec(spec: Spec) -> Spec:
         qk_l2norm=spec.qk_l2norm,
         skip=spec.skip if skip_in_core(spec) else Skip.NONE,
         default_scale=spec.default_scale,
+        read_before_decay=spec.read_before_decay,
         name=f"{spec.name or 'spec'}_core",
     )
 
@@ -306,6 +314,9 @@ def make_plan(spec: Spec, dtype: str, K: int, V: int, options: Options) -> Plan:
     if spec.correction is Correction.DPLR or spec.householder != 1:
         raise ValueError(f"spec: the generated stages cover the corrections 'none', 'delta' and 'comba' with one step per "
                          f"token; got {spec.correction.value!r} with householder={spec.householder}")
+    if spec.read_before_decay and spec.gate is not None and not spec.gate.is_identity:
+        raise ValueError(f"spec: with read_before_decay the generated stages take the log-decay g as an input; "
+                         f"evaluate the gate term {spec.gate} first")
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
     if not (1 <= K <= 256):

@@ -98,6 +98,10 @@ def step_kernel(plan: Plan) -> Kernel:
                 terms.append(("b_beta", spec.beta.expr))
             if terms:
                 s(*assign(terms, name(""), "t_"))
+            read = " + ".join(f"tl.sum(b_{plan.read}{b}[:, None] * b_S{b}, 0)" for b in e.blocks)
+            if plan.read_before:  # the correction reads the state before the decay
+                s(f"b_r = {read}")
+                read = "b_r"
             # decay
             if plan.scalar:
                 s("b_a = tl.exp(b_g)")
@@ -110,7 +114,7 @@ def step_kernel(plan: Plan) -> Kernel:
             # correction and write: S += k (β (v - Sᵀ k))ᵀ (Comba reads along p: Sᵀ p)
             u = "b_v"
             if plan.delta:
-                u = "(b_v - (" + " + ".join(f"tl.sum(b_{plan.read}{b}[:, None] * b_S{b}, 0)" for b in e.blocks) + "))"
+                u = f"(b_v - ({read}))"
             if plan.beta:
                 s(f"b_u = {u} * b_beta")
             elif plan.delta:

@@ -317,6 +317,10 @@ class Spec:
         householder: with the delta rule, the number ``n`` of delta-rule steps per token
             (DeltaProduct): the decay, then ``n`` writes with their own ``k``, ``v`` and ``β``
             (``T·n`` rows of them), then the output. Default 1.
+        read_before_decay: with the delta rule or Comba, the correction reads the state
+            before the token's decay: ``S_t = (D_t - β_t k_t r_tᵀ) S_(t-1) + β_t k_t v_tᵀ``
+            (``r`` = ``k``, or Comba's ``p``) instead of ``(I - β_t k_t r_tᵀ) D_t S_(t-1) + ...``.
+            DPLR's transition runs on this form. Default False.
         gate: the log-decay ``g <= 0``; default (for a decaying spec) the input ``g`` itself.
             A term that can only be ``>= 0`` (``softplus(a)``, ``exp(x)``) is a ValueError.
         beta: ``False`` (no write strength), ``True`` (the input ``beta``) or a term.
@@ -336,6 +340,7 @@ class Spec:
     output_gate: OutputGate = OutputGate.NONE
     default_scale: float | None = None
     householder: int = 1
+    read_before_decay: bool = False
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -346,6 +351,8 @@ class Spec:
         setf("output_gate", OutputGate.coerce(self.output_gate, "output_gate"))
         if not isinstance(self.qk_l2norm, bool):
             raise ValueError(f"qk_l2norm must be a bool; got {self.qk_l2norm!r}")
+        if not isinstance(self.read_before_decay, bool):
+            raise ValueError(f"read_before_decay must be a bool; got {self.read_before_decay!r}")
         if not isinstance(self.name, str):
             raise ValueError(f"name must be a str; got {self.name!r}")
 
@@ -393,6 +400,9 @@ class Spec:
             raise ValueError(f"skip: the D skip adds D ⊙ v_t, but with householder={h} a token has {h} values")
         if h > 1 and self.correction is not Correction.DELTA:
             raise ValueError(f"householder={h} needs correction='delta' (DeltaProduct's steps are delta-rule steps)")
+        if self.read_before_decay and (self.correction not in (Correction.DELTA, Correction.COMBA) or h > 1):
+            raise ValueError("read_before_decay: the delta rule's or Comba's one read per token can come before the "
+                             f"decay; got correction={self.correction.value!r}, householder={h}")
         for t in (self.gate, self.beta):
             for o in t.operands if t is not None else ():
                 if o.name in self.correction_inputs:
@@ -464,6 +474,10 @@ class Spec:
             b = "β_tj " if self.beta is not None else ""
             transition = (f"P_t({decay}S_(t-1)), P_t = {self.householder} steps S <- (I - {b}k_tj k_tjᵀ)·S + "
                           f"{b}k_tj v_tjᵀ")
+        elif self.read_before_decay:
+            r = "p_t" if self.correction is Correction.COMBA else "k_t"
+            diag = {Decay.NONE: "I", Decay.SCALAR: "exp(g_t)·I", Decay.CHANNEL: "Diag(exp(g_t))"}[self.decay]
+            transition = f"({diag} - {b}k_t {r}ᵀ)·S_(t-1) + {b}k_t v_tᵀ"
         else:
             transition = f"{corr}{decay}S_(t-1) + {b}k_t v_tᵀ"
         out = f"S_t = {transition}; o_t = {scale}S_tᵀ q_t"

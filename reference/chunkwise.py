@@ -115,9 +115,11 @@ def intra_chunk(
     scale: float,
     subchunk: int,
     read: torch.Tensor | None = None,
+    G_read: torch.Tensor | None = None,
 ) -> Intra:
     """Stage 1: everything about a chunk that does not depend on the state. ``read``: the
-    key the correction reads the state along (Comba's ``p``; default ``k``)."""
+    key the correction reads the state along (Comba's ``p``; default ``k``); ``G_read``: the
+    log-decay its rows see if not ``G`` (``G - g`` when it reads before the decay)."""
     if decay is Decay.NONE:
         Qg, Kg, Kb, decay_last = scale * q, k, k, None
     else:
@@ -130,7 +132,7 @@ def intra_chunk(
     Aqk = scale * decayed_products(q, k, G, decay, strict=False, subchunk=subchunk)
     Akk = None
     if delta:
-        Akk = decayed_products(k if read is None else read, k, G, decay, strict=True, subchunk=subchunk)
+        Akk = decayed_products(k if read is None else read, k, G, decay, strict=True, subchunk=subchunk, G_rows=G_read)
         if beta is not None:
             Akk = beta[..., :, None] * Akk
     return Intra(Qg, Kg, Kb, Aqk, Akk, decay_last)
@@ -297,25 +299,33 @@ def chunk_stages(
     chunk_size: int,
     subchunk_size: int,
     read: torch.Tensor | None = None,
+    read_before_decay: bool = False,
 ) -> ChunkStages:
     """Run all stages on ``[N, L, HV, *]`` inputs (one length for all N sequences).
 
     Padding tokens have k = v = q = 0 and g = 0: they neither write nor decay the state.
     ``read``: Comba's read key ``p`` (the delta rule's W and Akk read along it).
+    ``read_before_decay``: the read sees the state before the token's decay (rows at ``G - g``).
     """
     L = q.shape[1]
     C = chunk_size
     qc, kc, vc = _to_chunks(q, C), _to_chunks(k, C), _to_chunks(v, C)
     rc = None if read is None else _to_chunks(read, C)
     bc = None if beta is None else _to_chunks(beta, C)
-    G = None if g is None else gate_cumsum(_to_chunks(g, C))
-    intra = intra_chunk(qc, kc, G, bc, decay=decay, delta=delta, scale=scale, subchunk=subchunk_size, read=rc)
+    G = G_read = None
+    if g is not None:
+        gc = _to_chunks(g, C)
+        G = gate_cumsum(gc)
+        G_read = G - gc if read_before_decay else None
+    intra = intra_chunk(qc, kc, G, bc, decay=decay, delta=delta, scale=scale, subchunk=subchunk_size, read=rc,
+                        G_read=G_read)
     T = W = None
     if delta:
         T = solve_unit_lower(intra.Akk)
         Rg = intra.Kg
-        if rc is not None:
-            Rg = rc if G is None else rc * torch.exp(G[..., None] if decay is Decay.SCALAR else G)
+        if rc is not None or G_read is not None:
+            R, GR = kc if rc is None else rc, G if G_read is None else G_read
+            Rg = R if G is None else R * torch.exp(GR[..., None] if decay is Decay.SCALAR else GR)
         W, U = wy_representation(T, Rg, vc, bc)
     else:
         U = vc if bc is None else bc[..., None] * vc
@@ -375,7 +385,8 @@ def chunkwise(
         if steps > 1:
             qq, gg = interleave_steps(qq, gg, steps)
         st = chunk_stages(qq, k[rows], v[rows], gg, None if beta is None else beta[rows], s0,
-                          delta=spec.correction is not Correction.NONE, read=read, **kw)
+                          delta=spec.correction is not Correction.NONE, read=read,
+                          read_before_decay=spec.read_before_decay, **kw)
         return st.o[:, steps - 1 :: steps], st.final_state
 
     if call.cu_seqlens is None:  # equal lengths: all sequences at once

@@ -27,12 +27,14 @@ def recurrent_scan(
     scale: float,
     vectors: dict[str, torch.Tensor] | None = None,
     householder: int = 1,
+    read_before_decay: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the recurrence over ``[N, L, HV, *]`` inputs from ``state`` ``[N, HV, K, V]``.
 
     ``vectors``: the correction's inputs ``[N, L, HV, K]`` (``p``; ``a``, ``b``). With
     ``householder = n`` (the delta rule's steps per token) ``k``, ``v`` and ``beta`` hold
-    ``L · n`` rows, step ``j`` of token ``t`` at row ``t · n + j``.
+    ``L · n`` rows, step ``j`` of token ``t`` at row ``t · n + j``. ``read_before_decay``: the
+    delta rule's or Comba's read sees the state before the token's decay.
     Returns the outputs ``[N, L, HV, V]`` (before layer-side terms) and the final state.
     """
     vectors = vectors or {}
@@ -41,6 +43,9 @@ def recurrent_scan(
     for t in range(q.shape[1]):
         if correction is Correction.DPLR:  # the rank-1 term reads the state before the decay
             low = torch.einsum("nhkv,nhk->nhv", state, vectors["a"][:, t])
+        if read_before_decay:  # one row per token: its read before the decay
+            r_t = k[:, t] if correction is Correction.DELTA else vectors["p"][:, t]
+            early = torch.einsum("nhkv,nhk->nhv", state, r_t)
         if decay is Decay.SCALAR:
             state = state * torch.exp(g[:, t])[..., None, None]
         elif decay is Decay.CHANNEL:
@@ -49,7 +54,9 @@ def recurrent_scan(
             state = state + vectors["b"][:, t, :, :, None] * low[:, :, None, :]
         for row in range(t * n, (t + 1) * n):
             k_t, v_t = k[:, row], v[:, row]
-            if correction is Correction.DELTA:  # S - β k kᵀ S + β k vᵀ = S + k (β (v - Sᵀ k))ᵀ
+            if read_before_decay:
+                v_t = v_t - early
+            elif correction is Correction.DELTA:  # S - β k kᵀ S + β k vᵀ = S + k (β (v - Sᵀ k))ᵀ
                 v_t = v_t - torch.einsum("nhkv,nhk->nhv", state, k_t)
             elif correction is Correction.COMBA:  # S - β k pᵀ S + β k vᵀ: read along p, write along k
                 v_t = v_t - torch.einsum("nhkv,nhk->nhv", state, vectors["p"][:, t])
@@ -113,6 +120,7 @@ def recurrent(
             scale=call.scale,
             vectors={name: x[sl] for name, x in vectors.items()},
             householder=steps,
+            read_before_decay=spec.read_before_decay,
         )
         outs.append(o)
         finals.append(s)
