@@ -270,11 +270,12 @@ def _emit_dqk(plan: Plan) -> Kernel:
     sub-chunk products (dAqk, dAkk to q, k, G) follow in ``dprod``."""
     e = _B(plan, plan.KBB)
     delta, beta = plan.delta, plan.delta and plan.beta
-    params = ["q", "k", *(["p"] if plan.comba else []), "G", *_delta_param(plan), "hs", "dh", "dO"]
+    params = ["q", "k", *(["p"] if plan.comba else []), "G", *(["Gx"] if plan.read_before else []),
+              *_delta_param(plan), "hs", "dh", "dO"]
     if delta:
         params += ["v", "Tm", *(["beta"] if beta else []), "dvn", out("dv"), *_skip_params(plan)]
         params += [out("dbeta")] if beta else []
-        params += [out("dAkk"), *([out("dp")] if plan.comba else [])]
+        params += [out("dAkk"), *([out("dp")] if plan.comba else []), *([out("dGx")] if plan.read_before else [])]
     params += [out("dq"), out("dk"), out("dG"), out("dAqk"), "scale", *_CHUNK, "MMA"]
     s = Source()
     causal = "r[:, None] >= r[None, :]"
@@ -347,16 +348,23 @@ def _emit_dqk(plan: Plan) -> Kernel:
                 rd = plan.read
                 if plan.comba:
                     e.qk(s, "b_p", "p", "r", "row_ok", b)
-                s(f"b_{rd}g = {e.gated(f'b_{rd}', 'b_Gb', b)}")
+                gw = "b_Gb"
+                if plan.read_before:  # the reads see the state before their token's decay: Gx
+                    e.load_G(s, "b_Gxb", "r", "row_ok", b, buf="Gx")
+                    gw = "b_Gxb"
+                s(f"b_{rd}g = {e.gated(f'b_{rd}', gw, b)}")
                 s(f"b_dbk = {e.dot('tl.trans(b_T)', 'b_dw')}")
                 if beta:
                     s(f"b_db += tl.sum(b_dbk * b_{rd}g, 1)")
                 s(f"b_dkg = b_dbk{bcol}")
                 if plan.comba:
-                    e.store(s, "dp", e.gated("b_dkg", "b_Gb", b), "r", "row_ok", b)
+                    e.store(s, "dp", e.gated("b_dkg", gw, b), "r", "row_ok", b)
                 else:
-                    s(f"b_dk += {e.gated('b_dkg', 'b_Gb', b)}")
-                s(f"b_dG += b_dkg * b_{rd}g")
+                    s(f"b_dk += {e.gated('b_dkg', gw, b)}")
+                if plan.read_before:
+                    e.store(s, "dGx", f"b_dkg * b_{rd}g", "r", "row_ok", b)
+                else:
+                    s(f"b_dG += b_dkg * b_{rd}g")
             e.store(s, "dk", "b_dk", "r", "row_ok", b)
             e.store(s, "dG", "b_dG", "r", "row_ok", b)
         if delta:
@@ -388,6 +396,9 @@ def _emit_dprod(plan: Plan) -> Kernel:
     if plan.comba:
         params[2:2] = ["p"]
         params += ["dp", out("dpo")]
+    if plan.read_before:  # Akk's rows at Gx = G - g
+        params[params.index("G") + 1 : params.index("G") + 1] = ["Gx"]
+        params.append(inout("dGx"))
     rd = plan.read  # Akk's row operand
     # the products: (weights, row operand, column operand, gradient of rows, gradient of columns)
     prods = [("dAqk", "q", "k", "dq", "dk", ">=")]
@@ -412,6 +423,8 @@ def _emit_dprod(plan: Plan) -> Kernel:
                 s(f"# ---- sub-chunk {i}")
                 s(f"ri{i} = {plus(i * BC, 'ri')}", f"ok{i} = ri{i} < L")
                 e.load_G(s, "b_Gi", f"ri{i}", f"ok{i}", b)
+                if plan.read_before and plan.delta:
+                    e.load_G(s, "b_Gxi", f"ri{i}", f"ok{i}", b, buf="Gx")
                 s(f"b_dqi = tl.zeros([BC, {e.kb}], dtype=tl.float32)")  # row-side gradient, per product
                 if plan.delta:
                     s(f"b_dkri = tl.zeros([BC, {e.kb}], dtype=tl.float32)")
@@ -437,7 +450,10 @@ def _emit_dprod(plan: Plan) -> Kernel:
                     s("b_e = tl.exp(b_Gi - b_Gref[None, :])")
                     s("b_dqi = b_dqi * b_e")
                     if plan.delta:
-                        s("b_dkri = b_dkri * b_e")
+                        if plan.read_before:
+                            s("b_dkri = b_dkri * tl.exp(b_Gxi - b_Gref[None, :])")
+                        else:
+                            s("b_dkri = b_dkri * b_e")
                 # columns of block i against rows j > i: reference point at block i's last token
                 if i < NS - 1:
                     last = (i + 1) * BC - 1
@@ -446,9 +462,12 @@ def _emit_dprod(plan: Plan) -> Kernel:
                     for j in range(i + 1, NS):
                         s(f"rj = {plus(j * BC, 'ri')}", "okj = rj < L")
                         e.load_G(s, "b_Gj", "rj", "okj", b)
+                        if plan.read_before and plan.delta:
+                            e.load_G(s, "b_Gxj", "rj", "okj", b, buf="Gx")
                         for wname, a_name, _b, _ga, _gb, _m in prods:
                             e.qk(s, "b_aj", a_name, "rj", "okj", b, norm_rows=f"ri{j}")
-                            s("b_aj = b_aj * tl.exp(b_Gj - b_Gref[None, :])")
+                            gj = "b_Gxj" if wname == "dAkk" and plan.read_before else "b_Gj"
+                            s(f"b_aj = b_aj * tl.exp({gj} - b_Gref[None, :])")
                             s(
                                 f"b_w = tl.load(p_{wname} + rj[:, None] * (HV * C) + ri{i}[None, :], "
                                 f"mask=okj[:, None], other=0.0)"
@@ -476,6 +495,8 @@ def _emit_dprod(plan: Plan) -> Kernel:
                         s(f"b_kc = b_kc * tl.sum(tl.where(ri == c, b_rnk_ri{i}, 0.0), 0)")
                     e.load_G_row(s, "b_Gc", "rc", "ok_c", b)
                     s("b_e = tl.exp(tl.where(ri[:, None] >= c, b_Gi - b_Gc[None, :], 0.0))")
+                    if plan.read_before and plan.delta:
+                        s("b_ex = tl.exp(tl.where(ri[:, None] > c, b_Gxi - b_Gc[None, :], 0.0))")
                     for wname, a_name, _b, _ga, _gb, m in prods:
                         s(
                             f"b_wc = tl.load(p_{wname} + ri{i} * (HV * C) + rc, "
@@ -487,9 +508,10 @@ def _emit_dprod(plan: Plan) -> Kernel:
                             dc = f"tl.sum(b_wc[:, None] * {a} * b_e, 0)"
                             s(f"b_dkci += tl.where(ri[:, None] == c, {dc}[None, :], 0.0)")
                         else:
-                            s("b_dkri += b_wc[:, None] * b_kc[None, :] * b_e")
+                            ea = "b_ex" if plan.read_before else "b_e"
+                            s(f"b_dkri += b_wc[:, None] * b_kc[None, :] * {ea}")
                             wb = "b_wc * b_bi" if plan.beta else "b_wc"
-                            dc = f"tl.sum(({wb})[:, None] * {a} * b_e, 0)"
+                            dc = f"tl.sum(({wb})[:, None] * {a} * {ea}, 0)"
                             s(f"b_dkcq += tl.where(ri[:, None] == c, {dc}[None, :], 0.0)")
                 # scale, β, and what G gets: a ⊙ da - b ⊙ db
                 s("b_dqi = b_dqi * scale", "b_dkci = b_dkci * scale")
@@ -499,8 +521,11 @@ def _emit_dprod(plan: Plan) -> Kernel:
                     if plan.beta:
                         # dβ_s = Σ_c k_sc · (the row gradient without β); summed over key blocks
                         s(f"b_db{i} += tl.sum(b_{rd}i * b_dkri, 1)", "b_dkri = b_dkri * b_bi[:, None]")
-                    dG += f" + b_{rd}i * b_dkri - b_ki * b_dkcq"
+                    dG += ("" if plan.read_before else f" + b_{rd}i * b_dkri") + " - b_ki * b_dkcq"
                     dk += " + b_dkcq" + ("" if plan.comba else " + b_dkri")
+                    if plan.read_before:  # the rows' share of G is Gx's
+                        e.load(s, "b_x", "dGx", f"ri{i}", f"ok{i}", b)
+                        e.store(s, "dGx", f"b_x + b_{rd}i * b_dkri", f"ri{i}", f"ok{i}", b)
                 if plan.comba:  # the rows' gradient is p's
                     e.load(s, "b_x", "dp", f"ri{i}", f"ok{i}", b)
                     e.store(s, "dpo", "b_x + b_dkri", f"ri{i}", f"ok{i}", b)
@@ -531,6 +556,8 @@ def _emit_dchunk(plan: Plan) -> Kernel:
     params = ["q", "k", *(["p"] if comba else [])]
     if scalar:
         params.append("G")
+    if plan.read_before:
+        params.append("Gx")
     params += _delta_param(plan)
     if delta:
         params += ["v", "Tm"] + (["beta"] if plan.beta else [])
@@ -539,6 +566,8 @@ def _emit_dchunk(plan: Plan) -> Kernel:
         params.append(out("dbeta"))
     if scalar:
         params.append(out("dG"))
+    if plan.read_before:
+        params.append(out("dGx"))
     params += ["scale", *_CHUNK, "MMA"]
     s = Source()
     causal, strict = "r[:, None] >= r[None, :]", "r[:, None] > r[None, :]"
@@ -555,6 +584,9 @@ def _emit_dchunk(plan: Plan) -> Kernel:
         if scalar:
             e.load_glast(s)
             e.load_G(s, "b_G", "r", "row_ok")
+        if plan.read_before:  # the correction's rows read before their decay: at Gx = G - g
+            e.load_G(s, "b_Gx", "r", "row_ok", buf="Gx")
+            s("b_dGxr = tl.zeros([C], dtype=tl.float32)")
         if delta:
             e.load_cc(s, "b_T", "Tm", causal, raw=True)  # a product operand only
         if beta:
@@ -590,7 +622,8 @@ def _emit_dchunk(plan: Plan) -> Kernel:
         if delta:
             # dT = dW (βKg)ᵀ + dΔ (βV)ᵀ = dΔ (βV - βKg S)ᵀ = dΔ (T⁻¹Δ)ᵀ, so dAkk = -Tᵀ dT Tᵀ = -Tᵀ dΔ Δᵀ
             s(f"b_N = -{e.dot('tl.trans(b_T)', 'b_dT')}")
-            s(f"b_N = tl.where({strict}, b_N, 0.0){decay(strict)}  # dAkk through the decay")
+            dn = decay(strict).replace("b_G[:, None]", "b_Gx[:, None]") if plan.read_before else decay(strict)
+            s(f"b_N = tl.where({strict}, b_N, 0.0){dn}  # dAkk through the decay")
         s(f"b_M = tl.where({causal}, b_dA, 0.0) * scale{decay(causal)}  # dAqk through scale and decay")
         if scalar:
             s("b_Md = tl.sum(tl.where(r[:, None] == r[None, :], b_M, 0.0), 1)  # the diagonal")
@@ -693,6 +726,8 @@ def _emit_dchunk(plan: Plan) -> Kernel:
         if scalar:
             s("b_dGr += tl.where(r == L - 1, b_dGS * tl.exp(b_Glast) + b_dGK, 0.0)")
             e.store(s, "dG", "b_dGr", "r", "row_ok")
+        if plan.read_before:
+            e.store(s, "dGx", "b_dGxr", "r", "row_ok")
     return Kernel("dchunk_bwd", params, ("NCH", "HV"), s.text(), plan.warps_dchunk, num_stages=1)
 
 
@@ -705,16 +740,17 @@ def _dw_tile(e: _B, s: Source) -> None:
 def _dchunk_wy(e: _B, s: Source, x: str, dx: str, b) -> None:
     """dchunk's WY form for read key tile ``x``: d(β Xg) = Tᵀ dW into ``dx`` (gated), dβ and G's share."""
     p, bcol = e.p, " * b_b[:, None]" if e.p.beta else ""
+    G, dG = ("b_Gx", "b_dGxr") if p.read_before else ("b_G", "b_dGr")  # where the rows read
     xg = f"{x}g" if p.scalar else x  # the read key ⊙ exp(G)
     if p.scalar:
-        s(f"{xg} = {e.gated(x, 'b_G', b)}")
+        s(f"{xg} = {e.gated(x, G, b)}")
     s(f"b_dbk = {e.dot('tl.trans(b_T)', 'b_dw')}")
     if p.beta:
         s(f"b_db += tl.sum(b_dbk * {xg}, 1)")
     s(f"b_dkg = b_dbk{bcol}")
-    s(f"{dx} += {e.gated('b_dkg', 'b_G', b)}")
+    s(f"{dx} += {e.gated('b_dkg', G, b)}")
     if p.scalar:
-        s(f"b_dGr += tl.sum(b_dkg * {xg}, 1)")
+        s(f"{dG} += tl.sum(b_dkg * {xg}, 1)")
 
 
 def _dchunk_rows(e: _B, s: Source, x: str, dx: str, b) -> None:
@@ -728,17 +764,18 @@ def _dchunk_rows(e: _B, s: Source, x: str, dx: str, b) -> None:
     if p.beta:
         s("b_db += b_kr")
     if p.scalar:
-        s(f"b_dGr += {'b_b * ' if p.beta else ''}b_kr")
+        s(f"{'b_dGxr' if p.read_before else 'b_dGr'} += {'b_b * ' if p.beta else ''}b_kr")
     s(f"{dx} += b_dkr{bcol}")
 
 
 # ============================================================================ 5. dgate
 def _emit_dgate(plan: Plan) -> Kernel:
-    params = ["dG", out("dg"), "chunk_t0", "chunk_len", "HV"]
+    params = ["dG", *(["dGx"] if plan.read_before else []), out("dg"), "chunk_t0", "chunk_len", "HV"]
     s = Source()
     params = declare(plan, params)
     with s.block(signature("dgate_bwd", params)):
-        s('"""dg = the reverse cumsum of dG inside the chunk (G_t = g_1 + ... + g_t)."""')
+        s('"""dg = the reverse cumsum of dG inside the chunk (G_t = g_1 + ... + g_t)' + (
+            ", and of dGx without the diagonal (Gx_t = g_1 + ... + g_(t-1))" if plan.read_before else "") + '."""')
         s("i_c = tl.program_id(0)", "i_h = tl.program_id(1)", "i_k = tl.program_id(2)")
         s("t0 = tl.load(chunk_t0 + i_c)", "L = tl.load(chunk_len + i_c)")
         s("r = tl.arange(0, C)", "row_ok = r < L", "base = t0 * HV + i_h")
@@ -749,6 +786,9 @@ def _emit_dgate(plan: Plan) -> Kernel:
             s("offs = base + r * HV", "mask = row_ok")
         s("b_dG = tl.load(dG + offs, mask=mask, other=0.0)")
         s("b_dg = tl.sum(b_dG, 0)" + ("[None, :]" if plan.channel else "") + " - tl.cumsum(b_dG, 0) + b_dG")
+        if plan.read_before:
+            s("b_dGx = tl.load(dGx + offs, mask=mask, other=0.0)")
+            s("b_dg += tl.sum(b_dGx, 0)" + ("[None, :]" if plan.channel else "") + " - tl.cumsum(b_dGx, 0)")
         s("tl.store(dg + offs, b_dg, mask=mask)")
     return Kernel("dgate_bwd", params, ("NCH", "HV", "NKB") if plan.channel else ("NCH", "HV"), s.text(), plan.warps_gates)
 

@@ -22,7 +22,7 @@ __all__ = ["register", "forward", "finish_grads"]
 
 _REGISTRY: dict = {}
 #: the forward's buffers the backward reuses, in the custom op's output order
-SAVED = ("G", "Tm", "Aqk", "beta")
+SAVED = ("G", "Tm", "Aqk", "beta", "Gx")
 
 
 def register(op) -> str:
@@ -71,7 +71,7 @@ def _forward(
     cu_seqlens: torch.Tensor | None,
     scale: float,
     output_final_state: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = _REGISTRY[key]
     call = _call(op, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale)
     saved: dict = {}
@@ -119,41 +119,39 @@ def _backward(
     h0: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     scale: float,
-    G: torch.Tensor,
-    Tm: torch.Tensor,
-    Aqk: torch.Tensor,
-    beta: torch.Tensor,
+    kept: list[torch.Tensor],
     do: torch.Tensor,
     dht: torch.Tensor | None,
 ) -> list[torch.Tensor]:
     op = _REGISTRY[key]
     call = _call(op, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale)
-    saved = {n: t for n, t in (("G", G), ("Tm", Tm), ("Aqk", Aqk), ("beta", beta)) if t.numel()}
+    saved = {n: t for n, t in zip(SAVED, kept) if t.numel()}  # the forward's buffers of SAVED (empty: not written)
     grads = op._backward(call, saved, do, dht)
-    return finish_grads(op, call, grads, (G, Tm, Aqk, beta, do, dht))
+    return finish_grads(op, call, grads, (*kept, do, dht))
 
 
 @_backward.register_fake
-def _(key, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale, G, Tm, Aqk, beta, do, dht):
+def _(key, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale, kept, do, dht):
     return [t.new_empty(t.shape) if t is not None else q.new_empty(0) for t in (q, k, v, *operands, z, D, h0)]
 
 
 def _setup(ctx, inputs, output):
     key, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale, _ = inputs
-    _, _, G, Tm, Aqk, beta = output
+    kept = output[2:]
     ctx.key, ctx.scalars, ctx.scale, ctx.n = key, scalars, scale, len(operands)
     ctx.has = (z is not None, D is not None, h0 is not None, cu_seqlens is not None)
-    ctx.save_for_backward(q, k, v, *operands, G, Tm, Aqk, beta, *(t for t in (z, D, h0, cu_seqlens) if t is not None))
+    ctx.save_for_backward(q, k, v, *operands, *kept, *(t for t in (z, D, h0, cu_seqlens) if t is not None))
 
 
 def _backward_rule(ctx, do, dht, *_):
     saved = list(ctx.saved_tensors)
     n = ctx.n
-    q, k, v, operands, (G, Tm, Aqk, beta) = saved[0], saved[1], saved[2], saved[3 : 3 + n], saved[3 + n : 7 + n]
-    rest = iter(saved[7 + n :])
+    m = 3 + n + len(SAVED)
+    q, k, v, operands, kept = saved[0], saved[1], saved[2], saved[3 : 3 + n], saved[3 + n : m]
+    rest = iter(saved[m:])
     z, D, h0, cu = (next(rest) if has else None for has in ctx.has)
     dht = dht if dht is not None and dht.numel() else None
-    grads = _backward(ctx.key, q, k, v, operands, ctx.scalars, z, D, h0, cu, ctx.scale, G, Tm, Aqk, beta, do, dht)
+    grads = _backward(ctx.key, q, k, v, operands, ctx.scalars, z, D, h0, cu, ctx.scale, list(kept), do, dht)
     dq, dk, dv, *rest_grads = grads
     dops, (dz, dD, dh0) = rest_grads[:n], rest_grads[n:]
     keep = lambda g, t: g if t is not None and g.numel() else None  # noqa: E731

@@ -456,6 +456,8 @@ class CompiledOp:
         TT = env["TT"]
         if spec.has_decay:
             env["G"] = saved["G"]
+            if plan.read_before:  # where the correction's reads see the state: G - g
+                env["Gx"] = saved["Gx"]
         if plan.beta:  # computed β was kept by the forward; a β operand is the input itself
             beta_t = saved["beta"] if "beta" in saved else call.operands[spec.beta.operands[0].name]
             env["beta"] = beta_t.reshape(TT, HV).contiguous()  # the kernels load it in fp32
