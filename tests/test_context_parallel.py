@@ -343,4 +343,7 @@ def test_readme_torchrun_example(tmp_path):
 
 
 if __name__ == "__main__":
+    import fast_interpreter
+
+    fast_interpreter.install()
     _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
