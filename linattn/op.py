@@ -23,7 +23,7 @@ from .inputs import check_call
 from .spec import Correction, OutputGate, Role, Skip, Spec
 
 if TYPE_CHECKING:
-    from .steps import StepsOp
+    from .steps import DplrOp, StepsOp
 
 __all__ = ["compile", "CompiledOp"]
 
@@ -547,7 +547,7 @@ def _add(grads: dict, name: str, d: torch.Tensor) -> None:
     grads[name] = grads[name] + d if name in grads else d
 
 
-def compile(spec: Spec, **options) -> "CompiledOp | StepsOp":  # noqa: A001 (the name users expect)
+def compile(spec: Spec, **options) -> "CompiledOp | StepsOp | DplrOp":  # noqa: A001 (the name users expect)
     """Compile ``spec`` to chunkwise kernels.
 
     Options (all compile-time): ``chunk_size`` (64), ``subchunk_size`` (16), ``block_v``, ``product_block_v``,
@@ -563,10 +563,9 @@ def compile(spec: Spec, **options) -> "CompiledOp | StepsOp":  # noqa: A001 (the
         named = ", ".join(f"{u!r}{h}" for u, h in zip(unknown, hints))
         raise ValueError(f"compile: unknown option(s) {named}; valid options: {', '.join(valid)}")
     if spec.correction is Correction.DPLR:
-        raise NotImplementedError(
-            f"compile: no kernels are generated for correction {spec.correction.value!r} yet; "
-            "linattn.reference.recurrent and linattn.reference.chunkwise compute it"
-        )
+        from .steps import DplrOp, dplr_core
+
+        return DplrOp(spec, CompiledOp(dplr_core(spec), Options(**options), frozenset(options)))
     if spec.householder > 1:
         from .steps import StepsOp, core_of
 

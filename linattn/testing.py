@@ -110,8 +110,10 @@ def random_inputs(
         Role.HEAD_CHANNEL: (HV, K),
         Role.SCALAR: (),
     }
-    for op in spec.operands:
-        kwargs[op.name] = _operand_value(op.name, op.role, shapes[op.role], gen, dtype, strength)
+    log_decay = spec.gate.operands[0].name if spec.gate is not None and spec.gate.is_identity else "g"
+    for op in spec.operands:  # an identity gate's input is drawn as g is, whatever its name (gk, w)
+        kwargs[op.name] = _operand_value("g" if op.name == log_decay else op.name, op.role, shapes[op.role], gen,
+                                         dtype, strength)
     if "p" in spec.correction_inputs:  # Comba's read key, drawn like k
         kwargs["p"] = randn(B, T, H, K) / math.sqrt(K)
     if "a" in spec.correction_inputs:  # DPLR in RWKV-7's range: a = -κ̂, b = κ̂ ⊙ (a gate in (0, 1))
