@@ -36,6 +36,13 @@ __all__ = [
     "chunk_gated_delta_product",
     "chunk_comba",
     "fused_recurrent_comba",
+    "chunk_dplr_delta_rule",
+    "chunk_iplr_delta_rule",
+    "fused_recurrent_dplr_delta_rule",
+    "fused_recurrent_iplr_delta_rule",
+    "chunk_rwkv7",
+    "fused_recurrent_rwkv7",
+    "fused_mul_recurrent_rwkv7",
     "chunk_kda",
     "fused_recurrent_kda",
     "chunk_simple_gla",
@@ -115,16 +122,16 @@ def _key(**fields) -> str:
 
 
 def _compiled(key: _OpKey) -> CompiledOp:
-    """The compiled op of an option set (DeltaProduct's: its steps over the compiled core)."""
+    """The compiled op of an option set (DeltaProduct's and DPLR's: their rows over the compiled core)."""
     op = custom_ops.lookup(_key(**{name: getattr(key, name) for name in _OP_KEY_FIELDS}))
-    return op if key.householder == 1 else _steps_op(key, op)
+    return op if key.householder == 1 and key.correction != "dplr" else _steps_op(key, op)
 
 
 @functools.cache
 def _steps_op(key: _OpKey, core: CompiledOp):
-    from .steps import StepsOp
+    from .steps import DplrOp, StepsOp
 
-    return StepsOp(key.spec(), core)
+    return (DplrOp if key.correction == "dplr" else StepsOp)(key.spec(), core)
 
 
 def _unexpected(fn: str, kwargs: dict) -> None:
@@ -499,6 +506,259 @@ fused_recurrent_comba.__doc__ = (
     "    Without autograd the decode step kernel runs through the tokens; under autograd the chunk\n"
     "    kernels compute the same recurrence, so unlike fla's this op can be trained. Per token::"
     + _COMBA_DOC.format(extra=""))
+
+
+# ----------------------------------------------------------------------------- fla: DPLR, IPLR, RWKV-7
+_DPLR_ARGS = {
+    "q": "Queries ``[B, T, H, K]``, bf16, fp16 or fp32 (fp64 only for CPU tensors, which run through "
+         "Triton's interpreter). ``k``, ``v``, ``a``, ``b`` have the same dtype.",
+    "r": "The receptance ``[B, T, H, K]`` (the query), bf16, fp16 or fp32 (fp64 only for CPU tensors). "
+         "``k``, ``v``, ``a``, ``b`` have the same dtype.",
+    "k": "Keys ``[B, T, H, K]``: the write ``k_t v_tᵀ``.",
+    "v": "Values ``[B, T, HV, V]``.",
+    "a": "The low-rank term's read vector ``[B, T, H, K]``: ``u_t = a_tᵀ S_(t-1)``.",
+    "b": "The low-rank term's write vector ``[B, T, H, K]``: ``S_t += b_t u_tᵀ``.",
+    "kk": "``[B, T, H, K]``: the low-rank term reads along ``-kk``.",
+    "gk": "Log-space decay per channel ``[B, T, HV, K]`` (expected ``<= 0``), any floating dtype.",
+    "w": "Log-space decay per channel ``[B, T, HV, K]`` (expected ``<= 0``), any floating dtype.",
+    "scale": "Positive multiplier of the outputs. ``None``: ``K ** -0.5``.",
+    "initial_state": "States before the first token ``[N, HV, K, V]``, any floating dtype; read, never "
+                     "written. Default ``None``: zeros.",
+    "output_final_state": "Also return each sequence's final state.",
+    "reverse": "Run each sequence from its last token to its first. Default ``False``.",
+    "cu_seqlens": "Packed sequences (``B = 1``): int32 or int64 ``[N + 1]`` token offsets, starting at 0, "
+                  "strictly increasing, ending at ``T``. Default ``None``.",
+    "cu_seqlens_cpu": "fla's host copy of ``cu_seqlens``; only its shape is checked.",
+    "safe_gate": "fla's promise that the gate lies in about ``[-5, 0)`` (a faster kernel there); no "
+                 "effect here, where every gate is exact. Default ``False``.",
+    "chunk_size": "fla's chunk; ``None`` or one of 16, 32, 64: the kernels' chunk is 64 either way (the "
+                  "same recurrence). Default ``None``.",
+    "disable_recompute": "fla's memory option; no effect here. Default ``False``.",
+    "cp_context": "fla's context-parallel state. Only ``None`` is accepted; the compiled op "
+                  "(``linattn.compile``) takes ``cp_group=``.",
+    "lower_bound": "fla's promise that ``lower_bound <= gate < 0``; no effect here. Default ``None``.",
+    "**kwargs": "Any other keyword is rejected.",
+}
+
+
+def _dplr_doc(fn, title: str, mode: str, transition: str, extra: str = "", **own: str) -> None:
+    """``fn``'s docstring: ``title``, the recurrence, and every argument from :data:`_DPLR_ARGS`
+    (or ``own``, where the op gives an argument its own meaning)."""
+    import inspect
+
+    names = [("**" if p.kind is p.VAR_KEYWORD else "") + p.name for p in inspect.signature(fn).parameters.values()]
+    args = "\n".join(f"        {n}: {own.get(n, _DPLR_ARGS[n])}" for n in names)
+    fn.__doc__ = f"""{title}
+
+    {mode} Per token::
+
+        {transition}
+        o_t = scale · S_tᵀ {"r_t" if "r" in names else "q_t"}
+
+    The chunk form runs on Comba's generated kernels, two rows per token
+    (:class:`linattn.steps.DplrOp`); every input has its gradient.{extra} Sizes: ``B`` batch,
+    ``T`` tokens, ``H`` query/key heads, ``HV`` value heads (a multiple of ``H``), ``N``
+    sequences (``B``, or ``len(cu_seqlens) - 1``).
+
+    Args:
+{args}
+
+    Returns:
+        ``(o, final_state)``: ``o`` ``[B, T, HV, V]`` in the query's dtype; ``final_state``
+        ``[N, HV, K, V]`` fp32 (fp64 for fp64 inputs) if ``output_final_state``, else ``None``.
+
+    Raises:
+        ValueError: a ``cp_context``; a ``chunk_size`` outside ``None``, 16, 32, 64; an unknown
+            keyword where fla takes ``**kwargs`` (a TypeError elsewhere, as in fla); a tensor of
+            the wrong shape, dtype or device (the message names it).
+    """
+
+
+_CHUNK_MODE = "By the chunk kernels."
+_RECURRENT_MODE = ("Token by token: without autograd the decode step kernel runs through the tokens; under "
+                   "autograd the chunk kernels compute the same recurrence, so unlike fla's this op can be "
+                   "trained.")
+_DPLR_T = "S_t = (Diag(exp(gk_t)) + b_t a_tᵀ) · S_(t-1) + k_t v_tᵀ"
+_IPLR_T = "S_t = (I + b_t a_tᵀ) · S_(t-1) + k_t v_tᵀ"
+
+
+def _dplr_key(decayed: bool, name: str) -> _OpKey:
+    return _OpKey(decay="channel" if decayed else "none", correction="dplr", name=name)
+
+
+def _fla_chunk_options(fn: str, chunk_size, cp_context) -> None:
+    if cp_context is not None:
+        raise ValueError("cp_context: fla's context object is not taken; compile the spec and pass cp_group=")
+    if chunk_size is not None:
+        _chunk(fn, chunk_size, (16, 32, 64))
+
+
+def _reversed(x: torch.Tensor, cu: torch.Tensor | None) -> torch.Tensor:
+    """``x`` ``[B, T, ...]`` with each sequence's tokens in reverse order (its own inverse)."""
+    if cu is None:
+        return x.flip(1)
+    t = torch.arange(x.shape[1], device=x.device)
+    seq = torch.searchsorted(cu.to(torch.int64), t, right=True) - 1  # on the device: no host read
+    seq = seq.clamp(0, cu.numel() - 2)
+    return x[:, cu[seq] + cu[seq + 1] - 1 - t]
+
+
+def _dplr_recurrent(key, q, k, v, a, b, g, scale, initial_state, output_final_state, reverse, cu_seqlens):
+    operands = {"a": a, "b": b, **({"g": g} if g is not None else {})}
+    if reverse:
+        cu = _cu(cu_seqlens)
+        q, k, v = (_reversed(x, cu) for x in (q, k, v))
+        operands = {n: _reversed(x, cu) for n, x in operands.items()}
+    o, ht = _run_recurrent(key, q, k, v, scale, initial_state, output_final_state, False, cu_seqlens, operands)
+    return (_reversed(o, _cu(cu_seqlens)) if reverse else o), ht
+
+
+def chunk_dplr_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    gk: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    safe_gate: bool = False,
+    chunk_size: int | None = None,
+    disable_recompute: bool = False,
+    cp_context: object | None = None,
+    lower_bound: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    _unexpected("chunk_dplr_delta_rule", kwargs)
+    _fla_chunk_options("chunk_dplr_delta_rule", chunk_size, cp_context)
+    return _run(_dplr_key(True, "DPLR"), q, k, v, scale, initial_state, output_final_state, False, cu_seqlens,
+                cu_seqlens_cpu, {"a": a, "b": b, "g": gk})
+
+
+def chunk_iplr_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    _unexpected("chunk_iplr_delta_rule", kwargs)
+    return _run(_dplr_key(False, "IPLR"), q, k, v, scale, initial_state, output_final_state, False, cu_seqlens,
+                cu_seqlens_cpu, {"a": a, "b": b})
+
+
+def fused_recurrent_dplr_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    gk: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return _dplr_recurrent(_dplr_key(True, "DPLR"), q, k, v, a, b, gk, scale, initial_state, output_final_state,
+                           reverse, cu_seqlens)
+
+
+def fused_recurrent_iplr_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float = None,
+    initial_state: torch.Tensor = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return _dplr_recurrent(_dplr_key(False, "IPLR"), q, k, v, a, b, None, scale, initial_state, output_final_state,
+                           False, cu_seqlens)
+
+
+def chunk_rwkv7(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    safe_gate: bool = False,
+    chunk_size: int | None = None,
+    disable_recompute: bool = False,
+    cp_context: object | None = None,
+    lower_bound: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    _fla_chunk_options("chunk_rwkv7", chunk_size, cp_context)
+    return _run(_dplr_key(True, "RWKV7"), r, k, v, scale, initial_state, output_final_state, False, cu_seqlens,
+                cu_seqlens_cpu, {"a": a, "b": b, "g": w})
+
+
+def fused_recurrent_rwkv7(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return _dplr_recurrent(_dplr_key(True, "RWKV7"), r, k, v, a, b, w, scale, initial_state, output_final_state,
+                           False, cu_seqlens)
+
+
+def fused_mul_recurrent_rwkv7(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kk: torch.Tensor,
+    a: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return _dplr_recurrent(_dplr_key(True, "RWKV7"), r, k, v, -kk, kk * a, w, scale, initial_state,
+                           output_final_state, reverse, cu_seqlens)
+
+
+_dplr_doc(chunk_dplr_delta_rule, "DPLR delta rule (fla's ``chunk_dplr_delta_rule``).", _CHUNK_MODE, _DPLR_T)
+_dplr_doc(chunk_iplr_delta_rule, "IPLR delta rule (fla's ``chunk_iplr_delta_rule``).", _CHUNK_MODE, _IPLR_T,
+          " fla's chunk op has no backward; this one has.")
+_dplr_doc(fused_recurrent_dplr_delta_rule, "DPLR delta rule token by token (fla's ``fused_recurrent_dplr_delta_rule``).",
+          _RECURRENT_MODE, _DPLR_T)
+_dplr_doc(fused_recurrent_iplr_delta_rule, "IPLR delta rule token by token (fla's ``fused_recurrent_iplr_delta_rule``).",
+          _RECURRENT_MODE, _IPLR_T)
+_dplr_doc(chunk_rwkv7, "RWKV-7's time mixing (fla's ``chunk_rwkv7``): DPLR with ``q = r``, ``gk = w``; fla's "
+          "default scale 1.", _CHUNK_MODE, _DPLR_T.replace("gk_t", "w_t"))
+_dplr_doc(fused_recurrent_rwkv7, "RWKV-7 token by token (fla's ``fused_recurrent_rwkv7``; its default returns "
+          "the final state).", _RECURRENT_MODE, _DPLR_T.replace("gk_t", "w_t"))
+_dplr_doc(fused_mul_recurrent_rwkv7, "RWKV-7 token by token with the low-rank vectors from ``kk`` and ``a`` (fla's "
+          "``fused_mul_recurrent_rwkv7``): the DPLR read vector is ``-kk``, the write vector ``kk ⊙ a``.",
+          _RECURRENT_MODE, "S_t = (Diag(exp(w_t)) - (kk_t ⊙ a_t) kk_tᵀ) · S_(t-1) + k_t v_tᵀ",
+          a="The in-context rate ``[B, T, H, K]``: the write vector is ``kk ⊙ a``.")
 
 
 # ----------------------------------------------------------------------------- fla: KDA

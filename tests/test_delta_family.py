@@ -166,12 +166,6 @@ def test_dplr_chunk_form_is_stable_over_long_sequences_in_rwkv7_range(spec):
     assert err_o <= 1e-4 and err_s <= 1e-4
 
 
-def test_compile_refuses_what_it_cannot_generate():
-    for spec in (specs.DPLR, specs.IPLR, specs.RWKV7):
-        with pytest.raises(NotImplementedError, match=f"correction '{spec.correction.value}'"):
-            linattn.compile(spec)
-
-
 @pytest.mark.parametrize("variant", ["scalar-gqa-l2-varlen", "channel-gated"])
 def test_delta_product_compiled_forward_gradients_and_decode(variant):
     """DeltaProduct on the delta rule's generated kernels (Triton's interpreter), fp32,
@@ -323,3 +317,88 @@ def test_comba_drop_ins():
         ops.chunk_comba(q, k, v, p[:, :4], g, beta)
     with pytest.raises(TypeError):
         ops.chunk_comba(q, k, v, p, g, beta, head_first=False)
+
+
+@pytest.mark.parametrize("variant", ["dplr-channel-gva-varlen", "iplr", "rwkv7-gated-silu", "dplr-scalar-l2"])
+def test_dplr_compiled_forward_gradients_and_decode(variant):
+    """DPLR on Comba's generated kernels (two rows per token, the read before the decay): every
+    decay, a gate term evaluated first, GVA, packed sequences, the L2 norm, the output gate."""
+    T, K, V = 37, 16, 16
+    H, HV = (1, 2) if variant.startswith("dplr-channel") else (2, 2)
+    spec = {
+        "dplr-channel-gva-varlen": specs.DPLR,
+        "iplr": specs.IPLR,
+        "rwkv7-gated-silu": Spec(decay="channel", correction="dplr", gate=term("-0.6 * sigmoid(w)", w="token_channel"),
+                                 default_scale=1.0, output_gate="silu"),
+        "dplr-scalar-l2": Spec(decay="scalar", correction="dplr", qk_l2norm=True),
+    }[variant]
+    kw = {}
+    if spec.decay.value == "channel":
+        name = spec.gate.operands[0].name
+        kw[name] = _rand(1, T, HV, K, seed=4) if variant.startswith("rwkv7") else -2 * torch.rand(1, T, HV, K, dtype=F64)
+    elif spec.decay.value == "scalar":
+        kw["g"] = -torch.rand(1, T, HV, dtype=F64)
+    kappa = _unit(1, T, H, K, seed=5)
+    kw["a"], kw["b"] = -kappa, kappa * torch.rand(1, T, H, K, dtype=F64)
+    z = _rand(1, T, HV, V, seed=7) if spec.output_gate.value == "silu" else None
+    leaves = {"q": _rand(1, T, H, K, seed=1), "k": _rand(1, T, H, K, seed=2) / 3, "v": _rand(1, T, HV, V, seed=3),
+              **kw, "h0": _rand(2, HV, K, V, seed=8), **({"z": z} if z is not None else {})}
+    _check_compiled(spec, leaves, list(kw), T, HV, V, torch.tensor([0, 15, 37], dtype=torch.int32), z=z)
+
+
+def test_dplr_drop_ins():
+    """fla's seven signatures exactly; against fla's naive DPLR/IPLR recurrences (and the RWKV-7
+    forms, which are DPLR with q = r, gk = w): chunk and recurrent modes, reverse, varlen."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fla_ops = pytest.importorskip("fla.ops")
+        fla_rwkv7 = pytest.importorskip("fla.ops.rwkv7")
+        dplr = pytest.importorskip("fla.ops.generalized_delta_rule.dplr.naive")
+        iplr = pytest.importorskip("fla.ops.generalized_delta_rule.iplr.naive")
+    names = ("chunk_dplr_delta_rule", "chunk_iplr_delta_rule", "fused_recurrent_dplr_delta_rule",
+             "fused_recurrent_iplr_delta_rule", "chunk_rwkv7", "fused_recurrent_rwkv7", "fused_mul_recurrent_rwkv7")
+    for name in names:
+        theirs = getattr(fla_ops, name, None) or getattr(fla_rwkv7, name)
+        assert [(p.name, p.kind, p.default) for p in inspect.signature(getattr(ops, name)).parameters.values()] == \
+            [(p.name, p.kind, p.default) for p in inspect.signature(theirs).parameters.values()], name
+    q, k, v, kw = _family_inputs(specs.DPLR, T=30, dtype=torch.float32)
+    a, b, gk = kw["a"], kw["b"], kw["gk"]
+
+    def f(x):  # fla's naive references are head-first
+        return x.transpose(1, 2)
+
+    def close(o, s, o_ref, s_ref, what):
+        assert ((o - o_ref).abs().max() / o_ref.abs().max()).item() <= 1e-5, what
+        assert ((s - s_ref).abs().max() / s_ref.abs().max()).item() <= 1e-5, what
+
+    o_ref, s_ref = dplr.dplr_recurrence(f(q), f(k), f(v), f(a), f(b), f(gk))
+    o_ref = f(o_ref)
+    for o, s in (ops.chunk_dplr_delta_rule(q, k, v, a, b, gk, output_final_state=True),
+                 ops.fused_recurrent_dplr_delta_rule(q, k, v, a, b, gk, output_final_state=True),
+                 ops.chunk_rwkv7(q, gk, k, v, a, b, scale=16 ** -0.5, output_final_state=True),
+                 ops.fused_recurrent_rwkv7(q, gk, k, v, a, b)):
+        close(o, s, o_ref, s_ref, "dplr")
+    kk = -a  # fused_mul: read along -kk, write along kk ⊙ a-gate
+    gate = torch.rand(q.shape, generator=torch.Generator().manual_seed(11))
+    o_ref2, s_ref2 = dplr.dplr_recurrence(f(q), f(k), f(v), f(-kk), f(kk * gate), f(gk))
+    close(*ops.fused_mul_recurrent_rwkv7(q, gk, k, v, kk, gate, scale=16 ** -0.5, output_final_state=True),
+          f(o_ref2), s_ref2, "fused_mul")
+    o_ref, s_ref = iplr.iplr_recurrence(f(q), f(k), f(v), f(a), f(b))
+    o_ref = f(o_ref)
+    for o, s in (ops.chunk_iplr_delta_rule(q, k, v, a, b, output_final_state=True),
+                 ops.fused_recurrent_iplr_delta_rule(q, k, v, a, b, output_final_state=True)):
+        close(o, s, o_ref, s_ref, "iplr")
+    # reverse, packed: each sequence runs from its last token, as the reversed sequence would
+    cu = torch.tensor([0, 12, 30], dtype=torch.int64)
+    one = lambda x: x[:1]  # noqa: E731
+    o, _ = ops.fused_recurrent_dplr_delta_rule(*(one(x) for x in (q, k, v, a, b, gk)), reverse=True, cu_seqlens=cu)
+    for lo, hi in ((0, 12), (12, 30)):
+        seg = [one(x)[:, lo:hi].flip(1) for x in (q, k, v, a, b, gk)]
+        o_seg, _ = ops.fused_recurrent_dplr_delta_rule(*seg)
+        assert ((o[:, lo:hi] - o_seg.flip(1)).abs().max() / o_seg.abs().max()).item() <= 1e-6
+    with pytest.raises(ValueError, match=r"chunk_dplr_delta_rule: unsupported argument\(s\) \['head_first'\]"):
+        ops.chunk_dplr_delta_rule(q, k, v, a, b, gk, head_first=False)
+    with pytest.raises(ValueError, match="cp_context"):
+        ops.chunk_rwkv7(q, gk, k, v, a, b, cp_context=object())
+    with pytest.raises(ValueError, match=r"a: expected shape"):
+        ops.chunk_iplr_delta_rule(q, k, v, a[:, :4], b)
