@@ -43,7 +43,7 @@ import torch
 
 __all__ = ["H100", "OPS", "PeerLaunch", "fla_launches", "mamba_launches", "tensor_access"]
 
-OPS = ("gdn", "gdn_fused", "kda", "kda_fused", "delta_product", "comba")
+OPS = ("gdn", "gdn_fused", "kda", "kda_fused", "delta_product", "comba", "dplr")
 #: the peers' packages, imported afresh under the fake device and put back afterwards
 _PEERS = ("fla", "mamba_ssm")
 
@@ -478,6 +478,10 @@ def _call_op(op: str, B: int, T: int, H: int, HV: int, K: int, V: int, dtype: to
 
         k, v, beta = t(B, 2 * T, H, K), t(B, 2 * T, HV, V), t(B, 2 * T, HV)
         return chunk_gated_delta_product(q, k, v, t(B, T, HV), beta, num_householder=2)
+    if op == "dplr":  # a, b per token, the decay per channel
+        from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule
+
+        return chunk_dplr_delta_rule(q, k, v, t(B, T, H, K), t(B, T, H, K), t(B, T, HV, K))
     if op == "comba":  # the read key p beside k
         from fla.ops.comba import chunk_comba
 
@@ -506,7 +510,8 @@ def fla_launches(op: str, *, B: int, T: int, H: int, HV: int | None = None, K: i
     (``fla.ops.kda.chunk_kda``, g per channel given as a tensor), "kda_fused" (``chunk_kda`` with
     ``use_qk_l2norm_in_kernel=True`` and the gate computed in kernel from ``A_log``/``dt_bias``),
     "delta_product" (``fla.ops.gated_delta_product.chunk_gated_delta_product`` with two steps per
-    token: k, v and beta of 2 T rows), "comba" (``fla.ops.comba.chunk_comba``, p, g and beta given).
+    token: k, v and beta of 2 T rows), "comba" (``fla.ops.comba.chunk_comba``, p, g and beta given), "dplr"
+    (``fla.ops.generalized_delta_rule.chunk_dplr_delta_rule``, a, b and gk given).
     Fixed-length batches (no ``cu_seqlens``), no initial or final state; q, k, v, g and beta in
     ``dtype`` (as the kernel benchmarks pass them), ``A_log``/``dt_bias`` in fp32.
     With ``backward=True``: the launches of the backward only (the forward runs first, unrecorded,

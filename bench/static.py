@@ -50,6 +50,7 @@ OPS = {
     "mamba2": ("Mamba-2 (Nemotron-H)", specs.NEMOTRON_MAMBA2, ("mamba_ssm", "mamba2")),
     "delta_product": ("Gated DeltaProduct (2 steps per token)", specs.DELTA_PRODUCT, ("fla", "delta_product")),
     "comba": ("Comba (scalar decay, read key p)", specs.COMBA, ("fla", "comba")),
+    "dplr": ("DPLR (channel decay, a and b per token)", specs.DPLR, ("fla", "dplr")),
 }
 
 _FREE = frozenset({
@@ -152,6 +153,8 @@ def ours(spec, *, B: int, T: int, H: int, K: int, V: int, backward: bool, dtype:
         launches = captured_launches(spec, dtype, K, V, backward=backward, **args)
     if spec.householder > 1:  # DeltaProduct's rows interleaved in torch before the core's kernels
         _interleave_side(spec, side, B, T, H, K, backward, dtype)
+    if spec.correction.value == "dplr":  # DPLR's two rows per token, likewise
+        _dplr_side(spec, side, B, T, H, K, V, backward, dtype)
     for launch in launches:
         report = _compile(launch.fn, launch.args, launch.num_warps, launch.num_stages, launch.kernel.name)
         row = Row(report.name, math.prod(launch.grid), report, launch.num_stages, 0, 0)
@@ -179,6 +182,37 @@ def _interleave_side(spec, side: Side, B: int, T: int, H: int, K: int, backward:
             dq, dg = torch.empty(B, T * n, H, K, dtype=dt, device="meta"), torch.empty(B, T * n, H, device="meta")
             dq.unflatten(1, (T, n))[:, :, n - 1].contiguous()
             dg.unflatten(1, (T, n))[:, :, 0].contiguous()
+
+
+def _dplr_side(spec, side: Side, B: int, T: int, H: int, K: int, V: int, backward: bool, dtype: str) -> None:
+    """The torch ops :class:`linattn.steps.DplrOp` runs around its core: q, the write keys (-b, k),
+    the read keys (a), v and the gate spread over two rows a token (forward), or the rows'
+    gradients gathered back (backward)."""
+    from linattn.steps import interleave
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+    def t(*shape, d=dt):
+        return torch.empty(*shape, dtype=d, device="meta")
+
+    decayed = spec.decay.value != "none"
+    gate = (B, T, H, K) if spec.decay.value == "channel" else (B, T, H)
+    with _TorchOps(side):
+        if not backward:
+            interleave(t(B, T, H, K), 2, 1)  # q
+            torch.stack([-t(B, T, H, K), t(B, T, H, K)], dim=2).flatten(1, 2)  # the write keys
+            interleave(t(B, T, H, K), 2, 0)  # the read keys a
+            interleave(t(B, T, H, V), 2, 1)  # v
+            if decayed:
+                interleave(t(*gate, d=torch.float32), 2, 0)
+            t(B, 2 * T, H, V)[:, 1::2].contiguous()  # o
+        else:  # autograd's: dO spread over the rows, each input's rows gathered back
+            interleave(t(B, T, H, V), 2, 1)
+            for rows, at, d in (((B, 2 * T, H, K), 1, dt), ((B, 2 * T, H, K), 1, dt), ((B, 2 * T, H, K), 0, dt),
+                                ((B, 2 * T, H, K), 0, dt), ((B, 2 * T, H, V), 1, dt)):  # dq, dk, db, da, dv
+                t(*rows, d=d)[:, at::2].contiguous()
+            if decayed:
+                t(B, 2 * T, *gate[2:], d=torch.float32)[:, 0::2].contiguous()
 
 
 def peer(library: str, op: str, *, B: int, T: int, H: int, K: int, V: int, backward: bool,

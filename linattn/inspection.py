@@ -19,7 +19,7 @@ from linattn.codegen.cost import hbm_bytes
 from . import custom_ops, runtime
 from .inputs import check_call
 from .op import compile as compile_spec
-from .spec import OutputGate, Role, Skip, Spec
+from .spec import Correction, OutputGate, Role, Skip, Spec
 
 __all__ = ["captured_launches", "inspect_spec", "launch_bytes"]
 
@@ -49,12 +49,13 @@ def captured_launches(
     ``packed`` sequences packed into the T tokens of batch 1 (``cu_seqlens``), or with
     ``packed=0`` B sequences of T tokens. The forward and (with ``step``) a decode step, or
     with ``backward`` the backward (recomputation included). DeltaProduct (``householder``
-    = n) launches its one-step core over ``T · n`` rows (:mod:`linattn.steps`)."""
-    if spec.householder > 1:
-        from .steps import core_of
+    = n) launches its one-step core over ``T · n`` rows, DPLR Comba's over ``2 T`` (:mod:`linattn.steps`)."""
+    if spec.householder > 1 or spec.correction is Correction.DPLR:
+        from .steps import core_of, dplr_core
 
-        return captured_launches(core_of(spec)[0], dtype, K, V, T=T * spec.householder, H=H, HV=HV, B=B,
-                                 packed=packed, step=step, backward=backward, **options)
+        core, n = (dplr_core(spec), 2) if spec.correction is Correction.DPLR else (core_of(spec)[0], spec.householder)
+        return captured_launches(core, dtype, K, V, T=T * n, H=H, HV=HV, B=B, packed=packed, step=step,
+                                 backward=backward, **options)
     op = compile_spec(spec, **options)
     if packed and B != 1:
         raise ValueError(f"B: packed sequences are batch 1, got B={B}")

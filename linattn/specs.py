@@ -81,9 +81,9 @@ NEMOTRON_MAMBA2 = Spec(
 )
 
 #: The wider delta-rule family: transitions other than ``(I - β k kᵀ)``. The reference oracles
-#: compute all of them; Comba is a stage option of the generated kernels, DeltaProduct compiles
-#: onto the delta rule's (see :mod:`linattn.steps`); the generated stages do not cover DPLR's
-#: correction yet (``linattn.compile`` says so). They are kept apart from :data:`BUILTIN`.
+#: compute all of them; Comba is a stage option of the generated kernels, DeltaProduct and DPLR
+#: compile onto rows of the delta rule's and Comba's (see :mod:`linattn.steps`). They are kept
+#: apart from :data:`BUILTIN` (the kernel cores and model layers the tables and checks cover).
 #: DPLR: ``S_t = (Diag(exp(gk_t)) + b_t a_tᵀ) S_(t-1) + k_t v_tᵀ`` (fla's ``chunk_dplr_delta_rule``).
 DPLR = Spec(decay="channel", correction="dplr", gate=term("gk", gk="token_channel"), name="DPLR")
 #: IPLR: ``S_t = (I + b_t a_tᵀ) S_(t-1) + k_t v_tᵀ``, DPLR without decay.

@@ -119,7 +119,7 @@ def test_delta_product_kernels_compile_for_sm90_without_spills():
         assert 0 < r.registers <= 255 and not r.spills, f"{spec.name}: {r.name} spills\n{table}"
 
 
-@pytest.mark.parametrize("spec", [specs.COMBA, specs.COMBA.replace(qk_l2norm=True, name="COMBA_L2")], ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [specs.COMBA], ids=lambda s: s.name)
 def test_comba_kernels_compile_for_sm90_without_spills(spec):
     """Comba (fla's: scalar decay) at K = V = 128 in bf16, forward, decode step and backward:
     its read key p adds operand tiles to intra, wu, dchunk and the step; no spills."""
@@ -128,3 +128,22 @@ def test_comba_kernels_compile_for_sm90_without_spills(spec):
     assert {"intra_fwd", "wu_fwd", "step_fwd", "dchunk_bwd"} <= {r.stage for r in reports}, table
     for r in reports:
         assert 0 < r.registers <= 255 and not r.spills, f"{spec.name}: {r.name} spills\n{table}"
+
+
+#: Known: the DPLR core (Comba with channel decay, read before the decay) adds the read rows'
+#: Gx tiles to channel decay's dqk_bwd and dprod_bwd, which spill a little (measured with
+#: triton 3.9: 8 and 28 bytes); bounded here so they cannot grow unseen.
+_DPLR_KNOWN_SPILL = {"dqk_bwd": 8, "dprod_bwd": 32}
+
+
+@pytest.mark.parametrize("spec", [specs.DPLR, specs.IPLR], ids=lambda s: s.name)
+def test_dplr_kernels_compile_for_sm90(spec):
+    """DPLR's core (two rows per token of Comba read before the decay) at K = V = 128 in bf16:
+    forward, decode step and backward compile; no spills but channel decay's known ones."""
+    core = linattn.steps.dplr_core(spec)
+    reports = inspect_spec(core, "bf16", 128, 128, arch=90) + inspect_spec(core, "bf16", 128, 128, arch=90, backward=True)
+    table = "\n".join(format_reports(reports))
+    assert {"intra_fwd", "wu_fwd", "step_fwd"} <= {r.stage for r in reports}, table
+    for r in reports:
+        allowed = _DPLR_KNOWN_SPILL.get(r.stage, 0) if spec.decay is Decay.CHANNEL else 0
+        assert 0 < r.registers <= 255 and max(r.spill_stores, r.spill_loads) <= allowed, f"{spec.name}: {r.name}\n{table}"

@@ -2,8 +2,9 @@
 
 The token-by-token oracle against fla's own naive references (independent code), the
 chunk form against the oracle (float64, and fp32 over long RWKV-7-range sequences), and
-DeltaProduct on the delta rule's compiled kernels: forward, every gradient, decode, and
-fla's drop-in signature."""
+the generated kernels of each (Comba's stages; DeltaProduct on the delta rule's rows, DPLR
+on Comba's read before the decay): forward, every gradient, decode, and fla's drop-in
+signatures."""
 from __future__ import annotations
 
 import inspect
@@ -151,9 +152,10 @@ def test_chunk_form_equals_the_oracle(case):
 
 @pytest.mark.parametrize("spec", [specs.RWKV7, specs.IPLR], ids=["rwkv7", "iplr"])
 def test_dplr_chunk_form_is_stable_over_long_sequences_in_rwkv7_range(spec):
-    """RWKV-7's range, a = -κ̂ and b = κ̂ ⊙ α with unit κ̂ and α in [0, 1]: every
-    transition (D + b aᵀ) has norm <= 1, so the state stays bounded; the chunk form in fp32
-    follows the float64 oracle over 2,048 tokens (32 chunks)."""
+    """RWKV-7's range, a = -κ̂ and b = κ̂ ⊙ α with unit κ̂ and α in [0, 1] (each rank-1 factor's
+    eigenvalues in [0, 1], docs/algorithms.md section 12.2): the state stays bounded, and the
+    chunk form in fp32 follows the float64 oracle over 2,048 tokens (32 chunks); so do the
+    generated kernels (fp32, two rows a token) over the first 512 tokens."""
     q, k, v, kw = _family_inputs(spec, B=1, T=2048, H=1, HV=1, seed=6)
     o, s = recurrent(spec, q, k, v, output_final_state=True, **kw)
     f32 = {n: t.float() for n, t in kw.items()}
@@ -164,6 +166,15 @@ def test_dplr_chunk_form_is_stable_over_long_sequences_in_rwkv7_range(spec):
     err_s = ((s2.double() - s).abs().max() / s.abs().max()).item()
     print(f"{spec.name}: fp32 chunk form vs float64 oracle over 2048 tokens: o {err_o:.1e}, state {err_s:.1e}")
     assert err_o <= 1e-4 and err_s <= 1e-4
+    T = 512
+    o, s = recurrent(spec, q[:, :T], k[:, :T], v[:, :T], output_final_state=True, **{n: t[:, :T] for n, t in kw.items()})
+    with torch.no_grad():
+        o3, s3 = linattn.compile(spec)(q[:, :T].float(), k[:, :T].float(), v[:, :T].float(), output_final_state=True,
+                                       **{n: t[:, :T] for n, t in f32.items()})
+    err_o = ((o3.double() - o).abs().max() / o.abs().max()).item()
+    err_s = ((s3.double() - s).abs().max() / s.abs().max()).item()
+    print(f"{spec.name}: generated kernels (fp32) vs float64 oracle over {T} tokens: o {err_o:.1e}, state {err_s:.1e}")
+    assert torch.isfinite(o3).all() and err_o <= 1e-4 and err_s <= 1e-4
 
 
 @pytest.mark.parametrize("variant", ["scalar-gqa-l2-varlen", "channel-gated"])
