@@ -26,7 +26,7 @@ from .inputs import check_call
 from .spec import Decay, Role, Spec, Term
 from .torch_terms import evaluate_term, l2norm
 
-__all__ = ["StepsOp", "DplrOp", "core_of", "dplr_core", "interleave"]
+__all__ = ["RowsOp", "StepsOp", "DplrOp", "core_of", "dplr_core", "interleave"]
 
 
 def core_of(spec: Spec) -> tuple[Spec, str | None]:
@@ -51,37 +51,29 @@ def interleave(x: torch.Tensor, n: int, at: int) -> torch.Tensor:
     return out.flatten(1, 2)
 
 
-class StepsOp:
-    """A DeltaProduct spec compiled onto its one-step delta-rule core (see the module doc).
+class RowsOp:
+    """A spec compiled onto a one-row core that runs ``rows`` rows per token, the token's
+    output at its last row. Subclasses say how a call's inputs become the core's rows
+    (:meth:`_rows`). Called like :class:`linattn.CompiledOp`."""
 
-    Called like :class:`linattn.CompiledOp`, with ``k``, ``v`` and β's operands holding
-    ``T · householder`` rows (step ``j`` of token ``t`` at row ``t · householder + j``).
-    """
+    rows: int
 
     def __init__(self, spec: Spec, core) -> None:
         self.spec = spec
         self.core = core
         self.key = core.key  # the compiled core's registry key
-        self.steps = spec.householder
-        self._gate_name = core_of(spec)[1]
 
     def __repr__(self) -> str:
-        return f"StepsOp({self.spec!r}, core={self.core!r})"
+        return f"{type(self).__name__}({self.spec!r}, core={self.core!r})"
 
     @property
     def source(self) -> str:
         """The generated source of the core's last call."""
         return self.core.source
 
-    def _rows(self, call, z: torch.Tensor | None) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
-        """The interleaved query, the core's operands (its gate input included) and gate z."""
-        n, spec = self.steps, self.spec
-        operands = {o.name: call.operands[o.name] for o in spec.beta.operands} if spec.beta is not None else {}
-        if self._gate_name is not None:
-            shape = (call.B, call.T, call.HV) + ((call.K,) if spec.decay is Decay.CHANNEL else ())
-            g = evaluate_term(spec.gate, call.operands, shape, torch.promote_types(call.q.dtype, torch.float32))
-            operands[self._gate_name] = interleave(g, n, 0)
-        return interleave(call.q, n, n - 1), operands, None if z is None else interleave(z, n, n - 1)
+    def _rows(self, call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict, torch.Tensor | None]:
+        """The core's q, k, v, its named inputs and z, ``rows`` rows per token."""
+        raise NotImplementedError
 
     def __call__(
         self,
@@ -102,11 +94,12 @@ class StepsOp:
         on_cpu = isinstance(q, torch.Tensor) and q.device.type == "cpu" and cp_group is None
         call = check_call(self.spec, q, k, v, operands, z=z, D=D, scale=scale, initial_state=initial_state,
                           cu_seqlens=cu_seqlens, check_values=on_cpu)
-        qi, inner, zi = self._rows(call, call.z)
-        cu = None if call.cu_seqlens is None else call.cu_seqlens * self.steps
-        o, ht = self.core(qi, call.k, call.v, scale=call.scale, initial_state=call.initial_state,
-                          output_final_state=output_final_state, cu_seqlens=cu, z=zi, cp_group=cp_group, **inner)
-        return o[:, self.steps - 1 :: self.steps].contiguous(), ht
+        qi, ki, vi, inner, zi = self._rows(call)
+        cu = None if call.cu_seqlens is None else call.cu_seqlens * self.rows
+        o, ht = self.core(qi, ki, vi, scale=call.scale, initial_state=call.initial_state,
+                          output_final_state=output_final_state, cu_seqlens=cu, z=zi, D=call.D, cp_group=cp_group,
+                          **inner)
+        return o[:, self.rows - 1 :: self.rows].contiguous(), ht
 
     def step(
         self,
@@ -122,15 +115,39 @@ class StepsOp:
         D: torch.Tensor | None = None,
         **operands: torch.Tensor | float,
     ) -> torch.Tensor:
-        """Decode: the core's step kernel over the interleaved rows, updating ``state`` in place."""
+        """Decode: the core's step kernel over the rows, updating ``state`` in place."""
         on_cpu = isinstance(q, torch.Tensor) and q.device.type == "cpu"
         call = check_call(self.spec, q, k, v, operands, z=z, D=D, scale=scale, cu_seqlens=cu_seqlens,
                           check_values=on_cpu)
-        qi, inner, zi = self._rows(call, call.z)
-        cu = None if call.cu_seqlens is None else call.cu_seqlens * self.steps
-        o = self.core.step(qi, call.k, call.v, state, state_indices=state_indices, cu_seqlens=cu, scale=call.scale,
-                           z=zi, **inner)
-        return o[:, self.steps - 1 :: self.steps].contiguous()
+        qi, ki, vi, inner, zi = self._rows(call)
+        cu = None if call.cu_seqlens is None else call.cu_seqlens * self.rows
+        o = self.core.step(qi, ki, vi, state, state_indices=state_indices, cu_seqlens=cu, scale=call.scale, z=zi,
+                           D=call.D, **inner)
+        return o[:, self.rows - 1 :: self.rows].contiguous()
+
+
+class StepsOp(RowsOp):
+    """A DeltaProduct spec compiled onto its one-step delta-rule core (see the module doc).
+
+    Called like :class:`linattn.CompiledOp`, with ``k``, ``v`` and β's operands holding
+    ``T · householder`` rows (step ``j`` of token ``t`` at row ``t · householder + j``).
+    """
+
+    def __init__(self, spec: Spec, core) -> None:
+        super().__init__(spec, core)
+        self.rows = self.steps = spec.householder
+        self._gate_name = core_of(spec)[1]
+
+    def _rows(self, call):
+        """The interleaved query, k and v as given, the core's operands (its gate input included) and z."""
+        n, spec = self.steps, self.spec
+        operands = {o.name: call.operands[o.name] for o in spec.beta.operands} if spec.beta is not None else {}
+        if self._gate_name is not None:
+            shape = (call.B, call.T, call.HV) + ((call.K,) if spec.decay is Decay.CHANNEL else ())
+            g = evaluate_term(spec.gate, call.operands, shape, torch.promote_types(call.q.dtype, torch.float32))
+            operands[self._gate_name] = interleave(g, n, 0)
+        z = None if call.z is None else interleave(call.z, n, n - 1)
+        return interleave(call.q, n, n - 1), call.k, call.v, operands, z
 
 
 def dplr_core(spec: Spec) -> Spec:
@@ -143,27 +160,16 @@ def dplr_core(spec: Spec) -> Spec:
     )
 
 
-class DplrOp:
+class DplrOp(RowsOp):
     """A DPLR spec compiled onto Comba's generated kernels, two rows per token (see the module doc).
 
     Called like :class:`linattn.CompiledOp`, with the transition's ``a`` and ``b`` ``[B, T, H, K]``
     by name.
     """
 
-    def __init__(self, spec: Spec, core) -> None:
-        self.spec = spec
-        self.core = core
-        self.key = core.key  # the compiled core's registry key
+    rows = 2
 
-    def __repr__(self) -> str:
-        return f"DplrOp({self.spec!r}, core={self.core!r})"
-
-    @property
-    def source(self) -> str:
-        """The generated source of the core's last call."""
-        return self.core.source
-
-    def _rows(self, call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict, torch.Tensor | None]:
+    def _rows(self, call):
         """The core's interleaved q, k (write keys), v, its operands (p: the read keys; g) and z."""
         spec = self.spec
         q, k = (l2norm(call.q), l2norm(call.k)) if spec.qk_l2norm else (call.q, call.k)
@@ -176,53 +182,3 @@ class DplrOp:
             inner["g"] = interleave(evaluate_term(spec.gate, call.operands, shape, dtype), 2, 0)
         z = None if call.z is None else interleave(call.z, 2, 1)
         return interleave(q, 2, 1), write, interleave(call.v, 2, 1), inner, z
-
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        scale: float | None = None,
-        initial_state: torch.Tensor | None = None,
-        output_final_state: bool = False,
-        cu_seqlens: torch.Tensor | None = None,
-        z: torch.Tensor | None = None,
-        D: torch.Tensor | None = None,
-        cp_group: object | None = None,
-        **operands: torch.Tensor | float,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the recurrence; returns ``(o [B, T, HV, V], final_state [N, HV, K, V] fp32 or None)``."""
-        on_cpu = isinstance(q, torch.Tensor) and q.device.type == "cpu" and cp_group is None
-        call = check_call(self.spec, q, k, v, operands, z=z, D=D, scale=scale, initial_state=initial_state,
-                          cu_seqlens=cu_seqlens, check_values=on_cpu)
-        qi, ki, vi, inner, zi = self._rows(call)
-        cu = None if call.cu_seqlens is None else call.cu_seqlens * 2
-        o, ht = self.core(qi, ki, vi, scale=call.scale, initial_state=call.initial_state,
-                          output_final_state=output_final_state, cu_seqlens=cu, z=zi, D=call.D, cp_group=cp_group,
-                          **inner)
-        return o[:, 1::2].contiguous(), ht
-
-    def step(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        state: torch.Tensor,
-        *,
-        state_indices: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        scale: float | None = None,
-        z: torch.Tensor | None = None,
-        D: torch.Tensor | None = None,
-        **operands: torch.Tensor | float,
-    ) -> torch.Tensor:
-        """Decode: the core's step kernel over the interleaved rows, updating ``state`` in place."""
-        on_cpu = isinstance(q, torch.Tensor) and q.device.type == "cpu"
-        call = check_call(self.spec, q, k, v, operands, z=z, D=D, scale=scale, cu_seqlens=cu_seqlens,
-                          check_values=on_cpu)
-        qi, ki, vi, inner, zi = self._rows(call)
-        cu = None if call.cu_seqlens is None else call.cu_seqlens * 2
-        o = self.core.step(qi, ki, vi, state, state_indices=state_indices, cu_seqlens=cu, scale=call.scale, z=zi,
-                           D=call.D, **inner)
-        return o[:, 1::2].contiguous()
