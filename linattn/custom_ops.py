@@ -102,7 +102,7 @@ def _(key, q, k, v, operands, scalars, z, D, h0, cu_seqlens, scale, output_final
     return (
         empty("o", (B, T, HV, V)),
         empty("ht") if output_final_state else empty("ht", (0,)),
-        *(empty(n) if n in kept else empty(n, (0,)) for n in SAVED),
+        *(empty(n) if n in kept else _empty(q) for n in SAVED),  # as the real op: an empty tensor like q
     )
 
 
