@@ -344,6 +344,11 @@ def _emit_dqk(plan: Plan) -> Kernel:
             # G_C feeds exp(G_C) S and every Kb row: its gradient lands on the chunk's last row
             s(f"b_dGC = b_dGC * tl.exp(b_Glast{b}) + tl.sum(b_k * b_dk, 0)")
             s("b_dG = b_q * b_dq - b_k * b_dk + tl.where(r[:, None] == L - 1, b_dGC[None, :], 0.0)")
+            # Comba's WY form adds to dp (and read before the decay, to dGx): dk (and dG) are
+            # complete before it, stored first so that they leave the registers
+            early = ["dk"] * plan.comba + ["dG"] * (plan.comba and plan.read_before)
+            for buf in early:
+                e.store(s, buf, f"b_{buf}", "r", "row_ok", b)
             if delta:  # the WY form: d(βKg) = Tᵀ dW (Comba's W reads along p: d(βPg))
                 rd = plan.read
                 if plan.comba:
@@ -365,8 +370,9 @@ def _emit_dqk(plan: Plan) -> Kernel:
                     e.store(s, "dGx", f"b_dkg * b_{rd}g", "r", "row_ok", b)
                 else:
                     s(f"b_dG += b_dkg * b_{rd}g")
-            e.store(s, "dk", "b_dk", "r", "row_ok", b)
-            e.store(s, "dG", "b_dG", "r", "row_ok", b)
+            for buf in ("dk", "dG"):
+                if buf not in early:
+                    e.store(s, buf, f"b_{buf}", "r", "row_ok", b)
         if delta:
             # dT = dW (βKg)ᵀ + dΔ (βV)ᵀ = dΔ (βV - βKg S)ᵀ = dΔ (T⁻¹Δ)ᵀ, so dAkk = -Tᵀ dT Tᵀ = -Tᵀ dΔ Δᵀ
             s(f"b_dAkk = -{e.dot('tl.trans(b_T)', 'b_dT')}")
@@ -380,57 +386,74 @@ def _emit_dqk(plan: Plan) -> Kernel:
 
 
 # ============================================================================ 4. dprod
-def _emit_dprod(plan: Plan) -> Kernel:
+def _dprod_split(plan: Plan) -> bool:
+    """Whether channel decay's products take two kernels, dAqk's (``dprod``) and dAkk's
+    (``dprodk``): with Comba's read key, whose third operand tile in one kernel spilled on sm_90
+    (K = V = 128: 28-40 bytes; the DPLR core's read rows at Gx 28 more)."""
+    return plan.channel and plan.delta and plan.comba
+
+
+def _emit_dprod(plan: Plan, part: str = "both") -> Kernel:
     """Channel decay: the products per sub-chunk block, factored around reference points
     (rows of block i against earlier columns: G at the token before i; columns of block j
-    against later rows: G at j's last token), diagonal blocks pairwise."""
+    against later rows: G at j's last token), diagonal blocks pairwise. ``part``: "both", or
+    with :func:`_dprod_split` "q" (dAqk: dq final, dk's share into ``dkq``) and "k" (dAkk)."""
     e = _B(plan, min(plan.KBI, 16))
     NS, BC = plan.NS, plan.BC
-    params = ["q", "k", "G"]
-    if plan.delta and plan.beta:
-        params += ["beta", inout("dbeta")]
-    params += ["dAqk"]
-    if plan.delta:
-        params.append("dAkk")
-    params += ["dq", "dk", out("dqo"), out("dko"), inout("dG"), "scale", *_CHUNK, "MMA"]
-    if plan.comba:
-        params[2:2] = ["p"]
-        params += ["dp", out("dpo")]
-    if plan.read_before:  # Akk's rows at Gx = G - g
-        params[params.index("G") + 1 : params.index("G") + 1] = ["Gx"]
-        params.append(inout("dGx"))
+    has_q, has_k = part in ("both", "q"), part in ("both", "k") and plan.delta
     rd = plan.read  # Akk's row operand
+    params = ["q"] if has_q else []
+    params += ["k", *(["p"] if has_k and plan.comba else []), "G"]
+    if has_k and plan.read_before:  # Akk's rows at Gx = G - g
+        params.append("Gx")
+    if has_k and plan.beta:
+        params += ["beta", inout("dbeta")]
+    params += (["dAqk"] if has_q else []) + (["dAkk"] if has_k else [])
+    if part == "both":
+        params += ["dq", "dk", out("dqo"), out("dko")]
+    elif part == "q":
+        params += ["dq", "dk", out("dqo"), out("dkq")]
+    else:
+        params += ["dkq", out("dko")]
+    params += [inout("dG"), "scale", *_CHUNK, "MMA"]
+    if has_k and plan.comba:
+        params += ["dp", out("dpo")]
+    if has_k and plan.read_before:
+        params.append(inout("dGx"))
+    dk_in, dk_out = {"both": ("dk", "dko"), "q": ("dk", "dkq"), "k": ("dkq", "dko")}[part]
     # the products: (weights, row operand, column operand, gradient of rows, gradient of columns)
-    prods = [("dAqk", "q", "k", "dq", "dk", ">=")]
-    if plan.delta:
+    prods = [("dAqk", "q", "k", "dq", "dk", ">=")] if has_q else []
+    if has_k:
         prods.append(("dAkk", rd, "k", f"d{rd}", "dk", ">"))
+    name = "dprodk_bwd" if part == "k" else "dprod_bwd"
     s = Source()
     params = declare(plan, params)
-    with s.block(signature("dprod_bwd", params)):
-        s('"""Per chunk: dAqk' + (" and dAkk" if plan.delta else "") + ' pushed to q, k' + (", β" if plan.delta and plan.beta else "") + ' and G (channel decay)."""')
+    with s.block(signature(name, params)):
+        what = " and ".join(w for w, *_ in prods)
+        s(f'"""Per chunk: {what} pushed to ' + ", ".join(dict.fromkeys(x for _, a, b, *_ in prods for x in (a, b)))
+          + (", β" if has_k and plan.beta else "") + ' and G (channel decay)."""')
         e.chunk_prologue(s)
         e.bases(s, params)
         s("ri = tl.arange(0, BC)")
-        if plan.delta and plan.beta:
+        if has_k and plan.beta:
             for i in range(NS):
                 s(f"b_db{i} = tl.zeros([BC], dtype=tl.float32)")
+        operands = tuple(dict.fromkeys(x for _, a, b, *_ in prods for x in (a, b)))
         for i in range(NS):  # the sub-chunks' row norms, for every key block
             if plan.spec.qk_l2norm:
                 s(f"ri{i} = {plus(i * BC, 'ri')}", f"ok{i} = ri{i} < L")
-            e.norms(s, f"ri{i}", f"ok{i}")
+            e.norms(s, f"ri{i}", f"ok{i}", operands)
         with e.key_loop(s) as b:
             for i in range(NS):
                 s(f"# ---- sub-chunk {i}")
                 s(f"ri{i} = {plus(i * BC, 'ri')}", f"ok{i} = ri{i} < L")
                 e.load_G(s, "b_Gi", f"ri{i}", f"ok{i}", b)
-                if plan.read_before and plan.delta:
+                if plan.read_before and has_k:
                     e.load_G(s, "b_Gxi", f"ri{i}", f"ok{i}", b, buf="Gx")
-                s(f"b_dqi = tl.zeros([BC, {e.kb}], dtype=tl.float32)")  # row-side gradient, per product
-                if plan.delta:
-                    s(f"b_dkri = tl.zeros([BC, {e.kb}], dtype=tl.float32)")
-                s(f"b_dkci = tl.zeros([BC, {e.kb}], dtype=tl.float32)")  # column-side gradient (both products)
-                if plan.delta:
-                    s(f"b_dkcq = tl.zeros([BC, {e.kb}], dtype=tl.float32)")
+                # row-side (dqi, dkri) and column-side (dkci, dkcq) gradients, per product
+                for acc, present in (("b_dqi", has_q), ("b_dkri", has_k), ("b_dkci", has_q), ("b_dkcq", has_k)):
+                    if present:
+                        s(f"{acc} = tl.zeros([BC, {e.kb}], dtype=tl.float32)")
                 # rows of block i against columns j < i: reference point before block i
                 if i > 0:
                     s(f"ref_ok = {i * BC - 1} < L")
@@ -448,8 +471,9 @@ def _emit_dprod(plan: Plan) -> Kernel:
                             target = "b_dqi" if wname == "dAqk" else "b_dkri"
                             s(f"{target} += {e.dot('b_w', 'b_kb')}")
                     s("b_e = tl.exp(b_Gi - b_Gref[None, :])")
-                    s("b_dqi = b_dqi * b_e")
-                    if plan.delta:
+                    if has_q:
+                        s("b_dqi = b_dqi * b_e")
+                    if has_k:
                         if plan.read_before:
                             s("b_dkri = b_dkri * tl.exp(b_Gxi - b_Gref[None, :])")
                         else:
@@ -462,7 +486,7 @@ def _emit_dprod(plan: Plan) -> Kernel:
                     for j in range(i + 1, NS):
                         s(f"rj = {plus(j * BC, 'ri')}", "okj = rj < L")
                         e.load_G(s, "b_Gj", "rj", "okj", b)
-                        if plan.read_before and plan.delta:
+                        if plan.read_before and has_k:
                             e.load_G(s, "b_Gxj", "rj", "okj", b, buf="Gx")
                         for wname, a_name, _b, _ga, _gb, _m in prods:
                             e.qk(s, "b_aj", a_name, "rj", "okj", b, norm_rows=f"ri{j}")
@@ -478,15 +502,17 @@ def _emit_dprod(plan: Plan) -> Kernel:
                             target = "b_dkci" if wname == "dAqk" else "b_dkcq"
                             s(f"{target} += {e.dot('tl.trans(b_w)', 'b_aj')}")
                     s("b_e = tl.exp(b_Gref[None, :] - b_Gi)")
-                    s("b_dkci = b_dkci * b_e")
-                    if plan.delta:
+                    if has_q:
+                        s("b_dkci = b_dkci * b_e")
+                    if has_k:
                         s("b_dkcq = b_dkcq * b_e")
                 # the diagonal block, pairwise: one column c at a time
-                e.qk(s, "b_qi", "q", f"ri{i}", f"ok{i}", b)
+                if has_q:
+                    e.qk(s, "b_qi", "q", f"ri{i}", f"ok{i}", b)
                 e.qk(s, "b_ki", "k", f"ri{i}", f"ok{i}", b)
-                if plan.comba:
+                if has_k and plan.comba:
                     e.qk(s, "b_pi", "p", f"ri{i}", f"ok{i}", b)
-                if plan.delta and plan.beta:
+                if has_k and plan.beta:
                     e.load(s, "b_bi", "beta", f"ri{i}", f"ok{i}")
                 with s.block("for c in range(BC):"):
                     s(f"rc = {plus(i * BC, 'c')}", "ok_c = rc < L")
@@ -494,8 +520,9 @@ def _emit_dprod(plan: Plan) -> Kernel:
                     if plan.spec.qk_l2norm:  # row c's norm, from the block's
                         s(f"b_kc = b_kc * tl.sum(tl.where(ri == c, b_rnk_ri{i}, 0.0), 0)")
                     e.load_G_row(s, "b_Gc", "rc", "ok_c", b)
-                    s("b_e = tl.exp(tl.where(ri[:, None] >= c, b_Gi - b_Gc[None, :], 0.0))")
-                    if plan.read_before and plan.delta:
+                    if has_q or not plan.read_before:
+                        s("b_e = tl.exp(tl.where(ri[:, None] >= c, b_Gi - b_Gc[None, :], 0.0))")
+                    if plan.read_before and has_k:
                         s("b_ex = tl.exp(tl.where(ri[:, None] > c, b_Gxi - b_Gc[None, :], 0.0))")
                     for wname, a_name, _b, _ga, _gb, m in prods:
                         s(
@@ -514,33 +541,37 @@ def _emit_dprod(plan: Plan) -> Kernel:
                             dc = f"tl.sum(({wb})[:, None] * {a} * {ea}, 0)"
                             s(f"b_dkcq += tl.where(ri[:, None] == c, {dc}[None, :], 0.0)")
                 # scale, β, and what G gets: a ⊙ da - b ⊙ db
-                s("b_dqi = b_dqi * scale", "b_dkci = b_dkci * scale")
-                dG = "b_qi * b_dqi - b_ki * b_dkci"
-                dk = "b_dkci"
-                if plan.delta:
+                dG, dk = [], []
+                if has_q:
+                    s("b_dqi = b_dqi * scale", "b_dkci = b_dkci * scale")
+                    dG.append("b_qi * b_dqi - b_ki * b_dkci")
+                    dk.append("b_dkci")
+                if has_k:
                     if plan.beta:
                         # dβ_s = Σ_c k_sc · (the row gradient without β); summed over key blocks
                         s(f"b_db{i} += tl.sum(b_{rd}i * b_dkri, 1)", "b_dkri = b_dkri * b_bi[:, None]")
-                    dG += ("" if plan.read_before else f" + b_{rd}i * b_dkri") + " - b_ki * b_dkcq"
-                    dk += " + b_dkcq" + ("" if plan.comba else " + b_dkri")
+                    dG += ([] if plan.read_before else [f"b_{rd}i * b_dkri"]) + ["- b_ki * b_dkcq"]
+                    dk += ["b_dkcq"] + ([] if plan.comba else ["b_dkri"])
                     if plan.read_before:  # the rows' share of G is Gx's
                         e.load(s, "b_x", "dGx", f"ri{i}", f"ok{i}", b)
                         e.store(s, "dGx", f"b_x + b_{rd}i * b_dkri", f"ri{i}", f"ok{i}", b)
-                if plan.comba:  # the rows' gradient is p's
+                if has_k and plan.comba:  # the rows' gradient is p's
                     e.load(s, "b_x", "dp", f"ri{i}", f"ok{i}", b)
                     e.store(s, "dpo", "b_x + b_dkri", f"ri{i}", f"ok{i}", b)
-                e.load(s, "b_x", "dq", f"ri{i}", f"ok{i}", b)
-                e.store(s, "dqo", "b_x + b_dqi", f"ri{i}", f"ok{i}", b)
-                e.load(s, "b_x", "dk", f"ri{i}", f"ok{i}", b)
-                e.store(s, "dko", f"b_x + {dk}", f"ri{i}", f"ok{i}", b)
+                if has_q:
+                    e.load(s, "b_x", "dq", f"ri{i}", f"ok{i}", b)
+                    e.store(s, "dqo", "b_x + b_dqi", f"ri{i}", f"ok{i}", b)
+                e.load(s, "b_x", dk_in, f"ri{i}", f"ok{i}", b)
+                e.store(s, dk_out, "b_x + " + " + ".join(dk), f"ri{i}", f"ok{i}", b)
                 e.load(s, "b_x", "dG", f"ri{i}", f"ok{i}", b)
-                e.store(s, "dG", f"b_x + {dG}", f"ri{i}", f"ok{i}", b)
-        if plan.delta and plan.beta:
+                e.store(s, "dG", "b_x + " + " ".join(x if x.startswith("-") else f"+ {x}" for x in dG).lstrip("+ "),
+                        f"ri{i}", f"ok{i}", b)
+        if has_k and plan.beta:
             for i in range(NS):
                 s(f"ri{i} = {plus(i * BC, 'ri')}", f"ok{i} = ri{i} < L")
                 e.load(s, "b_x", "dbeta", f"ri{i}", f"ok{i}")
                 e.store(s, "dbeta", f"b_x + b_db{i}", f"ri{i}", f"ok{i}")
-    return Kernel("dprod_bwd", params, ("NCH", "HV"), s.text(), plan.warps_intra, num_stages=1)
+    return Kernel(name, params, ("NCH", "HV"), s.text(), plan.warps_intra, num_stages=1)
 
 
 # ============================================================================ 3-4 fused
@@ -798,7 +829,7 @@ def backward_kernels(plan: Plan) -> list[Kernel]:
     out = [_emit_dvl(plan), _emit_dstate(plan)]
     if plan.channel:  # the sub-chunk factorization keeps its own products kernel
         out.append(_emit_dqk(plan))
-        out.append(_emit_dprod(plan))
+        out += [_emit_dprod(plan, "q"), _emit_dprod(plan, "k")] if _dprod_split(plan) else [_emit_dprod(plan)]
     else:
         out.append(_emit_dchunk(plan))
     if plan.spec.has_decay:

@@ -134,6 +134,7 @@ def buffers(plan: Plan) -> dict[str, tuple[str, tuple[Dim, ...]]]:
         "dh": (mma, ("NCH", "HV", K, V)),
         "dvl": (mma if plan.delta else acc, ("TT", "HV", V)), "dvn": (mma if plan.delta else acc, ("TT", "HV", V)), "dv": (io, ("TT", "HV", V)),  # v's gradient, written once (delta rule), in its dtype
         "dq": (acc, ("TT", "HV", K)), "dk": (acc, ("TT", "HV", K)), "dp": (acc, ("TT", "HV", K)),
+        "dkq": (acc, ("TT", "HV", K)),  # dk with dAqk's share, between channel decay's two products kernels
         # dq, dk complete (the last kernel's): the op's gradients as they are where each q/k head
         # serves one value head and no norm follows; the launcher gives fp32 ones otherwise
         "dqo": (io, ("TT", "HV", K)), "dko": (io, ("TT", "HV", K)), "dpo": (io, ("TT", "HV", K)),

@@ -130,20 +130,13 @@ def test_comba_kernels_compile_for_sm90_without_spills(spec):
         assert 0 < r.registers <= 255 and not r.spills, f"{spec.name}: {r.name} spills\n{table}"
 
 
-#: Known: the DPLR core (Comba with channel decay, read before the decay) adds the read rows'
-#: Gx tiles to channel decay's dqk_bwd and dprod_bwd, which spill a little (measured with
-#: triton 3.9: 8 and 28 bytes); bounded here so they cannot grow unseen.
-_DPLR_KNOWN_SPILL = {"dqk_bwd": 8, "dprod_bwd": 32}
-
-
 @pytest.mark.parametrize("spec", [specs.DPLR, specs.IPLR], ids=lambda s: s.name)
-def test_dplr_kernels_compile_for_sm90(spec):
+def test_dplr_kernels_compile_for_sm90_without_spills(spec):
     """DPLR's core (two rows per token of Comba read before the decay) at K = V = 128 in bf16:
-    forward, decode step and backward compile; no spills but channel decay's known ones."""
+    forward, decode step and backward (channel decay's products in two kernels) without spills."""
     core = linattn.steps.dplr_core(spec)
     reports = inspect_spec(core, "bf16", 128, 128, arch=90) + inspect_spec(core, "bf16", 128, 128, arch=90, backward=True)
     table = "\n".join(format_reports(reports))
     assert {"intra_fwd", "wu_fwd", "step_fwd"} <= {r.stage for r in reports}, table
     for r in reports:
-        allowed = _DPLR_KNOWN_SPILL.get(r.stage, 0) if spec.decay is Decay.CHANNEL else 0
-        assert 0 < r.registers <= 255 and max(r.spill_stores, r.spill_loads) <= allowed, f"{spec.name}: {r.name}\n{table}"
+        assert 0 < r.registers <= 255 and not r.spills, f"{spec.name}: {r.name} spills\n{table}"
