@@ -29,6 +29,7 @@ CASES = {
     "mamba2-P2": ("MAMBA2", [64, 16], [70, 10]),
     "kimi-P2": ("KIMI_KDA", [30, 14], [12, 32]),
     "comba-P3-transition": ("COMBA", [70, 13], [20, 30, 33]),
+    "rwkv7-P2": ("RWKV7", [40, 23], [50, 13]),
 }
 
 #: cases whose group leaves rank 0 of the world out
